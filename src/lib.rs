@@ -1,0 +1,18 @@
+//! modelgate: a userspace-WireGuard HTTPS gateway to an on-prem OpenAI-compatible model.
+//!
+//! Module map (see `DESIGN.md` in the shared folder and the README):
+//! - [`config`]: TOML config, raw serde structs validated into [`config::Config`]; CLI edits keep comments.
+//! - [`cli`]: the `modelgate` verbs (clap), human tables and `--json`.
+//! - [`wgkey`]: WireGuard key parsing/formatting with masked private keys.
+//! - [`tunnel`]: WireGuard peers over one UDP socket (boringtun `Tunn`), AllowedIPs routing.
+//! - [`netstack`]: userspace TCP/IP (smoltcp) over the tunnel; `dial` and `listen`.
+//! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fsutil;
+pub mod netstack;
+pub mod tunnel;
+pub mod wgkey;
