@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# Tunnel benchmark: modelgate's userspace data plane against a wireguard-go ↔ wireguard-go anchor,
+# in one namespace lab (scripts/lab.sh), one run, against the same servers in the model namespace.
+#
+#   A (anchor)    wireguard-go TUN in the edge, kernel route 10.20.0.0/24 via it; clients in the
+#                 edge hit 10.20.0.5 directly.
+#   B (modelgate) `modelgate run --forward 127.0.0.1:P=10.20.0.5:PORT` in the edge; clients in the
+#                 edge hit 127.0.0.1:P. The corp peer is configured from `modelgate peer add`.
+#
+# Both paths share the corp side: wireguard-go behind a stateful, NATting firewall, dialling out.
+#
+# Measures (2 cores are shared by both tunnel ends and the load tools, so numbers are relative):
+#   1. single TCP stream throughput, iperf3 -t DURATION, appliance→model and model→appliance (-R)
+#   2. HTTP keep-alive GET latency p50/p99, one connection: wrk -t1 -c1 -dDURATION --latency
+#      against nginx in the model namespace serving a small static body
+#   3. idle CPU of the appliance-side process (modelgate, or the edge wireguard-go for A) with the
+#      peer connected, over IDLE seconds, from /proc/PID/stat utime+stime, % of one core
+#
+# Usage (root): bash scripts/bench-tunnel.sh [--out FILE] [--duration S] [--idle S] [--only-anchor]
+#   MODELGATE_BIN   the binary for path B (default target/release/modelgate); path B is skipped
+#                   with a message when it is missing or `run` does not come up.
+# Installs missing Debian packages (wireguard-go wireguard-tools nftables iproute2 iperf3 nginx
+# wrk jq) with apt-get. Traffic stays in the lab's namespaces. Everything started is killed by PID.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=scripts/lab.sh
+source "$HERE/lab.sh"
+
+OUT=""
+DURATION=10
+IDLE=30
+ONLY_ANCHOR=0
+MODELGATE_BIN=${MODELGATE_BIN:-$ROOT/target/release/modelgate}
+
+while (($#)); do
+    case $1 in
+        --out) OUT=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --idle) IDLE=$2; shift 2 ;;
+        --only-anchor) ONLY_ANCHOR=1; shift ;;
+        -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "must run as root (it creates network namespaces)"
+
+ensure_packages() {
+    local -A need=([wireguard-go]=wireguard-go [wg]=wireguard-tools [wg-quick]=wireguard-tools
+        [nft]=nftables [ip]=iproute2 [iperf3]=iperf3 [nginx]=nginx [wrk]=wrk [jq]=jq)
+    local cmd missing=()
+    for cmd in "${!need[@]}"; do
+        command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing missing packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # iperf3's postinst asks whether to start a daemon; answer no.
+    echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+ensure_packages
+
+TAG="b$(($$ % 100000000))"
+lab_names "$TAG"
+WORK=$(mktemp -d /tmp/mg-bench.XXXXXX)
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # Bounded wait: 50 × 0.1 s, then SIGKILL.
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+    lab_down "$TAG"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Stops the given PIDs (and forgets them), bounded like cleanup.
+stop_pids() {
+    local pid keep=() p
+    for pid in "$@"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        [[ " $* " == *" $p "* ]] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# Starts wireguard-go IF in NS in the foreground; sets WG_PID.
+start_wg() {
+    local ns=$1 ifn=$2
+    rm -f "/var/run/wireguard/$ifn.sock"
+    ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error \
+        wireguard-go -f "$ifn" >"$WORK/$ifn.log" 2>&1 &
+    WG_PID=$!
+    PIDS+=("$WG_PID")
+    lab_wg_wait_sock "$ifn"
+}
+
+# Waits (bounded) until wireguard-go IF in NS has completed a handshake.
+wait_handshake() {
+    local ns=$1 ifn=$2 ts
+    for _ in $(seq 100); do
+        ts=$(ip netns exec "$ns" wg show "$ifn" latest-handshakes | awk '{print $2}' | head -1)
+        [[ -n $ts && $ts != 0 ]] && return 0
+        sleep 0.1
+    done
+    die "no WireGuard handshake on $ifn in $ns within 10 s"
+}
+
+# Waits (bounded) until an HTTP GET from the edge succeeds.
+wait_http() {
+    local url=$1
+    for _ in $(seq 60); do
+        if ip netns exec "$NS_EDGE" curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    die "GET $url from the edge did not succeed within ~30 s"
+}
+
+# --- model namespace servers ---------------------------------------------------------------------
+start_servers() {
+    mkdir -p "$WORK/nginx/www" "$WORK/nginx/tmp"
+    # A small static body, like a short JSON reply.
+    printf '{"object":"list","data":[{"id":"bench-model","object":"model"}]}\n' >"$WORK/nginx/www/small"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    default_type application/json;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    tcp_nodelay on;
+    server {
+        listen $MODEL_ADDR:8080;
+        root $WORK/nginx/www;
+    }
+}
+EOF
+    ip netns exec "$NS_MODEL" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" \
+        >"$WORK/nginx/stdout.log" 2>&1 &
+    PIDS+=("$!")
+    ip netns exec "$NS_MODEL" iperf3 -s -B "$MODEL_ADDR" -p 5201 >"$WORK/iperf3-server.log" 2>&1 &
+    PIDS+=("$!")
+    # Wait until both listen (bounded).
+    for _ in $(seq 50); do
+        if ip netns exec "$NS_MODEL" ss -Htln "sport = :8080" | grep -q . &&
+            ip netns exec "$NS_MODEL" ss -Htln "sport = :5201" | grep -q .; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "nginx or iperf3 did not start in $NS_MODEL (see $WORK)"
+}
+
+# --- measurements --------------------------------------------------------------------------------
+# iperf3 HOST PORT [-R] → Gbit/s received
+measure_iperf() {
+    local host=$1 port=$2 json
+    shift 2
+    json=$(ip netns exec "$NS_EDGE" timeout $((DURATION + 30)) \
+        iperf3 -c "$host" -p "$port" -t "$DURATION" -J "$@") || {
+        log "iperf3 $* failed: $(jq -r '.error // empty' <<<"$json" 2>/dev/null)"
+        echo "n/a"
+        return 0
+    }
+    jq -r '.end.sum_received.bits_per_second / 1e9 * 1000 | round / 1000' <<<"$json"
+}
+
+# wrk URL → "p50_ms p99_ms requests_per_s"
+measure_wrk() {
+    local url=$1 out
+    out=$(ip netns exec "$NS_EDGE" timeout $((DURATION + 30)) \
+        wrk -t1 -c1 -d"${DURATION}s" --latency "$url" 2>&1) || {
+        log "wrk failed: $out"
+        echo "n/a n/a n/a"
+        return 0
+    }
+    echo "$out" >>"$WORK/wrk.log"
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) { sub(/us$/, "", v); return v / 1000 }
+            if (v ~ /ms$/) { sub(/ms$/, "", v); return v + 0 }
+            if (v ~ /s$/)  { sub(/s$/, "", v);  return v * 1000 }
+            return v
+        }
+        $1 == "50%" { p50 = ms($2) }
+        $1 == "99%" { p99 = ms($2) }
+        $1 == "Requests/sec:" { rps = $2 }
+        END { printf "%.3f %.3f %d\n", p50, p99, rps }' <<<"$out"
+}
+
+# idle CPU of PID over IDLE seconds, % of one core
+measure_idle_cpu() {
+    local pid=$1 t0 t1 hz
+    hz=$(getconf CLK_TCK)
+    # Fields 14 and 15 (utime, stime) after the parenthesised command name.
+    t0=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+    sleep "$IDLE"
+    kill -0 "$pid" 2>/dev/null || { echo "n/a"; return 0; }
+    t1=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+    awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$IDLE" 'BEGIN { printf "%.2f\n", (b - a) / hz / s * 100 }'
+}
+
+# Runs all measurements against HOST with iperf PORT and nginx URL, appliance PID; sets R_*.
+measure_path() {
+    local name=$1 host=$2 iperf_port=$3 url=$4 pid=$5
+    log "$name: iperf3 appliance→model, ${DURATION}s"
+    R_UP=$(measure_iperf "$host" "$iperf_port")
+    log "$name: iperf3 model→appliance (-R), ${DURATION}s"
+    R_DOWN=$(measure_iperf "$host" "$iperf_port" -R)
+    log "$name: wrk keep-alive GET, 1 connection, ${DURATION}s"
+    read -r R_P50 R_P99 R_RPS < <(measure_wrk "$url")
+    log "$name: idle CPU over ${IDLE}s"
+    R_IDLE=$(measure_idle_cpu "$pid")
+    log "$name: up ${R_UP} Gbit/s, down ${R_DOWN} Gbit/s, p50 ${R_P50} ms, p99 ${R_P99} ms, idle ${R_IDLE}%"
+}
+
+# --- path A: wireguard-go ↔ wireguard-go ----------------------------------------------------------
+run_anchor() {
+    local edge_key corp_key
+    edge_key=$(wg genkey)
+    corp_key=$(wg genkey)
+    cat >"$WORK/anchor-edge.conf" <<EOF
+[Interface]
+PrivateKey = $edge_key
+ListenPort = $LAB_WG_PORT
+Address = 10.99.0.1/24
+MTU = 1420
+
+[Peer]
+PublicKey = $(wg pubkey <<<"$corp_key")
+AllowedIPs = 10.99.0.2/32, $LAN_NET
+EOF
+    cat >"$WORK/anchor-corp.conf" <<EOF
+[Interface]
+PrivateKey = $corp_key
+Address = 10.99.0.2/24
+MTU = 1420
+
+[Peer]
+PublicKey = $(wg pubkey <<<"$edge_key")
+Endpoint = $EDGE_PUBLIC:$LAB_WG_PORT
+AllowedIPs = 10.99.0.1/32
+PersistentKeepalive = 25
+EOF
+    start_wg "$NS_EDGE" "$WG_EDGE"
+    local edge_pid=$WG_PID
+    lab_wg_conf "$NS_EDGE" "$WG_EDGE" "$WORK/anchor-edge.conf"
+    start_wg "$NS_CORP" "$WG_CORP"
+    local corp_pid=$WG_PID
+    lab_wg_conf "$NS_CORP" "$WG_CORP" "$WORK/anchor-corp.conf"
+    wait_handshake "$NS_CORP" "$WG_CORP"
+    wait_http "http://$MODEL_ADDR:8080/small"
+
+    measure_path "A wireguard-go" "$MODEL_ADDR" 5201 "http://$MODEL_ADDR:8080/small" "$edge_pid"
+    A_UP=$R_UP A_DOWN=$R_DOWN A_P50=$R_P50 A_P99=$R_P99 A_RPS=$R_RPS A_IDLE=$R_IDLE
+
+    stop_pids "$edge_pid" "$corp_pid"
+    rm -f "/var/run/wireguard/$WG_EDGE.sock" "/var/run/wireguard/$WG_CORP.sock"
+}
+
+# --- path B: modelgate ---------------------------------------------------------------------------
+B_NOTE=""
+run_modelgate() {
+    if [[ ! -x $MODELGATE_BIN ]]; then
+        B_NOTE="skipped: $MODELGATE_BIN not found (build it or set MODELGATE_BIN)"
+        return 0
+    fi
+    local cfg=$WORK/mg/modelgate.toml
+    mkdir -p "$WORK/mg/state"
+    if ! "$MODELGATE_BIN" --config "$cfg" init --public-endpoint "$EDGE_PUBLIC:$LAB_WG_PORT" \
+        --wg-listen "$EDGE_PUBLIC:$LAB_WG_PORT" --tunnel-address 10.99.0.1/24 \
+        --state-dir "$WORK/mg/state" --listen 127.0.0.1:8443 --self-signed gw.test \
+        --control-socket "$WORK/mg/control.sock" >"$WORK/mg/init.log" 2>&1; then
+        B_NOTE="skipped: modelgate init failed: $(tail -3 "$WORK/mg/init.log" | tr '\n' ' ')"
+        return 0
+    fi
+    if ! "$MODELGATE_BIN" --config "$cfg" peer add corp --allowed-ips "$LAN_NET" \
+        >"$WORK/mg/corp.conf" 2>"$WORK/mg/peer-add.log"; then
+        B_NOTE="skipped: modelgate peer add failed: $(tail -3 "$WORK/mg/peer-add.log" | tr '\n' ' ')"
+        return 0
+    fi
+    ip netns exec "$NS_EDGE" "$MODELGATE_BIN" --config "$cfg" run \
+        --forward 127.0.0.1:15201="$MODEL_ADDR":5201 \
+        --forward 127.0.0.1:18080="$MODEL_ADDR":8080 >"$WORK/mg/run.log" 2>&1 &
+    local mg_pid=$!
+    PIDS+=("$mg_pid")
+    start_wg "$NS_CORP" "$WG_CORP"
+    local corp_pid=$WG_PID
+    lab_wg_conf "$NS_CORP" "$WG_CORP" "$WORK/mg/corp.conf"
+
+    local ok=0
+    for _ in $(seq 60); do
+        if ! kill -0 "$mg_pid" 2>/dev/null; then break; fi
+        if ip netns exec "$NS_EDGE" curl -fsS -o /dev/null --max-time 2 \
+            "http://127.0.0.1:18080/small" 2>/dev/null; then
+            ok=1
+            break
+        fi
+        sleep 0.5
+    done
+    if ((ok == 0)); then
+        B_NOTE="failed: no HTTP through modelgate's forward within ~30 s; run log: $(tail -5 "$WORK/mg/run.log" | tr '\n' ' ')"
+        cp "$WORK/mg/run.log" "/tmp/mg-bench-run-$TAG.log" 2>/dev/null || true
+        stop_pids "$mg_pid" "$corp_pid"
+        return 0
+    fi
+
+    measure_path "B modelgate" 127.0.0.1 15201 "http://127.0.0.1:18080/small" "$mg_pid"
+    B_UP=$R_UP B_DOWN=$R_DOWN B_P50=$R_P50 B_P99=$R_P99 B_RPS=$R_RPS B_IDLE=$R_IDLE
+    if ! kill -0 "$mg_pid" 2>/dev/null; then
+        B_NOTE="modelgate exited during the run; log: $(tail -5 "$WORK/mg/run.log" | tr '\n' ' ')"
+    fi
+    stop_pids "$mg_pid" "$corp_pid"
+}
+
+ratio() {
+    awk -v b="$1" -v a="$2" 'BEGIN {
+        if (a == "" || b == "" || a == "n/a" || b == "n/a" || a + 0 == 0) { print "–"; exit }
+        printf "%.2f\n", b / a }'
+}
+
+# --- main ----------------------------------------------------------------------------------------
+log "lab $TAG: building namespaces"
+lab_up "$TAG"
+start_servers
+log "path A: wireguard-go ↔ wireguard-go"
+run_anchor
+B_UP="" B_DOWN="" B_P50="" B_P99="" B_RPS="" B_IDLE=""
+if ((ONLY_ANCHOR)); then
+    B_NOTE="skipped (--only-anchor)"
+else
+    log "path B: modelgate ($MODELGATE_BIN)"
+    run_modelgate
+fi
+
+B_VER=""
+[[ -x $MODELGATE_BIN ]] && B_VER=" ($("$MODELGATE_BIN" --version 2>/dev/null || echo "?"))"
+table=$(
+    cat <<EOF
+## Tunnel benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))
+
+A = wireguard-go ↔ wireguard-go (TUN, kernel TCP), B = modelgate$B_VER \`run --forward\` ↔ wireguard-go.
+iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (small static body), idle CPU over ${IDLE}s.
+
+| metric | A wireguard-go | B modelgate | B/A | target |
+|---|---|---|---|---|
+| TCP appliance→model (Gbit/s) | $A_UP | ${B_UP:-–} | $(ratio "$B_UP" "$A_UP") | ≥ 1.0 |
+| TCP model→appliance, -R (Gbit/s) | $A_DOWN | ${B_DOWN:-–} | $(ratio "$B_DOWN" "$A_DOWN") | ≥ 1.0 |
+| HTTP keep-alive GET p50 (ms) | $A_P50 | ${B_P50:-–} | $(ratio "$B_P50" "$A_P50") | ≤ 1.1 |
+| HTTP keep-alive GET p99 (ms) | $A_P99 | ${B_P99:-–} | $(ratio "$B_P99" "$A_P99") | |
+| HTTP requests/s (1 conn) | $A_RPS | ${B_RPS:-–} | $(ratio "$B_RPS" "$A_RPS") | |
+| idle CPU, appliance process (% of a core) | $A_IDLE | ${B_IDLE:-–} | | ≈ 0 |
+EOF
+    [[ -n $B_NOTE ]] && printf '\nB: %s\n' "$B_NOTE"
+)
+echo "$table"
+if [[ -n $OUT ]]; then
+    echo "$table" >"$OUT"
+    log "wrote $OUT"
+fi
