@@ -13,14 +13,16 @@
 #   1. single TCP stream throughput, iperf3 -t DURATION, appliance→model and model→appliance (-R)
 #   2. HTTP keep-alive GET latency p50/p99, one connection: wrk -t1 -c1 -dDURATION --latency
 #      against nginx in the model namespace serving a small static body
-#   3. idle CPU of the appliance-side process (modelgate, or the edge wireguard-go for A) with the
+#   3. time to the first SSE event p50/p99, one keep-alive connection, 500 requests
+#      (scripts/lib/sse_first_chunk.py against tests/netns/model_server.py)
+#   4. idle CPU of the appliance-side process (modelgate, or the edge wireguard-go for A) with the
 #      peer connected, over IDLE seconds, from /proc/PID/stat utime+stime, % of one core
 #
 # Usage (root): bash scripts/bench-tunnel.sh [--out FILE] [--duration S] [--idle S] [--only-anchor]
 #   MODELGATE_BIN   the binary for path B (default target/release/modelgate); path B is skipped
 #                   with a message when it is missing or `run` does not come up.
 # Installs missing Debian packages (wireguard-go wireguard-tools nftables iproute2 iperf3 nginx
-# wrk jq) with apt-get. Traffic stays in the lab's namespaces. Everything started is killed by PID.
+# wrk jq python3) with apt-get. Traffic stays in the lab's namespaces. Everything started is killed by PID.
 
 set -euo pipefail
 
@@ -53,7 +55,7 @@ die() { log "error: $*"; exit 1; }
 
 ensure_packages() {
     local -A need=([wireguard-go]=wireguard-go [wg]=wireguard-tools [wg-quick]=wireguard-tools
-        [nft]=nftables [ip]=iproute2 [iperf3]=iperf3 [nginx]=nginx [wrk]=wrk [jq]=jq)
+        [nft]=nftables [ip]=iproute2 [iperf3]=iperf3 [nginx]=nginx [wrk]=wrk [jq]=jq [python3]=python3)
     local cmd missing=()
     for cmd in "${!need[@]}"; do
         command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
@@ -173,15 +175,19 @@ EOF
     PIDS+=("$!")
     ip netns exec "$NS_MODEL" iperf3 -s -B "$MODEL_ADDR" -p 5201 >"$WORK/iperf3-server.log" 2>&1 &
     PIDS+=("$!")
+    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/netns/model_server.py" "$MODEL_ADDR" 8000 \
+        >"$WORK/model-server.log" 2>&1 &
+    PIDS+=("$!")
     # Wait until both listen (bounded).
     for _ in $(seq 50); do
         if ip netns exec "$NS_MODEL" ss -Htln "sport = :8080" | grep -q . &&
-            ip netns exec "$NS_MODEL" ss -Htln "sport = :5201" | grep -q .; then
+            ip netns exec "$NS_MODEL" ss -Htln "sport = :5201" | grep -q . &&
+            ip netns exec "$NS_MODEL" ss -Htln "sport = :8000" | grep -q .; then
             return 0
         fi
         sleep 0.1
     done
-    die "nginx or iperf3 did not start in $NS_MODEL (see $WORK)"
+    die "nginx, iperf3 or model_server.py did not start in $NS_MODEL (see $WORK)"
 }
 
 # --- measurements --------------------------------------------------------------------------------
@@ -221,6 +227,12 @@ measure_wrk() {
         END { printf "%.3f %.3f %d\n", p50, p99, rps }' <<<"$out"
 }
 
+# sse HOST PORT → "p50_ms p99_ms"
+measure_sse() {
+    ip netns exec "$NS_EDGE" timeout 90 python3 "$HERE/lib/sse_first_chunk.py" "$1" "$2" 500 ||
+        echo "n/a n/a"
+}
+
 # idle CPU of PID over IDLE seconds, % of one core
 measure_idle_cpu() {
     local pid=$1 t0 t1 hz
@@ -235,16 +247,18 @@ measure_idle_cpu() {
 
 # Runs all measurements against HOST with iperf PORT and nginx URL, appliance PID; sets R_*.
 measure_path() {
-    local name=$1 host=$2 iperf_port=$3 url=$4 pid=$5
+    local name=$1 host=$2 iperf_port=$3 url=$4 pid=$5 sse_port=$6
     log "$name: iperf3 appliance→model, ${DURATION}s"
     R_UP=$(measure_iperf "$host" "$iperf_port")
     log "$name: iperf3 model→appliance (-R), ${DURATION}s"
     R_DOWN=$(measure_iperf "$host" "$iperf_port" -R)
     log "$name: wrk keep-alive GET, 1 connection, ${DURATION}s"
     read -r R_P50 R_P99 R_RPS < <(measure_wrk "$url")
+    log "$name: SSE first event, 500 requests, 1 connection"
+    read -r R_SSE50 R_SSE99 < <(measure_sse "$host" "$sse_port")
     log "$name: idle CPU over ${IDLE}s"
     R_IDLE=$(measure_idle_cpu "$pid")
-    log "$name: up ${R_UP} Gbit/s, down ${R_DOWN} Gbit/s, p50 ${R_P50} ms, p99 ${R_P99} ms, idle ${R_IDLE}%"
+    log "$name: up ${R_UP} Gbit/s, down ${R_DOWN} Gbit/s, p50 ${R_P50} ms, p99 ${R_P99} ms, SSE first ${R_SSE50} ms, idle ${R_IDLE}%"
 }
 
 # --- path A: wireguard-go ↔ wireguard-go ----------------------------------------------------------
@@ -284,8 +298,9 @@ EOF
     wait_handshake "$NS_CORP" "$WG_CORP"
     wait_http "http://$MODEL_ADDR:8080/small"
 
-    measure_path "A wireguard-go" "$MODEL_ADDR" 5201 "http://$MODEL_ADDR:8080/small" "$edge_pid"
+    measure_path "A wireguard-go" "$MODEL_ADDR" 5201 "http://$MODEL_ADDR:8080/small" "$edge_pid" 8000
     A_UP=$R_UP A_DOWN=$R_DOWN A_P50=$R_P50 A_P99=$R_P99 A_RPS=$R_RPS A_IDLE=$R_IDLE
+    A_SSE50=$R_SSE50 A_SSE99=$R_SSE99
 
     stop_pids "$edge_pid" "$corp_pid"
     rm -f "/var/run/wireguard/$WG_EDGE.sock" "/var/run/wireguard/$WG_CORP.sock"
@@ -314,7 +329,8 @@ run_modelgate() {
     fi
     ip netns exec "$NS_EDGE" "$MODELGATE_BIN" --config "$cfg" run \
         --forward 127.0.0.1:15201="$MODEL_ADDR":5201 \
-        --forward 127.0.0.1:18080="$MODEL_ADDR":8080 >"$WORK/mg/run.log" 2>&1 &
+        --forward 127.0.0.1:18080="$MODEL_ADDR":8080 \
+        --forward 127.0.0.1:18000="$MODEL_ADDR":8000 >"$WORK/mg/run.log" 2>&1 &
     local mg_pid=$!
     PIDS+=("$mg_pid")
     start_wg "$NS_CORP" "$WG_CORP"
@@ -338,8 +354,9 @@ run_modelgate() {
         return 0
     fi
 
-    measure_path "B modelgate" 127.0.0.1 15201 "http://127.0.0.1:18080/small" "$mg_pid"
+    measure_path "B modelgate" 127.0.0.1 15201 "http://127.0.0.1:18080/small" "$mg_pid" 18000
     B_UP=$R_UP B_DOWN=$R_DOWN B_P50=$R_P50 B_P99=$R_P99 B_RPS=$R_RPS B_IDLE=$R_IDLE
+    B_SSE50=$R_SSE50 B_SSE99=$R_SSE99
     if ! kill -0 "$mg_pid" 2>/dev/null; then
         B_NOTE="modelgate exited during the run; log: $(tail -5 "$WORK/mg/run.log" | tr '\n' ' ')"
     fi
@@ -358,7 +375,7 @@ lab_up "$TAG"
 start_servers
 log "path A: wireguard-go ↔ wireguard-go"
 run_anchor
-B_UP="" B_DOWN="" B_P50="" B_P99="" B_RPS="" B_IDLE=""
+B_UP="" B_DOWN="" B_P50="" B_P99="" B_RPS="" B_IDLE="" B_SSE50="" B_SSE99=""
 if ((ONLY_ANCHOR)); then
     B_NOTE="skipped (--only-anchor)"
 else
@@ -373,7 +390,7 @@ table=$(
 ## Tunnel benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))
 
 A = wireguard-go ↔ wireguard-go (TUN, kernel TCP), B = modelgate$B_VER \`run --forward\` ↔ wireguard-go.
-iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (small static body), idle CPU over ${IDLE}s.
+iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (small static body), SSE: 500 × time to first event on one connection, idle CPU over ${IDLE}s.
 
 | metric | A wireguard-go | B modelgate | B/A | target |
 |---|---|---|---|---|
@@ -381,6 +398,8 @@ iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (s
 | TCP model→appliance, -R (Gbit/s) | $A_DOWN | ${B_DOWN:-–} | $(ratio "$B_DOWN" "$A_DOWN") | ≥ 1.0 |
 | HTTP keep-alive GET p50 (ms) | $A_P50 | ${B_P50:-–} | $(ratio "$B_P50" "$A_P50") | ≤ 1.1 |
 | HTTP keep-alive GET p99 (ms) | $A_P99 | ${B_P99:-–} | $(ratio "$B_P99" "$A_P99") | |
+| SSE first event p50 (ms) | $A_SSE50 | ${B_SSE50:-–} | $(ratio "$B_SSE50" "$A_SSE50") | |
+| SSE first event p99 (ms) | $A_SSE99 | ${B_SSE99:-–} | $(ratio "$B_SSE99" "$A_SSE99") | |
 | HTTP requests/s (1 conn) | $A_RPS | ${B_RPS:-–} | $(ratio "$B_RPS" "$A_RPS") | |
 | idle CPU, appliance process (% of a core) | $A_IDLE | ${B_IDLE:-–} | | ≈ 0 |
 EOF
