@@ -17,9 +17,11 @@
 #   scripts/lab.sh up TAG            build namespaces mg-TAG-{client,edge,corp,model}
 #   scripts/lab.sh down TAG          delete them (idempotent) and stale wireguard-go sockets
 #   scripts/lab.sh names TAG         print the names as shell assignments
-#   scripts/lab.sh wg-conf NS IF FILE
+#   scripts/lab.sh wg-conf NS IF FILE [--post-up]
 #                                    configure a running wireguard-go IF in NS from a wg-quick FILE
-#                                    (wg-quick strip + wg setconf, Address, MTU, routes for AllowedIPs)
+#                                    (wg-quick strip + wg setconf, Address, MTU, routes for AllowedIPs);
+#                                    --post-up also runs the file's PostUp commands (%i → IF) instead
+#                                    of the lab's own tunnel → LAN masquerade on the corp router
 #   scripts/lab.sh wg-wait-sock IF   wait (bounded) until /var/run/wireguard/IF.sock exists
 #
 # Processes (wireguard-go, modelgate, servers) are started and killed by the caller, by PID; this
@@ -169,9 +171,11 @@ lab_wg_wait_sock() {
 # Configures a running wireguard-go interface from a wg-quick file, like `wg-quick up` would but
 # without its side effects on the host: keys and peers via `wg setconf` (after `wg-quick strip`),
 # then Address, MTU and one route per AllowedIPs entry. PostUp/PreUp and friends are ignored on
-# purpose: the lab's nftables already does the corp router's forwarding and NAT.
+# purpose (the lab's nftables already does the corp router's forwarding and NAT), unless
+# --post-up is given: then the lab's LAN masquerade is removed and the file's PostUp lines run
+# (as wg-quick would: bash, `%i` replaced by the interface name) inside NS.
 lab_wg_conf() {
-    local ns=$1 ifn=$2 file=$3
+    local ns=$1 ifn=$2 file=$3 post_up=${4:-}
     local tmp stripped
     tmp=$(mktemp -d)
     # wg-quick derives the interface name from the file name, which must be a valid one.
@@ -205,6 +209,23 @@ lab_wg_conf() {
         # `replace`: the interface address may already have created the connected route.
         ip -n "$ns" route replace "$cidr" dev "$ifn"
     done
+
+    if [[ $post_up == --post-up ]]; then
+        ip netns exec "$ns" nft flush chain ip labnat postrouting
+        ip netns exec "$ns" nft add rule ip labnat postrouting oifname wan masquerade random
+        local cmd n=0
+        while IFS= read -r line || [[ -n $line ]]; do
+            line=${line%%#*} # like wg-quick
+            [[ $line =~ ^[[:space:]]*PostUp[[:space:]]*=[[:space:]]*(.*)$ ]] || continue
+            cmd=${BASH_REMATCH[1]//%i/$ifn}
+            ip netns exec "$ns" bash -c "$cmd" || {
+                echo "lab: PostUp failed in $ns: $cmd" >&2
+                return 1
+            }
+            n=$((n + 1))
+        done <"$file"
+        echo "lab: ran $n PostUp command(s) in $ns" >&2
+    fi
 }
 
 lab_main() {

@@ -130,6 +130,23 @@ fn corp_nat_ports(lab: &Lab) -> BTreeSet<u16> {
         .collect()
 }
 
+/// Client addresses in the model server's request log.
+fn model_clients(model: &lab::Proc) -> Vec<String> {
+    let clients: BTreeSet<String> = model
+        .log()
+        .lines()
+        .filter_map(|l| {
+            Some(
+                l.strip_prefix("model: ")?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .collect();
+    clients.into_iter().collect()
+}
+
 fn wg_keypair() -> (String, String) {
     let sh = |script: &str, key: &str| {
         let out = lab::run_ok(Command::new("sh").args(["-c", script]).env("K", key));
@@ -180,20 +197,28 @@ fn lab_anchor_wireguard_go_interop() {
         return;
     }
     let lab = Lab::up();
-    let _model = lab.start_model_server();
+    let model = lab.start_model_server();
     let (edge_key, edge_pub) = wg_keypair();
     let (corp_key, corp_pub) = wg_keypair();
     let edge_conf = format!(
         "[Interface]\nPrivateKey = {edge_key}\nListenPort = 51820\nAddress = 10.99.0.1/24\n\
          MTU = 1420\n\n[Peer]\nPublicKey = {corp_pub}\nAllowedIPs = 10.99.0.2/32, 10.20.0.0/24\n"
     );
+    // The PostUp mirrors what `peer add` prints (forwarding, masquerade, MSS clamp).
+    let post_up = "sysctl -q -w net.ipv4.ip_forward=1; nft 'add table ip mg_%i; \
+        delete table ip mg_%i; add table ip mg_%i; add chain ip mg_%i nat_out \
+        { type nat hook postrouting priority srcnat; }; \
+        add rule ip mg_%i nat_out ip saddr 10.99.0.1 masquerade; add chain ip mg_%i mss_clamp \
+        { type filter hook forward priority mangle; }; \
+        add rule ip mg_%i mss_clamp oifname \"%i\" tcp flags syn tcp option maxseg size set rt mtu'";
     let corp_conf = format!(
-        "[Interface]\nPrivateKey = {corp_key}\nAddress = 10.99.0.2/24\nMTU = 1420\n\n\
+        "[Interface]\nPrivateKey = {corp_key}\nAddress = 10.99.0.2/24\nMTU = 1420\n\
+         PostUp = {post_up}\n\n\
          [Peer]\nPublicKey = {edge_pub}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 10.99.0.1/32\n\
          PersistentKeepalive = 25\n"
     );
     let _edge = lab.start_wg(&lab.edge, &lab.wg_edge, &edge_conf);
-    let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &corp_conf);
+    let _corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &corp_conf, true);
     assert!(
         lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
         "wireguard-go ↔ wireguard-go: no handshake within 10 s"
@@ -201,6 +226,7 @@ fn lab_anchor_wireguard_go_interop() {
     let target = format!("{MODEL_ADDR}:{MODEL_PORT}");
     assert_http_works(&lab, &lab.edge, &target);
     assert_stream_is_chunked(&lab, &lab.edge, &target);
+    assert_eq!(model_clients(&model), ["10.20.0.1"], "masquerade by PostUp");
     assert!(
         !corp_nat_ports(&lab).is_empty(),
         "the edge saw no WireGuard packets from the corp's NAT address: {:?}",
@@ -208,18 +234,20 @@ fn lab_anchor_wireguard_go_interop() {
     );
 }
 
-/// (1) modelgate in the edge, corp wireguard-go configured from the exact `peer add` text:
-/// requests through `--forward` reach the model and a streamed response arrives chunk by chunk.
+/// (1) modelgate in the edge, corp wireguard-go configured from the exact `peer add` text
+/// (including its PostUp: forwarding, masquerade, MSS clamp): requests through `--forward` reach
+/// the model, coming from the corp router's LAN address, and a streamed response arrives chunk
+/// by chunk.
 #[test]
 fn interop_forward_http_and_streaming() {
     if lab::skip_unless_root("interop_forward_http_and_streaming") {
         return;
     }
     let lab = Lab::up();
-    let _model = lab.start_model_server();
+    let model = lab.start_model_server();
     let app = Appliance::init(&lab);
     let mut mg = app.run(&lab, &[&forward()]);
-    let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &app.corp_conf);
+    let _corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &app.corp_conf, true);
     assert!(
         lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
         "corp wireguard-go did not complete a handshake with modelgate within 10 s"
@@ -233,6 +261,8 @@ fn interop_forward_http_and_streaming() {
     assert_stream_is_chunked(&lab, &lab.edge, FORWARD_LISTEN);
     // The tunnel is the only way in: still no kernel route while modelgate forwards.
     assert_edge_has_no_lan_route(&lab);
+    // PostUp's masquerade: the model sees the corp router, not the appliance's tunnel address.
+    assert_eq!(model_clients(&model), ["10.20.0.1"], "masquerade by PostUp");
     assert!(mg.is_running(), "modelgate exited");
 }
 

@@ -249,6 +249,12 @@ impl Lab {
     /// Starts wireguard-go `ifname` in `ns` and configures it from wg-quick text `conf` exactly as
     /// given (`lab.sh wg-conf`: `wg-quick strip` + `wg setconf`, Address, MTU, AllowedIPs routes).
     pub fn start_wg(&self, ns: &str, ifname: &str, conf: &str) -> Proc {
+        self.start_wg_with(ns, ifname, conf, false)
+    }
+
+    /// [`Lab::start_wg`], and with `post_up` the file's PostUp commands run too, replacing the
+    /// lab's own tunnel → LAN masquerade on the corp router (`lab.sh wg-conf … --post-up`).
+    pub fn start_wg_with(&self, ns: &str, ifname: &str, conf: &str, post_up: bool) -> Proc {
         let sock = format!("/var/run/wireguard/{ifname}.sock");
         let _ = fs::remove_file(&sock);
         let p = self.spawn(
@@ -260,7 +266,12 @@ impl Lab {
         self.sh(&["wg-wait-sock", ifname]);
         let file = self.dir.path().join(format!("{ifname}.conf"));
         fs::write(&file, conf).expect("write wg-quick file");
-        self.sh(&["wg-conf", ns, ifname, file.to_str().unwrap()]);
+        let file = file.to_str().unwrap();
+        if post_up {
+            self.sh(&["wg-conf", ns, ifname, file, "--post-up"]);
+        } else {
+            self.sh(&["wg-conf", ns, ifname, file]);
+        }
         p
     }
 

@@ -30,8 +30,8 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, fmt, *args):  # quiet: tests print logs only on failure
-        sys.stderr.write("model: " + (fmt % args) + "\n")
+    def log_message(self, fmt, *args):  # client address first: tests check the masquerade
+        sys.stderr.write("model: %s %s\n" % (self.client_address[0], fmt % args))
 
     def _send(self, status, body, ctype="text/plain"):
         self.send_response(status)
