@@ -53,10 +53,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     File::open(&dir)?.sync_all()
 }
 
-/// Creates `dir` (and missing parents) and sets it to mode `mode` (e.g. `0o700` for state).
-pub fn create_dir_with_mode(dir: &Path, mode: u32) -> io::Result<()> {
+/// Creates `dir` (and missing parents) with mode `mode` (e.g. `0o700` for state) when it does
+/// not exist yet. Returns whether it was created. An existing directory is left exactly as it
+/// is: tightening or loosening a directory the operator chose (say `/tmp`) is not ours to do.
+pub fn create_dir_with_mode(dir: &Path, mode: u32) -> io::Result<bool> {
+    if dir.is_dir() {
+        return Ok(false);
+    }
     fs::create_dir_all(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    Ok(true)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

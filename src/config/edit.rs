@@ -167,7 +167,9 @@ pub fn render_initial(s: &InitSettings) -> String {
     format!(
         r#"# modelgate configuration, written by `modelgate init` at {generated}.
 # Every key is documented in config/modelgate.toml of the modelgate sources.
-# `modelgate peer add/remove` edit this file and keep your comments.
+# `modelgate peer add/remove` edit this file and keep your comments. Corp peers are the
+# [[peer]] tables at the end; add one (this also prints the corp side's wg-quick file) with
+#   modelgate peer add NAME --allowed-ips 10.20.0.0/24 > NAME.conf
 
 [server]
 # Public HTTPS listener: the only TCP port the internet needs to reach.
@@ -193,10 +195,6 @@ address = {tunnel_address}
 private_key_file = "wg.key"
 # Tunnel MTU; 1420 is the wg-quick default and fits any 1500-byte path over IPv4 or IPv6.
 mtu = 1420
-
-# Corp peers follow as [[peer]] tables. Add one with
-#   modelgate peer add NAME --allowed-ips 10.20.0.0/24 > NAME.conf
-# which also prints the wg-quick file for the corp side.
 "#,
         generated = s.generated,
         listen = lit(&s.listen),

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use crate::wgkey::{PrivateKey, PublicKey};
 
 pub use validate::{
-    allocate_tunnel_address, check_dns_name, check_peer_name, parse_endpoint, validate,
+    allocate_tunnel_address, check_dns_name, check_peer_name, check_tunnel_address, parse_endpoint,
+    validate,
 };
 
 /// Where `modelgate` looks for its config unless `--config` / `MODELGATE_CONFIG` say otherwise.

@@ -319,7 +319,8 @@ pub fn check_peer_name(name: &str) -> Result<(), String> {
 }
 
 /// The appliance's `IP/PREFIX`: a CIDR whose host part is a usable address with room for peers.
-fn check_tunnel_address(v: &str) -> Result<IpNet, (String, String)> {
+/// The error is `(problem, fix)`.
+pub fn check_tunnel_address(v: &str) -> Result<IpNet, (String, String)> {
     let example = format!(
         "write the appliance's address with the network prefix, e.g. \"{DEFAULT_TUNNEL_ADDRESS}\""
     );
