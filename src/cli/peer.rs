@@ -56,7 +56,7 @@ pub struct AddArgs {
     pub public_key: Option<PublicKey>,
     /// Persistent keepalive in seconds for this link (stored in the config; also printed in
     /// the wg-quick file, which uses 25 when not given).
-    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "S", value_parser = keepalive_arg)]
     pub keepalive: Option<u16>,
     /// Print JSON (with the wg-quick text in "wg_quick") instead of the bare file.
     #[arg(long)]
@@ -105,6 +105,12 @@ fn cidr_arg(s: &str) -> Result<IpNet, String> {
         .parse::<IpNet>()
         .map(|n| n.trunc())
         .map_err(|_| "not a CIDR; fix: pass networks behind the peer like 10.20.0.0/24".to_string())
+}
+
+fn keepalive_arg(s: &str) -> Result<u16, String> {
+    s.parse::<u16>().ok().filter(|k| *k > 0).ok_or_else(|| {
+        "must be 1-65535 seconds; fix: pass e.g. 25, or omit --keepalive".to_string()
+    })
 }
 
 fn public_key_arg(s: &str) -> Result<PublicKey, String> {

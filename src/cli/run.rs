@@ -15,8 +15,15 @@ use crate::daemon::{run_until_signal, Forward, RunOptions};
 pub struct RunArgs {
     /// Debug TCP forward from a local port through the tunnel, e.g.
     /// 127.0.0.1:8080=10.20.0.5:8000 (repeatable).
-    #[arg(long = "forward", value_name = "LISTEN=TARGET")]
+    #[arg(long = "forward", value_name = "LISTEN=TARGET", value_parser = forward_arg)]
     pub forwards: Vec<Forward>,
+}
+
+/// The daemon owns the `LISTEN=TARGET` syntax ([`Forward`]'s `FromStr`); this adds the fix.
+fn forward_arg(s: &str) -> Result<Forward, String> {
+    s.parse::<Forward>().map_err(|e| {
+        format!("{e}; fix: pass a local IP:PORT and an IP:PORT inside the tunnel joined by '='")
+    })
 }
 
 pub fn execute(config_path: &Path, a: RunArgs) -> Result<(), CliError> {
