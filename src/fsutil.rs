@@ -65,6 +65,25 @@ pub fn create_dir_with_mode(dir: &Path, mode: u32) -> io::Result<bool> {
     Ok(true)
 }
 
+/// An exclusive advisory lock serialising read-modify-write cycles of `path` between
+/// processes (two concurrent `peer add` must not lose one peer). The lock lives in a sibling
+/// file `.NAME.lock`, not on `path` itself, because [`write_atomic`] replaces `path`'s inode.
+/// Released when the returned file is dropped.
+pub fn lock_for_update(path: &Path) -> io::Result<File> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
+    let lock = parent_dir(path).join(format!(".{name}.lock"));
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock)?;
+    f.lock()?;
+    Ok(f)
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -626,3 +626,40 @@ fn printed_peer_file_works_with_wg_quick_strip_and_wireguard_go() {
     assert!(!stdout(&lab.sh("nft list ruleset")).contains("mg_"));
     drop(lab);
 }
+
+#[test]
+fn concurrent_peer_adds_lose_nothing() {
+    let env = Env::new();
+    env.init("gw.example.com:51820");
+    let children: Vec<Child> = (0..6)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_modelgate"))
+                .args([
+                    "peer",
+                    "add",
+                    &format!("site-{i}"),
+                    "--allowed-ips",
+                    &format!("10.{}.0.0/24", 40 + i),
+                ])
+                .env("MODELGATE_CONFIG", env.config())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let peers: Value = serde_json::from_str(&stdout(&env.mg(&["peer", "list", "--json"]))).unwrap();
+    let mut addrs: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["tunnel_address"].as_str().unwrap())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 6, "{peers}");
+}

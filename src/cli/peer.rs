@@ -26,7 +26,7 @@ use crate::config::{
     allocate_tunnel_address, check_peer_name, load_private_key, read_key_file, Config, ConfigError,
     PeerConfig, DEFAULT_PEER_KEEPALIVE,
 };
-use crate::fsutil::{create_dir_with_mode, write_atomic};
+use crate::fsutil::{create_dir_with_mode, lock_for_update, write_atomic};
 use crate::wgkey::{PrivateKey, PublicKey};
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +137,16 @@ pub fn peer_key_path(config: &Config, name: &str) -> PathBuf {
         .join(format!("{name}.key"))
 }
 
+/// Takes the config's update lock (held until the returned guard drops).
+fn lock(config_path: &Path) -> Result<std::fs::File, CliError> {
+    lock_for_update(config_path).map_err(|e| {
+        CliError::runtime(format!(
+            "--config {}: cannot take the update lock: {e}; fix: run as root (or as the config's owner)",
+            config_path.display()
+        ))
+    })
+}
+
 /// Reads the config file's text and validates it (edits start from a valid file).
 fn load_text(config_path: &Path) -> Result<(String, Config), CliError> {
     let text = std::fs::read_to_string(config_path).map_err(|source| ConfigError::Read {
@@ -171,6 +181,8 @@ fn write_config(path: &Path, text: &str) -> Result<(), CliError> {
 }
 
 fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
+    Config::load(config_path)?; // Report a missing/invalid file before creating a lock next to it.
+    let _lock = lock(config_path)?;
     let (text, config) = load_text(config_path)?;
     if let Some(p) = config.peer(&a.name) {
         return Err(CliError::runtime(format!(
@@ -439,6 +451,8 @@ fn confirm(question: &str) -> bool {
 }
 
 fn remove(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
+    Config::load(config_path)?; // Report a missing/invalid file before creating a lock next to it.
+    let _lock = lock(config_path)?;
     let (text, config) = load_text(config_path)?;
     let p = config.peer(name).ok_or_else(|| no_such_peer(name))?;
     if !yes {

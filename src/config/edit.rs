@@ -22,7 +22,7 @@ pub enum EditError {
 fn parse(text: &str) -> Result<DocumentMut, EditError> {
     text.parse::<DocumentMut>().map_err(|e| EditError::Syntax {
         line: e.span().map_or(0, |s| {
-            text[..s.start.min(text.len())].matches('\n').count() + 1
+            text.get(..s.start).unwrap_or(text).matches('\n').count() + 1
         }),
         message: e.message().trim().replace('\n', " "),
     })
