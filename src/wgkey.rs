@@ -107,8 +107,12 @@ mod tests {
         // RFC 7748 §6.1: Alice's private key and public key.
         let sk_hex = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
         let pk_hex = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a";
-        let sk: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&sk_hex[2 * i..2 * i + 2], 16).unwrap()).collect();
-        let pk: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&pk_hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let sk: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&sk_hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let pk: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&pk_hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
         let key = PrivateKey::from_bytes(sk.try_into().unwrap());
         assert_eq!(key.public_key().0.to_vec(), pk);
         let text = key.to_base64();
@@ -120,8 +124,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_keys_with_reason() {
-        assert_eq!("not base64!".parse::<PublicKey>().unwrap_err(), KeyError::Base64);
-        assert_eq!("AAAA".parse::<PublicKey>().unwrap_err(), KeyError::Length(3));
+        assert_eq!(
+            "not base64!".parse::<PublicKey>().unwrap_err(),
+            KeyError::Base64
+        );
+        assert_eq!(
+            "AAAA".parse::<PublicKey>().unwrap_err(),
+            KeyError::Length(3)
+        );
     }
 
     #[test]

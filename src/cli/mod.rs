@@ -1,1 +1,174 @@
-//! (work in progress)
+//! The `modelgate` command line: clap definitions, verb dispatch, exit codes.
+//!
+//! Owns the operator-facing contract of `DESIGN.md` (verbs, flags, `--json`, exit codes 0/1/2/64)
+//! and turns every failure into one line that names the flag or key, the value and the fix.
+//! One file per verb group; [`wgquick`] renders the corp-side file. Never logs secrets, never
+//! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
+
+pub mod init;
+pub mod peer;
+pub mod run;
+pub mod wgquick;
+
+use clap::{Parser, Subcommand};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{ConfigError, DEFAULT_CONFIG_PATH};
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the command was valid but failed at run time (I/O, existing file, no peer…).
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit status: bad flags or flag values (clap's own errors use 2 as well).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the config file is invalid (sysexits `EX_USAGE`, as linkerd does).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// modelgate: public HTTPS gateway to an on-prem OpenAI-compatible model over WireGuard.
+///
+/// Exit status: 0 success, 1 runtime failure, 2 usage error, 64 invalid config file.
+#[derive(Debug, Parser)]
+#[command(name = "modelgate", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, global = true, value_name = "PATH", env = "MODELGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once per process; boxing the large `init` flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the config, the state directory and the appliance's WireGuard key pair.
+    Init(init::InitArgs),
+    /// Manage corp WireGuard peers (add prints their wg-quick file).
+    #[command(subcommand)]
+    Peer(peer::PeerCommand),
+    /// Run the daemon in the foreground until SIGTERM/SIGINT.
+    Run(run::RunArgs),
+}
+
+impl Command {
+    /// True for the long-running daemon (logs go to stdout for journald); CLI verbs keep stdout
+    /// for their output (wg-quick files, JSON) and log to stderr.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Run(_))
+    }
+}
+
+/// A failed command: the exit status and one line per problem for stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn runtime(message: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_RUNTIME,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+    pub fn config(message: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_CONFIG,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        if e.is_read_error() {
+            CliError::runtime(e.to_string())
+        } else {
+            CliError::config(e.to_string())
+        }
+    }
+}
+
+/// Runs the parsed command. `main` maps the error to its exit status.
+pub fn execute(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Init(args) => init::execute(&cli.config, args),
+        Command::Peer(cmd) => peer::execute(&cli.config, cmd),
+        Command::Run(args) => run::execute(&cli.config, args),
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    // Serialising a `serde_json::Value` cannot fail.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// Current UTC time as RFC 3339, e.g. `2025-01-02T03:04:05Z`.
+pub fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339_utc(secs)
+}
+
+/// Formats seconds since the Unix epoch as RFC 3339 UTC (proleptic Gregorian calendar; the
+/// days→date step is H. Hinnant's `civil_from_days`).
+pub fn rfc3339_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_735_787_045), "2025-01-02T03:04:05Z");
+        assert_eq!(rfc3339_utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}

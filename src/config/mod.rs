@@ -1,13 +1,48 @@
 //! Configuration: the validated model the daemon runs on.
 //!
-//! Owns reading `/etc/modelgate/modelgate.toml` into raw serde structs and validating them into
-//! [`Config`], reporting every bad setting at once (exit 64). Never touches the network.
+//! Owns reading `/etc/modelgate/modelgate.toml` into raw serde structs ([`raw`]) and validating
+//! them into [`Config`] ([`validate`]), reporting every bad setting at once (exit 64), and the
+//! comment-preserving edits the CLI makes ([`edit`]). Never touches the network; the only file it
+//! reads besides the config is the appliance key (to refuse a peer that reuses it).
+
+pub mod edit;
+pub mod raw;
+mod validate;
 
 use ipnet::IpNet;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
-use crate::wgkey::PublicKey;
+use crate::wgkey::{PrivateKey, PublicKey};
+
+pub use validate::{
+    allocate_tunnel_address, check_dns_name, check_peer_name, check_tunnel_address, parse_endpoint,
+    validate,
+};
+
+/// Where `modelgate` looks for its config unless `--config` / `MODELGATE_CONFIG` say otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/modelgate/modelgate.toml";
+/// Default HTTPS listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:443";
+/// Default WireGuard UDP listener.
+pub const DEFAULT_WG_LISTEN: &str = "0.0.0.0:51820";
+/// Default appliance tunnel address and tunnel network.
+pub const DEFAULT_TUNNEL_ADDRESS: &str = "10.99.0.1/24";
+/// Default state directory (keys, databases).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/modelgate";
+/// Default control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/modelgate/control.sock";
+/// Default metrics listener (loopback only: metrics are not for the internet).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default private key file name inside the state directory.
+pub const DEFAULT_PRIVATE_KEY_FILE: &str = "wg.key";
+/// Default tunnel MTU: wg-quick's default (1500 minus the 80 bytes of IPv6+UDP+WireGuard overhead).
+pub const DEFAULT_MTU: u16 = 1420;
+/// The keepalive printed in a corp peer's wg-quick file when the peer sets none: the corp side
+/// dials out through NAT, and 25 s keeps virtually every NAT mapping open (wg(8) recommends 25).
+pub const DEFAULT_PEER_KEEPALIVE: u16 = 25;
 
 /// The validated configuration. Every field has already been checked.
 #[derive(Debug, Clone)]
@@ -15,6 +50,8 @@ pub struct Config {
     /// The file this was loaded from (relative paths inside were resolved against its folder).
     pub path: PathBuf,
     pub server: ServerConfig,
+    /// Certificate source of the HTTPS listener; `None` when the file has no `[tls]` table.
+    pub tls: Option<TlsConfig>,
     pub wireguard: WireguardConfig,
     pub peers: Vec<PeerConfig>,
 }
@@ -26,6 +63,22 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub metrics_listen: SocketAddr,
+}
+
+/// Where the public HTTPS certificate comes from (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsConfig {
+    /// PEM files managed by the operator (`--tls-cert`, `--tls-key`).
+    Files { cert: PathBuf, key: PathBuf },
+    /// A certificate generated at start for this name (tests, demos; Cursor will not trust it).
+    SelfSigned { name: String },
+    /// ACME (TLS-ALPN-01 on the HTTPS port).
+    Acme {
+        domain: String,
+        email: Option<String>,
+        directory: Option<String>,
+        ca_root: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,8 +103,201 @@ pub struct PeerConfig {
     pub tunnel_address: IpAddr,
     /// Everything routed to this peer: its tunnel address /32 (or /128) plus the networks behind it.
     pub allowed_ips: Vec<IpNet>,
-    /// Keepalive the appliance sends (normally none: the corp side keeps the NAT open).
+    /// Keepalive the appliance sends (normally none: the corp side keeps the NAT open). When set,
+    /// the corp wg-quick file printed by `peer add`/`peer config` uses the same interval.
     pub keepalive: Option<u16>,
     /// Optional fixed endpoint; normally learned from the peer's authenticated packets.
     pub endpoint: Option<SocketAddr>,
 }
+
+impl PeerConfig {
+    /// The networks behind the peer: the allowed IPs without the peer's own host route.
+    pub fn networks_behind(&self) -> impl Iterator<Item = &IpNet> {
+        let own = IpNet::from(self.tunnel_address);
+        self.allowed_ips.iter().filter(move |n| **n != own)
+    }
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    ///
+    /// When the appliance's key file is readable, peers are also checked not to reuse its public
+    /// key (a missing or unreadable key file is not an error here: [`load_private_key`] reports
+    /// it when the daemon starts).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates config text as if it had been read from `path`.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: describe_toml_error(text, &e),
+        })?;
+        let own = appliance_public_key_best_effort(&raw, path);
+        validate(raw, path, own.as_ref()).map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })
+    }
+
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+/// Reads the appliance key only to learn its public half; any failure means "unknown".
+fn appliance_public_key_best_effort(raw: &raw::RawConfig, path: &Path) -> Option<PublicKey> {
+    let file = validate::private_key_path(raw, path)?;
+    let text = std::fs::read_to_string(file).ok()?;
+    text.trim()
+        .parse::<PrivateKey>()
+        .ok()
+        .map(|k| k.public_key())
+}
+
+/// One line `path:line:col: message` for a TOML syntax or type error.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {col}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all (missing, permissions): a runtime failure (exit 1).
+    #[error("cannot read config {}: {source}; fix: create it with `modelgate init --public-endpoint HOST:PORT` or pass --config PATH", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not valid TOML, a value of the wrong type, or an unknown key (exit 64).
+    #[error("invalid config {}: {message}; fix: correct that line (see config/modelgate.toml for every key)", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// Well-formed TOML with bad settings; `errors` lists every one (exit 64).
+    #[error("invalid config {}: {} error(s):\n{errors}", path.display(), errors.len())]
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+impl ConfigError {
+    /// True for an unreadable file (exit 1); false for an invalid one (exit 64).
+    pub fn is_read_error(&self) -> bool {
+        matches!(self, ConfigError::Read { .. })
+    }
+}
+
+/// One bad setting: the key, the value as written, what is wrong and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub key: String,
+    pub value: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: {}; fix: {}",
+            self.key, self.value, self.problem, self.fix
+        )
+    }
+}
+
+/// Every bad setting of one config, in file order. Displays one error per line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+impl ConfigErrors {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &FieldError> {
+        self.0.iter()
+    }
+    pub(crate) fn push(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.0.push(FieldError {
+            key: key.into(),
+            value: value.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Loads the appliance's private key, refusing a file that others can read.
+///
+/// Checks, in order: the file exists and is a regular file, it has no group/other permission
+/// bits (WireGuard's own tools warn about the same), and it holds one base64 key as written by
+/// `wg genkey`. The error names the file and the fix; it never contains the file's content.
+pub fn load_private_key(wg: &WireguardConfig) -> Result<PrivateKey, String> {
+    read_key_file(&wg.private_key_file)
+}
+
+/// [`load_private_key`] for any key file (peer keys stored by `peer add` use the same rules).
+pub fn read_key_file(file: &Path) -> Result<PrivateKey, String> {
+    let shown = file.display();
+    let meta = std::fs::metadata(file).map_err(|e| {
+        format!(
+            "private key file {shown}: {e}; fix: run `modelgate init` to create it, or write the output of `wg genkey` to it and `chmod 600 {shown}`"
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(format!(
+            "private key file {shown}: not a regular file; fix: point wireguard.private_key_file at a file holding the output of `wg genkey`"
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "private key file {shown}: mode {mode:04o} lets group/others read the key; fix: chmod 600 {shown}"
+        ));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("private key file {shown}: {e}; fix: make it readable by the modelgate user and chmod 600 {shown}"))?;
+    text.trim().parse::<PrivateKey>().map_err(|e| {
+        format!(
+            "private key file {shown}: {e}; fix: write the output of `wg genkey` to it (then chmod 600 {shown}), or rerun `modelgate init --force`"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests;

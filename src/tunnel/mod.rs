@@ -1,1 +1,669 @@
-//! (work in progress)
+//! WireGuard peers: the sans-IO core that turns UDP datagrams into inner IP packets and back.
+//!
+//! Owns the boringtun [`Tunn`] of every peer, AllowedIPs routing (longest prefix), the inner-source
+//! check, endpoint learning (roaming/NAT) and the handshake rate limiter shared by all peers.
+//! It never does I/O and never blocks: the netstack driver feeds it datagrams and packets and
+//! acts on the [`Output`]s it emits. It never lets a decrypted packet through whose inner source
+//! lies outside the sending peer's AllowedIPs (WireGuard paper §II, "cryptokey routing").
+
+pub mod udp;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ipnet::IpNet;
+
+use crate::wgkey::{PrivateKey, PublicKey};
+
+/// Handshake messages per second accepted before cookies are demanded (boringtun's default
+/// per-device figure; under load a peer must prove its address first, WireGuard paper §V-D).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Largest buffer a datagram or an inner packet may need (IPv4/IPv6 total length is 16 bits).
+pub const MAX_PACKET: usize = 65_536 + 64;
+
+/// What a peer looks like to the core: its key, what it may route, how to reach it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub allowed_ips: Vec<IpNet>,
+    pub keepalive: Option<u16>,
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Counters and state of one peer, for `status` and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub last_handshake: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub keepalive: Option<u16>,
+}
+
+/// Something the caller must do after calling into the core.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Send this datagram to `to`, from local address `from` when known (the address the
+    /// peer dialled, so a stateful firewall in front of the peer sees the reply it expects).
+    Udp {
+        to: SocketAddr,
+        from: Option<IpAddr>,
+        data: &'a [u8],
+    },
+    /// A decrypted, source-checked inner IP packet for the netstack.
+    Ip(&'a [u8]),
+}
+
+/// Why an outgoing packet could not be sent; the netstack turns this into a dial error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// No peer's AllowedIPs contains the destination.
+    NoRoute,
+    /// The peer exists but has never been heard from and has no configured endpoint.
+    NoEndpoint,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    local_ip: Option<IpAddr>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    /// Receiver-index prefix boringtun uses for this peer's sessions (`index << 8`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    index: u32,
+}
+
+/// Counters for packets the core refused, for `status` and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DropCounters {
+    /// Datagrams that did not parse as WireGuard messages or failed MAC/AEAD checks.
+    pub invalid: u64,
+    /// Handshakes from keys that are not configured peers.
+    pub unknown_peer: u64,
+    /// Decrypted packets whose inner source is outside the peer's AllowedIPs.
+    pub bad_source: u64,
+    /// Outgoing packets with no route or no endpoint.
+    pub unroutable: u64,
+}
+
+/// All peers of one WireGuard interface.
+pub struct WgCore {
+    private: x25519_dalek::StaticSecret,
+    public: x25519_dalek::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: Vec<Peer>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_index: HashMap<u32, usize>,
+    /// (network, peer position), longest prefix first.
+    routes: Vec<(IpNet, usize)>,
+    next_index: u32,
+    last_limiter_reset: Instant,
+    drops: DropCounters,
+    buf: Vec<u8>,
+}
+
+impl WgCore {
+    pub fn new(private_key: &PrivateKey, peers: Vec<PeerSpec>) -> Self {
+        let private = private_key.to_dalek();
+        let public = x25519_dalek::PublicKey::from(&private);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let mut core = WgCore {
+            private,
+            public,
+            rate_limiter,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            routes: Vec::new(),
+            // Start at a random index so a restarted appliance does not reuse session ids.
+            next_index: random_u32() & 0x00ff_ffff,
+            last_limiter_reset: Instant::now(),
+            drops: DropCounters::default(),
+            buf: vec![0u8; MAX_PACKET],
+        };
+        for spec in peers {
+            core.add_peer(spec);
+        }
+        core
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    fn add_peer(&mut self, spec: PeerSpec) {
+        if self.by_key.contains_key(&spec.public_key.0) {
+            return; // validated config never has duplicates; stay safe anyway
+        }
+        let index = self.next_index & 0x00ff_ffff;
+        self.next_index = self.next_index.wrapping_add(1);
+        let tunn = Tunn::new(
+            self.private.clone(),
+            spec.public_key.to_dalek(),
+            None,
+            spec.keepalive,
+            index,
+            Some(self.rate_limiter.clone()),
+        );
+        let pos = self.peers.len();
+        self.by_key.insert(spec.public_key.0, pos);
+        self.by_index.insert(index, pos);
+        for net in &spec.allowed_ips {
+            self.routes.push((net.trunc(), pos));
+        }
+        self.routes
+            .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        self.peers.push(Peer {
+            endpoint: spec.endpoint,
+            local_ip: None,
+            spec,
+            tunn,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            index,
+        });
+    }
+
+    fn route(&self, dst: IpAddr) -> Option<usize> {
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&dst))
+            .map(|&(_, pos)| pos)
+    }
+
+    /// Whether a packet to `dst` could leave now (for fast, clear dial errors).
+    pub fn check_route(&self, dst: IpAddr) -> Result<(), RouteError> {
+        let pos = self.route(dst).ok_or(RouteError::NoRoute)?;
+        if self.peers[pos].endpoint.is_none() {
+            return Err(RouteError::NoEndpoint);
+        }
+        Ok(())
+    }
+
+    pub fn drops(&self) -> DropCounters {
+        self.drops
+    }
+
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let (hs, _, _, _, _) = p.tunn.stats();
+                PeerStats {
+                    name: p.spec.name.clone(),
+                    public_key: p.spec.public_key,
+                    endpoint: p.endpoint,
+                    allowed_ips: p.spec.allowed_ips.clone(),
+                    last_handshake: hs,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    keepalive: p.spec.keepalive,
+                }
+            })
+            .collect()
+    }
+
+    /// Handles one datagram that arrived from `from` on local address `local`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+        out: &mut dyn FnMut(Output<'_>),
+    ) {
+        // Find the peer before doing any expensive work. Handshake initiations are MAC-checked
+        // and rate limited before the Diffie-Hellman that identifies the sender.
+        let pos = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => {
+                self.drops.invalid += 1;
+                return;
+            }
+            Ok(Packet::HandshakeInit(ref init)) => {
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut self.buf)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        out(Output::Udp {
+                            to: from,
+                            from: local,
+                            data: cookie,
+                        });
+                        return;
+                    }
+                    Err(_) => {
+                        self.drops.invalid += 1;
+                        return;
+                    }
+                }
+                match parse_handshake_anon(&self.private, &self.public, init) {
+                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                        Some(&pos) => pos,
+                        None => {
+                            self.drops.unknown_peer += 1;
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        self.drops.invalid += 1;
+                        return;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(&pos) => pos,
+                None => {
+                    self.drops.invalid += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(&pos) => pos,
+                None => {
+                    self.drops.invalid += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(&pos) => pos,
+                None => {
+                    self.drops.invalid += 1;
+                    return;
+                }
+            },
+        };
+
+        let peer = &mut self.peers[pos];
+        let mut authenticated = false;
+        match peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.buf)
+        {
+            TunnResult::Done => authenticated = true,
+            TunnResult::Err(_) => self.drops.invalid += 1,
+            TunnResult::WriteToNetwork(data) => {
+                authenticated = true;
+                // Reply to where the packet came from (learned below as well).
+                out(Output::Udp {
+                    to: from,
+                    from: local,
+                    data,
+                });
+                // Flush packets queued while the handshake was pending.
+                while let TunnResult::WriteToNetwork(data) =
+                    peer.tunn.decapsulate(None, &[], &mut self.buf)
+                {
+                    out(Output::Udp {
+                        to: from,
+                        from: local,
+                        data,
+                    });
+                }
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                authenticated = true;
+                let src = IpAddr::V4(src);
+                if peer.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+                    peer.rx_bytes += packet.len() as u64;
+                    out(Output::Ip(packet));
+                } else {
+                    self.drops.bad_source += 1;
+                }
+            }
+            TunnResult::WriteToTunnelV6(packet, src) => {
+                authenticated = true;
+                let src = IpAddr::V6(src);
+                if peer.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+                    peer.rx_bytes += packet.len() as u64;
+                    out(Output::Ip(packet));
+                } else {
+                    self.drops.bad_source += 1;
+                }
+            }
+        }
+        if authenticated {
+            // Roaming (WireGuard paper §II-C): the latest authenticated packet sets the endpoint.
+            peer.endpoint = Some(from);
+            peer.local_ip = local;
+        }
+    }
+
+    /// Encrypts one inner IP packet to the peer that routes its destination.
+    pub fn send_ip(
+        &mut self,
+        packet: &[u8],
+        out: &mut dyn FnMut(Output<'_>),
+    ) -> Result<(), RouteError> {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.drops.unroutable += 1;
+            return Err(RouteError::NoRoute);
+        };
+        let Some(pos) = self.route(dst) else {
+            self.drops.unroutable += 1;
+            return Err(RouteError::NoRoute);
+        };
+        let peer = &mut self.peers[pos];
+        let Some(to) = peer.endpoint else {
+            self.drops.unroutable += 1;
+            return Err(RouteError::NoEndpoint);
+        };
+        // Anything else means boringtun queued the packet while a handshake is in progress.
+        if let TunnResult::WriteToNetwork(data) = peer.tunn.encapsulate(packet, &mut self.buf) {
+            peer.tx_bytes += packet.len() as u64;
+            out(Output::Udp {
+                to,
+                from: peer.local_ip,
+                data,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts a handshake with every peer whose endpoint is configured, so a side that dials
+    /// out (the corp peer, or the in-process one in the demo) is reachable at once instead of
+    /// after its first keepalive interval.
+    pub fn initiate_handshakes(&mut self, out: &mut dyn FnMut(Output<'_>)) {
+        for peer in &mut self.peers {
+            let Some(to) = peer.endpoint else { continue };
+            if let TunnResult::WriteToNetwork(data) =
+                peer.tunn.format_handshake_initiation(&mut self.buf, false)
+            {
+                out(Output::Udp {
+                    to,
+                    from: peer.local_ip,
+                    data,
+                });
+            }
+        }
+    }
+
+    /// Advances WireGuard timers (call every 250 ms): rekeys, keepalives, handshake retries.
+    pub fn tick(&mut self, out: &mut dyn FnMut(Output<'_>)) {
+        let now = Instant::now();
+        if now.duration_since(self.last_limiter_reset) >= Duration::from_secs(1) {
+            self.rate_limiter.reset_count();
+            self.last_limiter_reset = now;
+        }
+        for peer in &mut self.peers {
+            match peer.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(data) => {
+                    if let Some(to) = peer.endpoint {
+                        out(Output::Udp {
+                            to,
+                            from: peer.local_ip,
+                            data,
+                        });
+                    }
+                }
+                TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                    // Session gone after REJECT_AFTER_TIME*3 without a handshake; keep the
+                    // endpoint so traffic can trigger a new handshake.
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The peer index prefix, exposed for tests that forge packets.
+    #[cfg(test)]
+    fn peer_index(&self, pos: usize) -> u32 {
+        self.peers[pos].index
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("the OS random source is unavailable");
+    u32::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let total = 20 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..].copy_from_slice(payload);
+        p
+    }
+
+    struct Pair {
+        a: WgCore,
+        b: WgCore,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+    }
+
+    /// Two cores that know each other: a routes 10.0.0.2/32, b routes 10.0.0.1/32 and only b
+    /// has a's endpoint (like a corp peer that dials the appliance).
+    fn pair() -> Pair {
+        let ka = PrivateKey::generate();
+        let kb = PrivateKey::generate();
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b_addr: SocketAddr = "198.51.100.2:40000".parse().unwrap();
+        let a = WgCore::new(
+            &ka,
+            vec![PeerSpec {
+                name: "b".into(),
+                public_key: kb.public_key(),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+                keepalive: None,
+                endpoint: None,
+            }],
+        );
+        let b = WgCore::new(
+            &kb,
+            vec![PeerSpec {
+                name: "a".into(),
+                public_key: ka.public_key(),
+                allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+                keepalive: None,
+                endpoint: Some(a_addr),
+            }],
+        );
+        Pair {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
+    }
+
+    #[derive(Default)]
+    struct Collected {
+        udp: Vec<(SocketAddr, Vec<u8>)>,
+        ip: Vec<Vec<u8>>,
+    }
+
+    fn collect(c: &mut Collected) -> impl FnMut(Output<'_>) + '_ {
+        move |o| match o {
+            Output::Udp { to, data, .. } => c.udp.push((to, data.to_vec())),
+            Output::Ip(p) => c.ip.push(p.to_vec()),
+        }
+    }
+
+    /// Delivers datagrams back and forth until both sides are quiet (bounded).
+    fn shuttle(p: &mut Pair, mut from_b: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut ip_at_a = Vec::new();
+        let mut ip_at_b = Vec::new();
+        for _ in 0..10 {
+            let mut at_a = Collected::default();
+            for d in from_b.drain(..) {
+                p.a.handle_datagram(p.b_addr, None, &d, &mut collect(&mut at_a));
+            }
+            ip_at_a.extend(at_a.ip);
+            let mut at_b = Collected::default();
+            for (to, d) in at_a.udp {
+                assert_eq!(to, p.b_addr, "a must answer the address b dialled from");
+                p.b.handle_datagram(p.a_addr, None, &d, &mut collect(&mut at_b));
+            }
+            ip_at_b.extend(at_b.ip);
+            from_b = at_b.udp.into_iter().map(|(_, d)| d).collect();
+            if from_b.is_empty() {
+                break;
+            }
+        }
+        (ip_at_a, ip_at_b)
+    }
+
+    #[test]
+    fn handshake_learns_endpoint_and_carries_packets_both_ways() {
+        let mut p = pair();
+        assert_eq!(
+            p.a.check_route("10.0.0.2".parse().unwrap()),
+            Err(RouteError::NoEndpoint)
+        );
+        let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"hello");
+        let mut c = Collected::default();
+        p.b.send_ip(&pkt, &mut collect(&mut c)).unwrap();
+        assert_eq!(
+            c.udp.len(),
+            1,
+            "first packet triggers a handshake initiation"
+        );
+        let (ip_at_a, _) = shuttle(&mut p, c.udp.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(
+            ip_at_a,
+            vec![pkt.clone()],
+            "queued packet delivered after handshake"
+        );
+        assert_eq!(p.a.check_route("10.0.0.2".parse().unwrap()), Ok(()));
+        assert_eq!(p.a.stats()[0].endpoint, Some(p.b_addr));
+
+        // a answers through the learned endpoint.
+        let reply = ipv4_packet([10, 0, 0, 1], [10, 0, 0, 2], b"world");
+        let mut c = Collected::default();
+        p.a.send_ip(&reply, &mut collect(&mut c)).unwrap();
+        assert_eq!(c.udp.len(), 1);
+        assert_eq!(c.udp[0].0, p.b_addr);
+        let mut at_b = Collected::default();
+        p.b.handle_datagram(p.a_addr, None, &c.udp[0].1, &mut collect(&mut at_b));
+        assert_eq!(at_b.ip, vec![reply]);
+    }
+
+    #[test]
+    fn roaming_updates_endpoint() {
+        let mut p = pair();
+        let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"x");
+        let mut c = Collected::default();
+        p.b.send_ip(&pkt, &mut collect(&mut c)).unwrap();
+        shuttle(&mut p, c.udp.into_iter().map(|(_, d)| d).collect());
+        // Same session, new NAT mapping.
+        let mut c = Collected::default();
+        p.b.send_ip(&pkt, &mut collect(&mut c)).unwrap();
+        let moved: SocketAddr = "198.51.100.2:40001".parse().unwrap();
+        let mut at_a = Collected::default();
+        p.a.handle_datagram(moved, None, &c.udp[0].1, &mut collect(&mut at_a));
+        assert_eq!(at_a.ip.len(), 1);
+        assert_eq!(p.a.stats()[0].endpoint, Some(moved));
+    }
+
+    #[test]
+    fn inner_source_outside_allowed_ips_is_dropped() {
+        let mut p = pair();
+        let good = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"x");
+        let mut c = Collected::default();
+        p.b.send_ip(&good, &mut collect(&mut c)).unwrap();
+        shuttle(&mut p, c.udp.into_iter().map(|(_, d)| d).collect());
+        // b spoofs a source it does not own (b's own routing only checks the destination).
+        let spoofed = ipv4_packet([10, 9, 9, 9], [10, 0, 0, 1], b"spoof");
+        let mut c = Collected::default();
+        p.b.send_ip(&spoofed, &mut collect(&mut c)).unwrap();
+        let mut at_a = Collected::default();
+        p.a.handle_datagram(p.b_addr, None, &c.udp[0].1, &mut collect(&mut at_a));
+        assert!(at_a.ip.is_empty());
+        assert_eq!(p.a.drops().bad_source, 1);
+    }
+
+    #[test]
+    fn garbage_and_unknown_keys_are_ignored() {
+        let mut p = pair();
+        let mut c = Collected::default();
+        for len in [0usize, 1, 3, 4, 31, 32, 64, 92, 148, 200, 1500] {
+            for first in [0u8, 1, 2, 3, 4, 0xff] {
+                let mut d = vec![0xAAu8; len];
+                if !d.is_empty() {
+                    d[0] = first;
+                }
+                p.a.handle_datagram(p.b_addr, None, &d, &mut collect(&mut c));
+            }
+        }
+        // Data packet with a receiver index that looks like ours but garbage ciphertext.
+        let mut forged = vec![0u8; 64];
+        forged[0] = 4;
+        forged[4..8].copy_from_slice(&(p.a.peer_index(0) << 8).to_le_bytes());
+        p.a.handle_datagram(p.b_addr, None, &forged, &mut collect(&mut c));
+        // A real handshake from a key a does not know.
+        let stranger_key = PrivateKey::generate();
+        let mut stranger = WgCore::new(
+            &stranger_key,
+            vec![PeerSpec {
+                name: "a".into(),
+                public_key: p.a.public_key(),
+                allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+                keepalive: None,
+                endpoint: Some(p.a_addr),
+            }],
+        );
+        let mut s = Collected::default();
+        stranger
+            .send_ip(
+                &ipv4_packet([10, 0, 0, 3], [10, 0, 0, 1], b"?"),
+                &mut collect(&mut s),
+            )
+            .unwrap();
+        for (_, d) in &s.udp {
+            p.a.handle_datagram(p.b_addr, None, d, &mut collect(&mut c));
+        }
+        assert!(c.udp.is_empty() && c.ip.is_empty(), "nothing answered");
+        assert_eq!(p.a.drops().unknown_peer, 1);
+        assert!(p.a.drops().invalid >= 60);
+        assert_eq!(
+            p.a.stats()[0].endpoint,
+            None,
+            "endpoint not learned from junk"
+        );
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let k = PrivateKey::generate();
+        let spec = |name: &str, nets: &[&str]| PeerSpec {
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            keepalive: None,
+            endpoint: Some("192.0.2.9:1".parse().unwrap()),
+        };
+        let core = WgCore::new(
+            &k,
+            vec![
+                spec("wide", &["10.0.0.0/8"]),
+                spec("narrow", &["10.20.0.0/24"]),
+            ],
+        );
+        assert_eq!(core.route("10.20.0.5".parse().unwrap()), Some(1));
+        assert_eq!(core.route("10.21.0.5".parse().unwrap()), Some(0));
+        assert_eq!(core.route("192.168.0.1".parse().unwrap()), None);
+    }
+}

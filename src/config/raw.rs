@@ -1,0 +1,95 @@
+//! The config file exactly as written: serde structs with no meaning attached yet.
+//!
+//! Every value that needs checking is kept as a string (or a wide integer) here, so that a typo in
+//! one field does not hide the errors in the others: [`super::validate`] reports them all at once.
+//! Unknown keys are rejected (`deny_unknown_fields`) because a misspelt key silently ignored is a
+//! setting silently not applied.
+
+use serde::Deserialize;
+
+/// The whole `modelgate.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Listeners and local paths of the daemon.
+    #[serde(default)]
+    pub server: RawServer,
+    /// Certificate source of the public HTTPS listener.
+    pub tls: Option<RawTls>,
+    /// The appliance's WireGuard interface.
+    pub wireguard: Option<RawWireguard>,
+    /// Corporate WireGuard peers, `[[peer]]` tables.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<RawPeer>,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// HTTPS listener, `ADDR:PORT` (default `0.0.0.0:443`).
+    pub listen: Option<String>,
+    /// Directory for keys and state (default `/var/lib/modelgate`); relative to the config file.
+    pub state_dir: Option<String>,
+    /// Unix socket of the local control API (default `/run/modelgate/control.sock`).
+    pub control_socket: Option<String>,
+    /// Prometheus metrics listener, `ADDR:PORT` (default `127.0.0.1:9464`).
+    pub metrics_listen: Option<String>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// `"files"`, `"self-signed"` or `"acme"`.
+    pub mode: Option<String>,
+    /// PEM certificate chain (mode `files`); relative to the config file.
+    pub cert: Option<String>,
+    /// PEM private key (mode `files`); relative to the config file.
+    pub key: Option<String>,
+    /// DNS name (or IP) put in the generated certificate (mode `self-signed`).
+    pub self_signed_name: Option<String>,
+    /// Public DNS name to obtain a certificate for (mode `acme`).
+    pub acme_domain: Option<String>,
+    /// Contact address given to the ACME CA (mode `acme`, optional).
+    pub acme_email: Option<String>,
+    /// ACME directory URL (mode `acme`, optional; default Let's Encrypt production).
+    pub acme_directory: Option<String>,
+    /// Extra PEM root to trust for the ACME directory, for test CAs (mode `acme`, optional).
+    pub acme_ca_root: Option<String>,
+}
+
+/// `[wireguard]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWireguard {
+    /// UDP listener, `ADDR:PORT` (default `0.0.0.0:51820`).
+    pub listen: Option<String>,
+    /// `HOST:PORT` the corp peers dial (required).
+    pub public_endpoint: Option<String>,
+    /// Appliance tunnel address with the tunnel network prefix, e.g. `10.99.0.1/24` (required).
+    pub address: Option<String>,
+    /// The appliance's private key file, mode 0600 (default `wg.key`); relative to `state_dir`.
+    pub private_key_file: Option<String>,
+    /// Tunnel MTU (default 1420).
+    pub mtu: Option<i64>,
+}
+
+/// One `[[peer]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    /// Unique name, `[a-z0-9][a-z0-9-]{0,31}`.
+    pub name: Option<String>,
+    /// The peer's public key, base64 as printed by `wg pubkey`.
+    pub public_key: Option<String>,
+    /// The peer's own address in the tunnel network.
+    pub tunnel_address: Option<String>,
+    /// Networks behind the peer (CIDRs); the peer's tunnel address is added implicitly.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Persistent keepalive interval in seconds (optional).
+    pub keepalive: Option<i64>,
+    /// Fixed `IP:PORT` of the peer (optional; normally learned from its packets).
+    pub endpoint: Option<String>,
+}
