@@ -28,6 +28,7 @@ fn forward_arg(s: &str) -> Result<Forward, String> {
 
 pub fn execute(config_path: &Path, a: RunArgs) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
+    crate::daemon::check_forwards(&config, &a.forwards).map_err(CliError::usage)?;
     tracing::info!(
         config = %config.path.display(),
         peers = config.peers.len(),

@@ -1,10 +1,22 @@
-//! `modelgate run`: wires the tunnel, the netstack and (later) the gateway together and keeps
-//! them running until SIGTERM/SIGINT. (Being built; the signature below is the contract main uses.)
+//! `modelgate run`: starts the tunnel and netstack from a validated [`Config`] and keeps them
+//! running until SIGTERM or SIGINT, then stops cleanly.
+//!
+//! Owns process lifetime and the debug `--forward` listeners. It never decides policy and never
+//! logs secrets: the private key is read from its 0600 file and handed straight to the tunnel.
+//! (The HTTPS gateway joins here in a later step; until then `--forward` is how an operator
+//! proves the tunnel end to end.)
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::Config;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::{self, Config};
+use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
+use crate::tunnel::PeerSpec;
 
 /// Options of `modelgate run` that are not part of the config file.
 #[derive(Debug, Clone, Default)]
@@ -36,8 +48,214 @@ impl FromStr for Forward {
     }
 }
 
+/// Connections one `--forward` serves at once; more wait in the kernel's accept queue.
+const FORWARD_MAX_CONNECTIONS: usize = 1024;
+/// Copy buffer per direction of a forwarded connection.
+const FORWARD_BUFFER: usize = 256 << 10;
+
+/// Refuses forwards whose target no peer routes: the forward could never work, and saying so
+/// at start beats a refused connection later.
+pub fn check_forwards(config: &Config, forwards: &[Forward]) -> Result<(), String> {
+    for f in forwards {
+        let ip = f.target.ip();
+        if !config
+            .peers
+            .iter()
+            .any(|p| p.allowed_ips.iter().any(|n| n.contains(&ip)))
+        {
+            return Err(format!(
+                "--forward {}={}: {} is not inside any peer's allowed IPs; fix: forward to an address behind a peer (see `modelgate peer list`) or add it with `modelgate peer add NAME --allowed-ips CIDR`",
+                f.listen, f.target, ip
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the netstack settings from the config (the appliance side of every peer).
+pub fn netstack_config(config: &Config) -> anyhow::Result<NetstackConfig> {
+    let private_key = config::load_private_key(&config.wireguard).map_err(anyhow::Error::msg)?;
+    Ok(NetstackConfig {
+        private_key,
+        listen: config.wireguard.listen,
+        addresses: vec![config.wireguard.address],
+        peers: config
+            .peers
+            .iter()
+            .map(|p| PeerSpec {
+                name: p.name.clone(),
+                public_key: p.public_key,
+                allowed_ips: p.allowed_ips.clone(),
+                keepalive: p.keepalive,
+                endpoint: p.endpoint,
+            })
+            .collect(),
+        mtu: config.wireguard.mtu,
+        tcp: TcpTuning::default(),
+    })
+}
+
 /// Runs the daemon in the current tokio runtime until SIGTERM or SIGINT.
 pub async fn run_until_signal(config: Config, opts: RunOptions) -> anyhow::Result<()> {
-    let _ = (config, opts);
-    anyhow::bail!("modelgate run is not built yet")
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let r = run(config, opts, stop_rx).await;
+    signals.abort();
+    r
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed; say so and wait forever.
+        tracing::error!("cannot install SIGTERM/SIGINT handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+        _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+    }
+}
+
+/// The daemon proper; `stop` turning true ends it. Tests call this directly.
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    check_forwards(&config, &opts.forwards).map_err(anyhow::Error::msg)?;
+    let ns_cfg = netstack_config(&config)?;
+    let netstack = Netstack::start(ns_cfg).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind the WireGuard UDP socket {}: {e}; fix: free the port or change [wireguard] listen / --wg-listen",
+            config.wireguard.listen
+        )
+    })?;
+    tracing::info!(
+        public_key = %netstack.public_key(),
+        wireguard = %netstack.udp_addr(),
+        address = %config.wireguard.address,
+        peers = config.peers.len(),
+        "tunnel up"
+    );
+
+    let mut tasks = Vec::new();
+    for f in &opts.forwards {
+        let listener = TcpListener::bind(f.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--forward {}={}: cannot listen on {}: {e}",
+                f.listen,
+                f.target,
+                f.listen
+            )
+        })?;
+        tracing::info!(listen = %f.listen, target = %f.target, "forward listening");
+        tasks.push(tokio::spawn(forward_loop(
+            listener,
+            f.target,
+            netstack.clone(),
+            stop.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(watch_peers(netstack.clone(), stop.clone())));
+
+    // Wait for the stop signal (or the sender going away).
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            break;
+        }
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    netstack.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn forward_loop(
+    listener: TcpListener,
+    target: SocketAddr,
+    netstack: Netstack,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(FORWARD_MAX_CONNECTIONS));
+    loop {
+        // Take the permit before accepting, so excess clients queue in the kernel.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let (client, from) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "forward accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ns = netstack.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            forward_one(client, from, target, ns).await;
+        });
+    }
+}
+
+async fn forward_one(mut client: TcpStream, from: SocketAddr, target: SocketAddr, ns: Netstack) {
+    let _ = client.set_nodelay(true);
+    let mut upstream = match ns.dial(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            let level_warn = !matches!(e, NetError::Refused);
+            if level_warn {
+                tracing::warn!(%from, %target, error = %e, "forward: cannot reach target");
+            } else {
+                tracing::info!(%from, %target, error = %e, "forward: target refused");
+            }
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        FORWARD_BUFFER,
+        FORWARD_BUFFER,
+    )
+    .await
+    {
+        Ok((up, down)) => tracing::debug!(%from, %target, up, down, "forward closed"),
+        Err(e) => tracing::debug!(%from, %target, error = %e, "forward ended with error"),
+    }
+}
+
+/// Logs peer endpoint changes and handshakes, the events an operator looks for first.
+async fn watch_peers(ns: Netstack, mut stop: watch::Receiver<bool>) {
+    let mut known: Vec<Option<SocketAddr>> = Vec::new();
+    loop {
+        if let Ok(stats) = ns.stats().await {
+            known.resize(stats.peers.len(), None);
+            for (i, p) in stats.peers.iter().enumerate() {
+                if p.endpoint != known[i] {
+                    if let Some(ep) = p.endpoint {
+                        tracing::info!(peer = %p.name, endpoint = %ep, "peer endpoint learned");
+                    }
+                    known[i] = p.endpoint;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
