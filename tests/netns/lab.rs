@@ -402,7 +402,11 @@ impl Drop for Lab {
             .arg(manifest_path("scripts/lab.sh"))
             .args(["down", &self.tag])
             .status();
-        if thread::panicking() {
+        // MODELGATE_LAB_KEEP=1 keeps the logs, configs and keys of every lab for debugging.
+        if std::env::var_os("MODELGATE_LAB_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("temp dir"));
+            eprintln!("lab {}: files kept in {}", self.tag, dir.keep().display());
+        } else if thread::panicking() {
             eprintln!(
                 "lab {} torn down; its files were in {}",
                 self.tag,
