@@ -403,7 +403,7 @@ iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (s
 | HTTP requests/s (1 conn) | $A_RPS | ${B_RPS:-–} | $(ratio "$B_RPS" "$A_RPS") | |
 | idle CPU, appliance process (% of a core) | $A_IDLE | ${B_IDLE:-–} | | ≈ 0 |
 EOF
-    [[ -n $B_NOTE ]] && printf '\nB: %s\n' "$B_NOTE"
+    if [[ -n $B_NOTE ]]; then printf '\nB: %s\n' "$B_NOTE"; fi
 )
 echo "$table"
 if [[ -n $OUT ]]; then
