@@ -227,6 +227,12 @@ measure_wrk() {
         END { printf "%.3f %.3f %d\n", p50, p99, rps }' <<<"$out"
 }
 
+# UDP datagrams a namespace dropped because a socket's receive buffer was full (RcvbufErrors):
+# where a tunnel sender's bursts overflow the receiving WireGuard socket.
+udp_rcvbuf_errors() {
+    ip netns exec "$1" awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print $6 }' /proc/net/snmp
+}
+
 # sse HOST PORT → "p50_ms p99_ms"
 measure_sse() {
     ip netns exec "$NS_EDGE" timeout 90 python3 "$HERE/lib/sse_first_chunk.py" "$1" "$2" 500 ||
@@ -248,10 +254,15 @@ measure_idle_cpu() {
 # Runs all measurements against HOST with iperf PORT and nginx URL, appliance PID; sets R_*.
 measure_path() {
     local name=$1 host=$2 iperf_port=$3 url=$4 pid=$5 sse_port=$6
+    local d0
     log "$name: iperf3 appliance→model, ${DURATION}s"
+    d0=$(udp_rcvbuf_errors "$NS_CORP")
     R_UP=$(measure_iperf "$host" "$iperf_port")
+    R_UP_DROPS=$(($(udp_rcvbuf_errors "$NS_CORP") - d0))
     log "$name: iperf3 model→appliance (-R), ${DURATION}s"
+    d0=$(udp_rcvbuf_errors "$NS_EDGE")
     R_DOWN=$(measure_iperf "$host" "$iperf_port" -R)
+    R_DOWN_DROPS=$(($(udp_rcvbuf_errors "$NS_EDGE") - d0))
     log "$name: wrk keep-alive GET, 1 connection, ${DURATION}s"
     read -r R_P50 R_P99 R_RPS < <(measure_wrk "$url")
     log "$name: SSE first event, 500 requests, 1 connection"
@@ -300,7 +311,7 @@ EOF
 
     measure_path "A wireguard-go" "$MODEL_ADDR" 5201 "http://$MODEL_ADDR:8080/small" "$edge_pid" 8000
     A_UP=$R_UP A_DOWN=$R_DOWN A_P50=$R_P50 A_P99=$R_P99 A_RPS=$R_RPS A_IDLE=$R_IDLE
-    A_SSE50=$R_SSE50 A_SSE99=$R_SSE99
+    A_SSE50=$R_SSE50 A_SSE99=$R_SSE99 A_UP_DROPS=$R_UP_DROPS A_DOWN_DROPS=$R_DOWN_DROPS
 
     stop_pids "$edge_pid" "$corp_pid"
     rm -f "/var/run/wireguard/$WG_EDGE.sock" "/var/run/wireguard/$WG_CORP.sock"
@@ -356,7 +367,7 @@ run_modelgate() {
 
     measure_path "B modelgate" 127.0.0.1 15201 "http://127.0.0.1:18080/small" "$mg_pid" 18000
     B_UP=$R_UP B_DOWN=$R_DOWN B_P50=$R_P50 B_P99=$R_P99 B_RPS=$R_RPS B_IDLE=$R_IDLE
-    B_SSE50=$R_SSE50 B_SSE99=$R_SSE99
+    B_SSE50=$R_SSE50 B_SSE99=$R_SSE99 B_UP_DROPS=$R_UP_DROPS B_DOWN_DROPS=$R_DOWN_DROPS
     if ! kill -0 "$mg_pid" 2>/dev/null; then
         B_NOTE="modelgate exited during the run; log: $(tail -5 "$WORK/mg/run.log" | tr '\n' ' ')"
     fi
@@ -375,7 +386,7 @@ lab_up "$TAG"
 start_servers
 log "path A: wireguard-go ↔ wireguard-go"
 run_anchor
-B_UP="" B_DOWN="" B_P50="" B_P99="" B_RPS="" B_IDLE="" B_SSE50="" B_SSE99=""
+B_UP="" B_DOWN="" B_P50="" B_P99="" B_RPS="" B_IDLE="" B_SSE50="" B_SSE99="" B_UP_DROPS="" B_DOWN_DROPS=""
 if ((ONLY_ANCHOR)); then
     B_NOTE="skipped (--only-anchor)"
 else
@@ -396,6 +407,8 @@ iperf3 -t $DURATION (single stream), wrk -t1 -c1 -d${DURATION}s against nginx (s
 |---|---|---|---|---|
 | TCP appliance→model (Gbit/s) | $A_UP | ${B_UP:-–} | $(ratio "$B_UP" "$A_UP") | ≥ 1.0 |
 | TCP model→appliance, -R (Gbit/s) | $A_DOWN | ${B_DOWN:-–} | $(ratio "$B_DOWN" "$A_DOWN") | ≥ 1.0 |
+| UDP rcvbuf drops at corp during →model run | $A_UP_DROPS | ${B_UP_DROPS:-–} | | |
+| UDP rcvbuf drops at edge during -R run | $A_DOWN_DROPS | ${B_DOWN_DROPS:-–} | | |
 | HTTP keep-alive GET p50 (ms) | $A_P50 | ${B_P50:-–} | $(ratio "$B_P50" "$A_P50") | ≤ 1.1 |
 | HTTP keep-alive GET p99 (ms) | $A_P99 | ${B_P99:-–} | $(ratio "$B_P99" "$A_P99") | |
 | SSE first event p50 (ms) | $A_SSE50 | ${B_SSE50:-–} | $(ratio "$B_SSE50" "$A_SSE50") | |
