@@ -6,6 +6,7 @@
 //! nothing is ever killed by name. Each [`Lab`] has a unique tag, so tests run in parallel.
 
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,7 +41,9 @@ pub fn is_root() -> bool {
 /// As root, missing tools are a broken CI image, so that panics instead of skipping.
 pub fn skip_unless_root(test: &str) -> bool {
     if !is_root() {
-        eprintln!(
+        // Written to the stderr handle, not with eprintln!, so libtest's capture does not hide it.
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED {test}: the namespace lab needs root (ip netns, TUN, nftables); \
              run `sudo -E cargo test --test netns` or run it in CI, which is root"
         );
