@@ -6,6 +6,10 @@
 //! - [`wgkey`]: WireGuard key parsing/formatting with masked private keys.
 //! - [`tunnel`]: WireGuard peers over one UDP socket (boringtun `Tunn`), AllowedIPs routing.
 //! - [`netstack`]: userspace TCP/IP (smoltcp) over the tunnel; `dial` and `listen`.
+//! - [`keys`]: API keys (format, keyed hash, SQLite store, in-memory ring).
+//! - [`policy`]: pure per-key access decisions with an injected clock.
+//! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
+//! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
 #![forbid(unsafe_code)]
 
@@ -13,6 +17,10 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;
+pub mod gateway;
+pub mod keys;
 pub mod netstack;
+pub mod policy;
+pub mod tls;
 pub mod tunnel;
 pub mod wgkey;

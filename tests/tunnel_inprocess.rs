@@ -57,15 +57,23 @@ async fn pair() -> Pair {
 }
 
 /// Dials until the corp peer's handshake has landed (bounded).
-async fn dial_when_up(ns: &Netstack, addr: SocketAddr) -> modelgate::netstack::TunnelStream {
+async fn dial_when_up(p: &Pair, addr: SocketAddr) -> modelgate::netstack::TunnelStream {
+    let ns = &p.appliance;
     let start = Instant::now();
     loop {
         match ns.dial(addr).await {
-            Ok(s) => return s,
+            Ok(s) => {
+                println!("tunnel up after {:?}", start.elapsed());
+                return s;
+            }
             Err(NetError::NoHandshake) if start.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
-            Err(e) => panic!("dial {addr}: {e}"),
+            Err(e) => panic!(
+                "dial {addr}: {e}; appliance {:?}; corp {:?}",
+                p.appliance.stats().await,
+                p.corp.stats().await
+            ),
         }
     }
 }
@@ -96,7 +104,7 @@ async fn dial_through_tunnel_echo_and_bulk() {
     let p = pair().await;
     spawn_echo(p.corp.listen(7).await.unwrap());
     let target: SocketAddr = "10.99.0.2:7".parse().unwrap();
-    let mut s = dial_when_up(&p.appliance, target).await;
+    let mut s = dial_when_up(&p, target).await;
     s.write_all(b"hello through wireguard").await.unwrap();
     let mut buf = [0u8; 23];
     s.read_exact(&mut buf).await.unwrap();
@@ -140,10 +148,15 @@ async fn dial_through_tunnel_echo_and_bulk() {
     writer.await.unwrap();
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "echoed {} MiB in {:.2}s ({:.0} Mbit/s each way, debug build)",
+        "echoed {} MiB in {:.2}s ({:.0} Mbit/s each way, {} build)",
         total >> 20,
         secs,
-        (total as f64 * 8.0) / secs / 1e6
+        (total as f64 * 8.0) / secs / 1e6,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     let n = tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf))
         .await
@@ -168,7 +181,7 @@ async fn many_concurrent_connections() {
     let p = pair().await;
     spawn_echo(p.corp.listen(7).await.unwrap());
     let target: SocketAddr = "10.99.0.2:7".parse().unwrap();
-    drop(dial_when_up(&p.appliance, target).await);
+    drop(dial_when_up(&p, target).await);
     let mut tasks = Vec::new();
     for i in 0..200u32 {
         let ns = p.appliance.clone();
@@ -205,7 +218,7 @@ async fn many_concurrent_connections() {
 async fn clean_errors() {
     let p = pair().await;
     let _l = p.corp.listen(7).await.unwrap();
-    drop(dial_when_up(&p.appliance, "10.99.0.2:7".parse().unwrap()).await);
+    drop(dial_when_up(&p, "10.99.0.2:7".parse().unwrap()).await);
 
     // Nothing listens on port 9: the corp stack answers RST.
     let e = p
@@ -301,7 +314,7 @@ async fn dropping_a_stream_resets_the_server_side() {
             );
         }
     });
-    let mut s = dial_when_up(&p.appliance, "10.99.0.2:8000".parse().unwrap()).await;
+    let mut s = dial_when_up(&p, "10.99.0.2:8000".parse().unwrap()).await;
     let mut buf = [0u8; 13];
     s.read_exact(&mut buf).await.unwrap();
     let dropped_at = Instant::now();

@@ -301,7 +301,12 @@ impl Wake for SocketWaker {
 
 enum Role {
     /// A connection that an application stream owns.
-    Conn { established: bool, fin_sent: bool },
+    Conn {
+        established: bool,
+        fin_sent: bool,
+        /// The peer's FIN arrived (it may still sit behind unread data).
+        fin_received: bool,
+    },
     /// A listening socket waiting for a SYN on `port`; `syn_seen` once it left Listen and a
     /// replacement was started.
     Listen { port: u16, syn_seen: bool },
@@ -375,9 +380,13 @@ impl Driver {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         {
             let udp = &self.udp;
+            let counters = &mut self.counters;
             self.core.initiate_handshakes(&mut |o| {
                 if let Output::Udp { to, from, data } = o {
-                    let _ = udp.try_send(data, to, from);
+                    if let Err(e) = udp.try_send(data, to, from) {
+                        tracing::debug!(%to, error = %e, "handshake initiation not sent");
+                        counters.udp_send_errors += 1;
+                    }
                 }
             });
         }
@@ -630,6 +639,7 @@ impl Driver {
             role: Role::Conn {
                 established: false,
                 fin_sent: false,
+                fin_received: false,
             },
             local_port: port,
             deadline: Some(deadline),
@@ -798,6 +808,7 @@ impl Driver {
                     slot.role = Role::Conn {
                         established: true,
                         fin_sent: false,
+                        fin_received: false,
                     };
                     let handed = match (remote, local, self.listeners.get(&port)) {
                         (Some(peer), Some(local), Some(entry)) => entry
@@ -834,6 +845,7 @@ impl Driver {
         let Role::Conn {
             ref mut established,
             ref mut fin_sent,
+            ref mut fin_received,
         } = slot.role
         else {
             return;
@@ -872,18 +884,22 @@ impl Driver {
             inner.rx.clear();
         }
         inner.rx_blocked = sock.can_recv();
-        if *established && !sock.may_recv() && !inner.rx_eof && !sock.can_recv() {
-            // FIN received (or connection gone): end of stream once the buffer drains.
-            if matches!(
+        if *established
+            && !sock.may_recv()
+            && matches!(
                 state,
                 tcp::State::CloseWait
                     | tcp::State::LastAck
                     | tcp::State::Closing
                     | tcp::State::TimeWait
-            ) {
-                inner.rx_eof = true;
-                woke_reader = true;
-            }
+            )
+        {
+            *fin_received = true;
+        }
+        if *fin_received && !inner.rx_eof && !sock.can_recv() {
+            // End of stream once everything before the FIN has been handed over.
+            inner.rx_eof = true;
+            woke_reader = true;
         }
 
         // Send: application buffer → smoltcp.
@@ -907,27 +923,30 @@ impl Driver {
 
         let mut remove = false;
         if inner.dropped {
-            if !*established || !inner.rx_eof || !inner.tx.is_empty() {
-                // Dropped mid-stream: reset so the server stops work at once (a client that
-                // went away must not keep a GPU busy).
+            if !*established || !*fin_received {
+                // Dropped while the server may still be sending: reset, so it stops at once
+                // (a client that went away must not keep a GPU busy).
                 sock.abort();
                 remove = true;
-            } else if !*fin_sent {
+            } else if inner.tx.is_empty() && !*fin_sent {
+                // Clean end: like close(2), queued bytes still go out, then our FIN.
                 sock.close();
                 *fin_sent = true;
             }
         }
 
         let state = sock.state();
-        if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+        let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+        // Keep a finished socket until the reader has taken every byte it received.
+        if finished && (inner.dropped || !sock.can_recv()) {
             if inner.phase != Phase::Closed {
                 if !*established {
-                    inner.error = Some(if state == tcp::State::Closed && slot.deadline.is_some() {
+                    inner.error = Some(if slot.deadline.is_some() {
                         NetError::Refused
                     } else {
                         NetError::Reset
                     });
-                } else if !inner.rx_eof && state == tcp::State::Closed {
+                } else if !*fin_received {
                     inner.error = Some(NetError::Reset);
                 } else {
                     inner.rx_eof = true;
@@ -936,9 +955,6 @@ impl Driver {
                 woke_reader = true;
                 woke_writer = true;
             }
-            remove = true;
-        }
-        if inner.dropped && matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
             remove = true;
         }
 

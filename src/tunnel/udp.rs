@@ -49,6 +49,10 @@ fn size_buffers(sock: &std::net::UdpSocket) {
 
 pub struct UdpEndpoint {
     sock: UdpSocket,
+    /// The same socket for sending. Sends go straight to the kernel: tokio's `try_send_*`
+    /// report `WouldBlock` until its reactor has seen the socket writable, which silently ate
+    /// the first handshake initiation of a freshly bound socket (a 5 s REKEY_TIMEOUT stall).
+    send: std::net::UdpSocket,
     pktinfo: bool,
     cmsg: Vec<u8>,
 }
@@ -67,9 +71,11 @@ impl UdpEndpoint {
             r.map_err(io::Error::from)?;
         }
         size_buffers(&std_sock);
+        let send = std_sock.try_clone()?;
         let sock = UdpSocket::from_std(std_sock)?;
         Ok(UdpEndpoint {
             sock,
+            send,
             pktinfo,
             cmsg: nix::cmsg_space!(nix::libc::in6_pktinfo),
         })
@@ -131,9 +137,9 @@ impl UdpEndpoint {
     pub fn try_send(&self, data: &[u8], to: SocketAddr, local: Option<IpAddr>) -> io::Result<()> {
         match (self.pktinfo, local) {
             (true, Some(local)) => {
-                let fd = self.sock.as_raw_fd();
+                let fd = self.send.as_raw_fd();
                 let dest = SockaddrStorage::from(to);
-                self.sock.try_io(Interest::WRITABLE, || {
+                {
                     let iov = [IoSlice::new(data)];
                     let r = match local {
                         IpAddr::V4(l) => {
@@ -169,9 +175,9 @@ impl UdpEndpoint {
                         }
                     };
                     r.map(|_| ()).map_err(io::Error::from)
-                })
+                }
             }
-            _ => self.sock.try_send_to(data, to).map(|_| ()),
+            _ => self.send.send_to(data, to).map(|_| ()),
         }
     }
 }

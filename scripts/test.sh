@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what it needs, then runs
+# formatting, lints, unit tests, in-process integration tests and (as root) the namespace lab.
+#
+#   bash scripts/test.sh            # everything
+#   SKIP_INSTALL=1 bash scripts/test.sh   # skip apt (already installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+install_deps() {
+  [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
+  local need=()
+  for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
+              iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "missing packages: ${need[*]} (run as root, or apt-get install them)" >&2
+    else
+      log "installing ${need[*]}"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+  fi
+}
+
+install_deps
+
+log "cargo fmt --check"
+cargo fmt --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+# One debug build serves every test target; the namespace tests reuse the same binary.
+log "cargo test (unit, in-process, CLI, namespace lab when root)"
+if [ "$(id -u)" != 0 ]; then
+  echo "note: not root: the namespace tests will print 'skipped' (CI runs as root)"
+fi
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"

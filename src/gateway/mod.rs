@@ -1,0 +1,1 @@
+//! The public HTTPS gateway. (Being built.)

@@ -1,0 +1,1 @@
+//! TLS for the public listener: certificates from files or self-signed, hot reload. (Being built.)
