@@ -382,7 +382,7 @@ ratio() {
 
 # --- main ----------------------------------------------------------------------------------------
 log "lab $TAG: building namespaces"
-lab_up "$TAG"
+LAB_OWNER_PID=$$ lab_up "$TAG"
 start_servers
 log "path A: wireguard-go ↔ wireguard-go"
 run_anchor

@@ -17,6 +17,8 @@
 #   scripts/lab.sh up TAG            build namespaces mg-TAG-{client,edge,corp,model}
 #   scripts/lab.sh down TAG          delete them (idempotent) and stale wireguard-go sockets
 #   scripts/lab.sh names TAG         print the names as shell assignments
+#   scripts/lab.sh gc                take down every lab whose owner process is gone (a test run that
+#                                    was SIGKILLed cannot run its Drop guards)
 #   scripts/lab.sh wg-conf NS IF FILE [--post-up]
 #                                    configure a running wireguard-go IF in NS from a wg-quick FILE
 #                                    (wg-quick strip + wg setconf, Address, MTU, routes for AllowedIPs);
@@ -33,6 +35,8 @@
 set -euo pipefail
 
 LAB_WG_PORT=51820
+# One file per live lab, holding the PID of the process that owns it (for `gc`).
+LAB_STATE_DIR=/run/modelgate-lab
 
 lab_names() {
     local tag=$1
@@ -79,11 +83,28 @@ lab_down() {
     for ifn in "$WG_CORP" "$WG_EDGE" "$WG_ROGUE"; do
         rm -f "/var/run/wireguard/$ifn.sock"
     done
+    rm -f "$LAB_STATE_DIR/$1.owner"
+}
+
+# Takes down labs whose owner (LAB_OWNER_PID given to `up`, default the caller) has exited.
+lab_gc() {
+    local f tag owner
+    for f in "$LAB_STATE_DIR"/*.owner; do
+        [[ -e $f ]] || continue
+        tag=$(basename "$f" .owner)
+        owner=$(cat "$f")
+        if [[ ! $owner =~ ^[0-9]+$ ]] || ! kill -0 "$owner" 2>/dev/null; then
+            echo "lab: taking down $tag (owner $owner is gone)" >&2
+            lab_down "$tag"
+        fi
+    done
 }
 
 lab_up() {
     lab_names "$1"
     lab_down "$1"
+    mkdir -p "$LAB_STATE_DIR"
+    echo "${LAB_OWNER_PID:-$PPID}" >"$LAB_STATE_DIR/$1.owner"
     local ns
     for ns in "$NS_CLIENT" "$NS_EDGE" "$NS_CORP" "$NS_MODEL"; do
         ip netns add "$ns"
@@ -237,6 +258,7 @@ lab_main() {
         names) lab_print_names "$@" ;;
         wg-conf) lab_wg_conf "$@" ;;
         wg-wait-sock) lab_wg_wait_sock "$@" ;;
+        gc) lab_gc ;;
         *)
             sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
             return 2

@@ -189,6 +189,9 @@ impl Lab {
                 .expect("temp dir"),
             tag,
         };
+        // Labs left behind by a SIGKILLed run (no Drop) go first; the new one is owned by this
+        // process (lab.sh records its caller's PID).
+        lab.sh(&["gc"]);
         lab.sh(&["up", &lab.tag]);
         lab
     }
