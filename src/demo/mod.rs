@@ -2,9 +2,9 @@
 //!
 //! Starts the appliance (HTTPS on loopback with a self-signed certificate, keys, policy, the
 //! streaming proxy) and a corp WireGuard peer in the same process, each with its own boringtun
-//! + smoltcp stack, joined by a real WireGuard session over loopback UDP. The corp peer routes a
-//! "LAN" (10.20.0.0/24) where the echo model listens on 10.20.0.5:8000, exactly as a vLLM
-//! server would sit behind a corp router. Nothing here touches the host's network config.
+//! and smoltcp stack, joined by a real WireGuard session over loopback UDP. The corp peer
+//! routes a "LAN" (10.20.0.0/24) where the echo model listens on 10.20.0.5:8000, exactly as a
+//! vLLM server would sit behind a corp router. Nothing here touches the host's network config.
 
 pub mod model;
 
