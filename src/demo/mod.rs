@@ -273,9 +273,9 @@ Try it with curl (streams word by word):
 or with the openai Python SDK (pip install openai):
 
   python3 - <<'PY'
-  import httpx, openai
+  import openai
   client = openai.OpenAI(base_url="{url}", api_key="{key}",
-                         http_client=httpx.Client(verify=False))  # demo cert is self-signed
+                         http_client=openai.DefaultHttpxClient(verify=False))  # self-signed demo cert
   for chunk in client.chat.completions.create(model="echo", stream=True,
           messages=[{{"role": "user", "content": "hello from the corp network"}}]):
       if chunk.choices:
