@@ -42,8 +42,8 @@ pub struct CreateArgs {
     #[arg(value_parser = name_arg)]
     pub name: String,
     /// Models the key may use: names or globs (`*`, `?`), comma-separated. Default: all.
-    #[arg(long, value_name = "A,B*", value_parser = parse_models)]
-    pub models: Option<Vec<String>>,
+    #[arg(long, value_name = "A,B*", value_parser = models_arg)]
+    pub models: Option<List<String>>,
     /// Requests per minute (stored; enforced by the gateway).
     #[arg(long, value_name = "N", value_parser = parse_limit)]
     pub rpm: Option<u32>,
@@ -65,8 +65,8 @@ pub struct CreateArgs {
     pub allow_cidrs: Vec<IpNet>,
     /// Endpoints the key may call, comma-separated: chat_completions, completions, embeddings,
     /// responses, models. Default: all.
-    #[arg(long, value_name = "E,E", value_parser = parse_endpoints)]
-    pub endpoints: Option<Vec<Endpoint>>,
+    #[arg(long, value_name = "E,E", value_parser = endpoints_arg)]
+    pub endpoints: Option<List<Endpoint>>,
     /// Print {"id","name","secret","created_at","expires_at","policy"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -109,6 +109,19 @@ pub struct RotateArgs {
     pub json: bool,
 }
 
+/// A comma-separated flag value parsed as one list (a bare `Vec` would make clap expect the
+/// flag repeated).
+#[derive(Debug, Clone)]
+pub struct List<T>(pub Vec<T>);
+
+fn models_arg(s: &str) -> Result<List<String>, String> {
+    parse_models(s).map(List)
+}
+
+fn endpoints_arg(s: &str) -> Result<List<Endpoint>, String> {
+    parse_endpoints(s).map(List)
+}
+
 fn name_arg(s: &str) -> Result<String, String> {
     check_key_name(s)
         .map(|()| s.to_string())
@@ -148,8 +161,8 @@ fn create(config_path: &Path, a: CreateArgs) -> Result<(), CliError> {
         None => None,
     };
     let policy = KeyPolicy {
-        models: a.models.unwrap_or_default(),
-        endpoints: a.endpoints.unwrap_or_default(),
+        models: a.models.map(|l| l.0).unwrap_or_default(),
+        endpoints: a.endpoints.map(|l| l.0).unwrap_or_default(),
         expires_at,
         allow_cidrs: a.allow_cidrs,
         rpm: a.rpm,
@@ -404,5 +417,93 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     line(header.to_vec());
     for r in rows {
         line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Cli, Command};
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<KeyCommand, clap::Error> {
+        let cli = Cli::try_parse_from(["modelgate", "key"].iter().chain(args))?;
+        match cli.command {
+            Command::Key(k) => Ok(k),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_flags_parse_into_a_policy() {
+        let cmd = parse(&[
+            "create",
+            "alice",
+            "--models",
+            "a,b*",
+            "--endpoints",
+            "chat_completions,embeddings",
+            "--allow-cidr",
+            "10.0.0.0/8",
+            "--allow-cidr",
+            "::1",
+            "--rpm",
+            "1",
+            "--tpm",
+            "2",
+            "--max-concurrent",
+            "3",
+            "--budget",
+            "4/month",
+            "--expires",
+            "30d",
+            "--json",
+        ])
+        .unwrap();
+        let KeyCommand::Create(a) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(a.models.unwrap().0, vec!["a", "b*"]);
+        assert_eq!(
+            a.endpoints.unwrap().0,
+            vec![Endpoint::ChatCompletions, Endpoint::Embeddings]
+        );
+        assert_eq!(a.allow_cidrs.len(), 2);
+        assert_eq!(
+            (a.rpm, a.tpm, a.max_concurrent),
+            (Some(1), Some(2), Some(3))
+        );
+        assert_eq!(
+            a.budget,
+            Some(Budget {
+                tokens: 4,
+                period: BudgetPeriod::Month
+            })
+        );
+        assert_eq!(
+            a.expires,
+            Some(Expiry::After(Duration::from_secs(30 * 86_400)))
+        );
+        assert!(a.json);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_flag() {
+        for args in [
+            &["create", "x", "--budget", "5/week"][..],
+            &["create", "x", "--rpm=-1"],
+            &["create", "-bad"],
+            &["rotate", "x", "--grace", "later"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+        let e = parse(&["create", "x", "--budget", "5/week"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--budget") && e.contains("5/week") && e.contains("fix:"),
+            "{e}"
+        );
     }
 }
