@@ -61,6 +61,9 @@ pub struct KeyRing {
     /// The server secret's HMAC, keyed once (`None` only for the empty default ring).
     mac: Option<HmacSha256>,
     by_id: HashMap<Box<str>, Entry>,
+    /// Free-form test keys from [`KeyRing::for_tests`] that are not in the `mg_` format
+    /// (never filled from the store).
+    literals: Vec<Entry>,
 }
 
 /// Counts for logs and status.
@@ -101,42 +104,62 @@ impl KeyRing {
         Ok(KeyRing {
             mac: Some(store.server_secret().mac()),
             by_id,
+            literals: Vec::new(),
         })
     }
 
-    /// A ring without SQLite (tests, demos): `(whole key, principal)` pairs, every key active.
-    /// The principal is returned as given (set its `id` to the key's id to keep logs honest).
+    /// A ring without SQLite (tests, demos): `(key, principal)` pairs, every key active and
+    /// expiring at `principal.policy.expires_at`. The principal is returned as given (set its
+    /// `id` to the key's id to keep logs honest).
     ///
-    /// Panics on a string that is not a well-formed key: make keys with [`format::generate`].
+    /// Keys should be real ones ([`format::generate`]). Any other string is accepted too, as an
+    /// exact-match test key (compared by HMAC in constant time), so fixtures like
+    /// `"mg_test_good_key"` keep working; the store never produces such entries.
     pub fn for_tests(entries: Vec<(String, Arc<Principal>)>) -> KeyRing {
         let mac = ServerSecret::generate().mac();
-        let by_id = entries
-            .into_iter()
-            .map(|(key, principal)| {
-                let p = format::parse(&key).expect("KeyRing::for_tests: not a well-formed key");
-                let entry = Entry {
-                    hash: hash_secret(&mac, p.id(), p.secret()),
+        let mut by_id = HashMap::new();
+        let mut literals = Vec::new();
+        for (key, principal) in entries {
+            let expires_at = principal.policy.expires_at;
+            match format::parse(&key) {
+                Ok(p) => {
+                    let entry = Entry {
+                        hash: hash_secret(&mac, p.id(), p.secret()),
+                        previous: None,
+                        revoked: false,
+                        expires_at,
+                        principal,
+                    };
+                    by_id.insert(p.id().into(), entry);
+                }
+                Err(_) => literals.push(Entry {
+                    hash: hash_secret(&mac, "", &key),
                     previous: None,
                     revoked: false,
-                    expires_at: principal.policy.expires_at,
+                    expires_at,
                     principal,
-                };
-                (p.id().into(), entry)
-            })
-            .collect();
+                }),
+            }
+        }
         KeyRing {
             mac: Some(mac),
             by_id,
+            literals,
         }
+    }
+
+    /// The original name of [`KeyRing::for_tests`], kept for existing callers.
+    pub fn from_entries(entries: Vec<(String, Arc<Principal>)>) -> KeyRing {
+        KeyRing::for_tests(entries)
     }
 
     /// Number of keys by status at `now`.
     pub fn counts(&self, now: SystemTime) -> RingCounts {
         let mut c = RingCounts {
-            total: self.by_id.len(),
+            total: self.by_id.len() + self.literals.len(),
             ..RingCounts::default()
         };
-        for e in self.by_id.values() {
+        for e in self.by_id.values().chain(&self.literals) {
             if e.revoked {
                 c.revoked += 1;
             } else if e.expires_at.is_some_and(|t| now >= t) {
@@ -160,7 +183,13 @@ impl KeyRing {
         presented: &str,
         now: SystemTime,
     ) -> Result<Arc<Principal>, AuthError> {
-        let key = format::parse(presented).map_err(|_| AuthError::Malformed)?;
+        let key = match format::parse(presented) {
+            Ok(k) => k,
+            Err(_) if !self.literals.is_empty() => {
+                return self.authenticate_literal(presented, now)
+            }
+            Err(_) => return Err(AuthError::Malformed),
+        };
         let entry = self.by_id.get(key.id()).ok_or(AuthError::Unknown)?;
         let mac = self.mac.as_ref().ok_or(AuthError::Unknown)?;
         let h = hash_secret(mac, key.id(), key.secret());
@@ -172,14 +201,36 @@ impl KeyRing {
         if !bool::from(current | previous) {
             return Err(AuthError::Unknown);
         }
-        if entry.revoked {
-            return Err(AuthError::Revoked);
-        }
-        if entry.expires_at.is_some_and(|t| now >= t) {
-            return Err(AuthError::Expired);
-        }
-        Ok(entry.principal.clone())
+        admit(entry, now)
     }
+
+    /// Test rings only: free-form keys, every entry compared (no early exit).
+    fn authenticate_literal(
+        &self,
+        presented: &str,
+        now: SystemTime,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let mac = self.mac.as_ref().ok_or(AuthError::Malformed)?;
+        let h = hash_secret(mac, "", presented);
+        let mut found = None;
+        for e in &self.literals {
+            if bool::from(h.ct_eq(&e.hash)) {
+                found = Some(e);
+            }
+        }
+        admit(found.ok_or(AuthError::Malformed)?, now)
+    }
+}
+
+/// The checks after the secret matched: revoked, then expired (at `expires_at` exactly).
+fn admit(entry: &Entry, now: SystemTime) -> Result<Arc<Principal>, AuthError> {
+    if entry.revoked {
+        return Err(AuthError::Revoked);
+    }
+    if entry.expires_at.is_some_and(|t| now >= t) {
+        return Err(AuthError::Expired);
+    }
+    Ok(entry.principal.clone())
 }
 
 impl Keys {
@@ -401,6 +452,31 @@ mod tests {
             ring.authenticate(a.secret.expose(), now),
             Err(AuthError::Unknown)
         );
+    }
+
+    #[test]
+    fn free_form_test_keys() {
+        let now = SystemTime::now();
+        let ring = KeyRing::from_entries(vec![
+            ("mg_test_good_key".into(), principal("good", None)),
+            (
+                "mg_test_expired".into(),
+                principal("expired", Some(now - Duration::from_secs(1))),
+            ),
+        ]);
+        assert_eq!(
+            ring.authenticate("mg_test_good_key", now).unwrap().id,
+            "good"
+        );
+        assert_eq!(
+            ring.authenticate("mg_test_expired", now),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            ring.authenticate("mg_test_good_ke", now),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(ring.counts(now).total, 2);
     }
 
     /// Not a benchmark (debug build, shared CI machine): prints the mean so regressions show.
