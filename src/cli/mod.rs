@@ -7,6 +7,7 @@
 
 pub mod demo;
 pub mod init;
+pub mod key;
 pub mod peer;
 pub mod run;
 pub mod wgquick;
@@ -49,6 +50,9 @@ pub enum Command {
     /// Manage corp WireGuard peers (add prints their wg-quick file).
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// Manage API keys (create prints the secret once; changes reach the daemon within 1 s).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Run(run::RunArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
@@ -114,6 +118,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init(args) => init::execute(&cli.config, args),
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
+        Command::Key(cmd) => key::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
     }

@@ -1,6 +1,10 @@
-//! Per-key access policy: pure decisions with an injected clock. (Being built.)
+//! Per-key access policy: pure decisions with an injected clock.
 //!
-//! Owns "may this principal do this now?"; never does I/O and never reads a clock itself.
+//! Owns "may this principal do this now?" and the parsing of the policy flags of `modelgate key
+//! create` ([`parse`]). Never does I/O and never reads a clock itself: callers pass `now`.
+//! Rate limits, concurrency and budgets are stored here but enforced by the gateway (later).
+
+pub mod parse;
 
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -18,6 +22,51 @@ pub enum Endpoint {
     Models,
 }
 
+impl Endpoint {
+    /// Every endpoint, in the order `--endpoints` documents them.
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Models,
+    ];
+
+    /// The name used in `--endpoints`, JSON and the store (`chat_completions`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Models => "models",
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    /// Accepts the snake_case name, with `-` for `_`, in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+        Endpoint::ALL
+            .into_iter()
+            .find(|e| e.as_str() == norm)
+            .ok_or_else(|| {
+                format!(
+                    "unknown endpoint {s:?}; fix: use some of {}",
+                    Endpoint::ALL.map(Endpoint::as_str).join(",")
+                )
+            })
+    }
+}
+
 /// Token budget period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,6 +82,9 @@ pub struct Budget {
 }
 
 /// What one key may do. Empty lists mean "no restriction".
+///
+/// Stored as JSON (serde) in the key store; `expires_at` mirrors the store's `expires_at`
+/// column, which is authoritative when the key ring is loaded.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KeyPolicy {
     /// Model globs (`*` and `?`), matched against the public model name.
@@ -68,6 +120,9 @@ pub enum Deny {
 }
 
 /// Decides whether `p` may call `endpoint` for `model` from `client` at `now`.
+///
+/// A key expires at `expires_at` exactly (`now >= expires_at`). An IPv4-mapped IPv6 client
+/// (`::ffff:a.b.c.d`, what a dual-stack `[::]` listener reports) is matched as IPv4.
 pub fn check_access(
     p: &Principal,
     endpoint: Endpoint,
@@ -79,6 +134,7 @@ pub fn check_access(
     if pol.expires_at.is_some_and(|t| now >= t) {
         return Err(Deny::Expired);
     }
+    let client = client.to_canonical();
     if !pol.allow_cidrs.is_empty() && !pol.allow_cidrs.iter().any(|n| n.contains(&client)) {
         return Err(Deny::SourceNotAllowed);
     }
@@ -124,4 +180,195 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
         pi += 1;
     }
     pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn principal(policy: KeyPolicy) -> Principal {
+        Principal {
+            id: "abcdefghijkl".into(),
+            name: "alice".into(),
+            policy,
+        }
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    const T: Duration = Duration::from_secs(1_700_000_000);
+
+    #[test]
+    fn default_policy_allows_everything() {
+        let p = principal(KeyPolicy::default());
+        for e in Endpoint::ALL {
+            assert_eq!(
+                check_access(&p, e, Some("any"), ip("203.0.113.9"), UNIX_EPOCH + T),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            check_access(&p, Endpoint::Models, None, ip("::1"), UNIX_EPOCH),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn expiry_is_exclusive_at_the_instant() {
+        let at = UNIX_EPOCH + T;
+        let p = principal(KeyPolicy {
+            expires_at: Some(at),
+            ..Default::default()
+        });
+        let c = ip("127.0.0.1");
+        let e = Endpoint::ChatCompletions;
+        assert_eq!(
+            check_access(&p, e, None, c, at - Duration::from_nanos(1)),
+            Ok(())
+        );
+        assert_eq!(check_access(&p, e, None, c, at), Err(Deny::Expired));
+        assert_eq!(
+            check_access(&p, e, None, c, at + Duration::from_secs(1)),
+            Err(Deny::Expired)
+        );
+    }
+
+    #[test]
+    fn expiry_is_checked_before_everything_else() {
+        let p = principal(KeyPolicy {
+            expires_at: Some(UNIX_EPOCH),
+            models: vec!["x".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            check_access(
+                &p,
+                Endpoint::Embeddings,
+                Some("y"),
+                ip("1.1.1.1"),
+                UNIX_EPOCH + T
+            ),
+            Err(Deny::Expired)
+        );
+    }
+
+    #[test]
+    fn cidrs_v4_v6_and_mapped() {
+        let p = principal(KeyPolicy {
+            allow_cidrs: vec![
+                "198.51.100.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            ..Default::default()
+        });
+        let ok = |a: &str| check_access(&p, Endpoint::Models, None, ip(a), UNIX_EPOCH).is_ok();
+        assert!(ok("198.51.100.0"));
+        assert!(ok("198.51.100.255"));
+        assert!(!ok("198.51.101.0"));
+        assert!(!ok("198.51.99.255"));
+        assert!(ok("2001:db8::1"));
+        assert!(ok("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"));
+        assert!(!ok("2001:db9::1"));
+        // A dual-stack listener reports IPv4 clients as IPv4-mapped IPv6.
+        assert!(ok("::ffff:198.51.100.7"));
+        assert!(!ok("::ffff:198.51.101.7"));
+        assert_eq!(
+            check_access(&p, Endpoint::Models, None, ip("10.0.0.1"), UNIX_EPOCH),
+            Err(Deny::SourceNotAllowed)
+        );
+    }
+
+    #[test]
+    fn host_cidrs() {
+        let p = principal(KeyPolicy {
+            allow_cidrs: vec!["192.0.2.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+            ..Default::default()
+        });
+        let ok = |a: &str| check_access(&p, Endpoint::Models, None, ip(a), UNIX_EPOCH).is_ok();
+        assert!(ok("192.0.2.1"));
+        assert!(!ok("192.0.2.2"));
+        assert!(ok("::1"));
+        assert!(!ok("::2"));
+    }
+
+    #[test]
+    fn endpoints() {
+        let p = principal(KeyPolicy {
+            endpoints: vec![Endpoint::ChatCompletions, Endpoint::Models],
+            ..Default::default()
+        });
+        let c = ip("127.0.0.1");
+        assert!(check_access(&p, Endpoint::ChatCompletions, None, c, UNIX_EPOCH).is_ok());
+        assert!(check_access(&p, Endpoint::Models, None, c, UNIX_EPOCH).is_ok());
+        for e in [
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+            Endpoint::Responses,
+        ] {
+            assert_eq!(
+                check_access(&p, e, None, c, UNIX_EPOCH),
+                Err(Deny::EndpointNotAllowed)
+            );
+        }
+    }
+
+    #[test]
+    fn endpoint_names_round_trip() {
+        for e in Endpoint::ALL {
+            assert_eq!(e.as_str().parse::<Endpoint>(), Ok(e));
+            assert_eq!(
+                serde_json::to_string(&e).unwrap(),
+                format!("\"{}\"", e.as_str())
+            );
+        }
+        assert_eq!(
+            "Chat-Completions".parse::<Endpoint>(),
+            Ok(Endpoint::ChatCompletions)
+        );
+        assert!("chat".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn models_and_globs() {
+        let p = principal(KeyPolicy {
+            models: vec!["llama-3*".into(), "qwen?".into()],
+            ..Default::default()
+        });
+        let c = ip("127.0.0.1");
+        let e = Endpoint::ChatCompletions;
+        assert!(check_access(&p, e, Some("llama-3"), c, UNIX_EPOCH).is_ok());
+        assert!(check_access(&p, e, Some("llama-3.1-70b"), c, UNIX_EPOCH).is_ok());
+        assert!(check_access(&p, e, Some("qwen2"), c, UNIX_EPOCH).is_ok());
+        assert_eq!(
+            check_access(&p, e, Some("qwen"), c, UNIX_EPOCH),
+            Err(Deny::ModelNotAllowed("qwen".into()))
+        );
+        assert_eq!(
+            check_access(&p, e, Some("llama-2"), c, UNIX_EPOCH),
+            Err(Deny::ModelNotAllowed("llama-2".into()))
+        );
+        // No model in the request (GET /v1/models): only the other checks apply.
+        assert!(check_access(&p, Endpoint::Models, None, c, UNIX_EPOCH).is_ok());
+    }
+
+    #[test]
+    fn glob_edges() {
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "a"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*", "anything/at:all"));
+        assert!(glob_match("**", "x"));
+        assert!(glob_match("a*b*c", "abc"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("*c", "abcabc"));
+        assert!(!glob_match("?", ""));
+        assert!(glob_match("?", "é"));
+        assert!(glob_match("gpt-?o*", "gpt-4o-mini"));
+        assert!(!glob_match("gpt-4", "gpt-4o"));
+        assert!(!glob_match("GPT-4", "gpt-4"));
+        assert!(glob_match("a*a*a*a*a*b", &format!("{}b", "a".repeat(50))));
+        assert!(!glob_match("a*a*a*a*a*b", &"a".repeat(50)));
+    }
 }

@@ -1,0 +1,509 @@
+//! End-to-end tests of `modelgate key …` on temporary directories: the binary writes the store,
+//! the library's `KeyRing::load` authenticates what it printed, and a watching daemon-side
+//! `Keys` sees CLI changes within a second. Also exit codes, error lines and file modes.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use modelgate::keys::{AuthError, KeyRing, KeyStore, Keys};
+use serde_json::Value;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let state = env.state();
+        let cfg = env.config();
+        let out = env.mg(&[
+            "init",
+            "--public-endpoint",
+            "127.0.0.1:51820",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        env
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("etc/modelgate.toml")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    fn mg(&self, args: &[&str]) -> Output {
+        self.mg_env(args, &[])
+    }
+    fn mg_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_modelgate"));
+        c.args(args)
+            .env("MODELGATE_CONFIG", self.config())
+            .env_remove("MODELGATE_LOG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+    /// Runs a command that must succeed; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.mg(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    }
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+    fn ring(&self) -> KeyRing {
+        KeyRing::load(&KeyStore::open(&self.state()).unwrap()).unwrap()
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+fn secs(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v.as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn create_list_show_authenticate_revoke() {
+    let env = Env::new();
+    let out = env.mg(&[
+        "key",
+        "create",
+        "alice",
+        "--models",
+        "llama-3*,qwen2",
+        "--rpm",
+        "60",
+        "--tpm",
+        "100000",
+        "--max-concurrent",
+        "4",
+        "--budget",
+        "2000000/day",
+        "--expires",
+        "30d",
+        "--allow-cidr",
+        "203.0.113.0/24",
+        "--allow-cidr",
+        "2001:db8::/32",
+        "--endpoints",
+        "chat_completions,models",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Human output: the secret alone on stdout, the warning on stderr.
+    let secret = stdout(&out);
+    let lines: Vec<&str> = secret.lines().collect();
+    assert_eq!(lines.len(), 1, "{secret}");
+    let secret = lines[0].to_string();
+    assert!(secret.starts_with("mg_") && secret.len() == 65, "{secret}");
+    assert!(stderr(&out).contains("only once"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(&secret));
+
+    let list = env.json(&["key", "list", "--json"]);
+    let arr = list.as_array().unwrap();
+    assert_eq!(arr.len(), 1);
+    let k = &arr[0];
+    assert_eq!(k["name"], "alice");
+    assert_eq!(k["status"], "active");
+    let id = k["id"].as_str().unwrap().to_string();
+    assert_eq!(&secret[3..15], id);
+    assert!(k.get("secret").is_none());
+    let p = &k["policy"];
+    assert_eq!(p["models"], serde_json::json!(["llama-3*", "qwen2"]));
+    assert_eq!(
+        p["endpoints"],
+        serde_json::json!(["chat_completions", "models"])
+    );
+    assert_eq!(
+        p["allow_cidrs"],
+        serde_json::json!(["203.0.113.0/24", "2001:db8::/32"])
+    );
+    assert_eq!(p["rpm"], 60);
+    assert_eq!(p["tpm"], 100000);
+    assert_eq!(p["max_concurrent"], 4);
+    assert_eq!(
+        p["budget"],
+        serde_json::json!({"tokens": 2000000, "period": "day"})
+    );
+    let expires = secs(&k["expires_at"]);
+    let in_30d = SystemTime::now() + Duration::from_secs(30 * 86_400);
+    assert!(expires <= in_30d && expires > in_30d - Duration::from_secs(120));
+
+    let table = env.ok(&["key", "list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("alice") && table.contains(&id) && table.contains("active"));
+    assert!(table.contains("llama-3*,qwen2"));
+
+    let show = env.json(&["key", "show", "alice", "--json"]);
+    assert_eq!(show, *k);
+    let by_id = env.json(&["key", "show", &id, "--json"]);
+    assert_eq!(by_id, *k);
+    let human = env.ok(&["key", "show", "alice"]);
+    assert!(
+        human.contains("2000000/day") && human.contains(&id),
+        "{human}"
+    );
+    assert!(!human.contains(&secret));
+
+    // The printed secret authenticates through the store-backed ring.
+    let now = SystemTime::now();
+    let principal = env.ring().authenticate(&secret, now).unwrap();
+    assert_eq!(principal.id, id);
+    assert_eq!(principal.name, "alice");
+    assert_eq!(principal.policy.rpm, Some(60));
+    assert_eq!(
+        principal.policy.expires_at,
+        Some(expires_within_ms(&env, &id))
+    );
+
+    // Revoke without --yes and without a terminal: usage error, nothing changes.
+    let out = env.mg(&["key", "revoke", "alice"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("--yes"));
+    assert!(env.ring().authenticate(&secret, now).is_ok());
+
+    let out = env.ok(&["key", "revoke", "alice", "--yes"]);
+    assert!(out.contains("revoked") && out.contains(&id));
+    assert_eq!(
+        env.ring().authenticate(&secret, now),
+        Err(AuthError::Revoked)
+    );
+    assert_eq!(
+        env.json(&["key", "show", "alice", "--json"])["status"],
+        "revoked"
+    );
+    // Revoking again is a runtime error; the name is free again.
+    let out = env.mg(&["key", "revoke", "alice", "--yes"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+    env.ok(&["key", "create", "alice"]);
+    assert_eq!(
+        env.json(&["key", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// The exact stored expiry (the JSON shows whole seconds; the store keeps milliseconds).
+fn expires_within_ms(env: &Env, id: &str) -> SystemTime {
+    KeyStore::open(&env.state())
+        .unwrap()
+        .get(id)
+        .unwrap()
+        .expires_at
+        .unwrap()
+}
+
+#[test]
+fn create_json_shape() {
+    let env = Env::new();
+    let v = env.json(&["key", "create", "bot", "--json", "--models", "m"]);
+    for field in ["id", "name", "secret", "created_at", "expires_at", "policy"] {
+        assert!(v.get(field).is_some(), "{field} missing: {v}");
+    }
+    assert_eq!(v["name"], "bot");
+    assert_eq!(v["expires_at"], Value::Null);
+    assert_eq!(v["policy"]["models"], serde_json::json!(["m"]));
+    let secret = v["secret"].as_str().unwrap();
+    assert!(env.ring().authenticate(secret, SystemTime::now()).is_ok());
+}
+
+#[test]
+fn rotate_with_and_without_grace() {
+    let env = Env::new();
+    let old = env.json(&["key", "create", "ci", "--json"]);
+    let old = old["secret"].as_str().unwrap().to_string();
+
+    let rotated = env.json(&["key", "rotate", "ci", "--grace", "10m", "--json"]);
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(&new[..15], &old[..15], "same id");
+    let until = KeyStore::open(&env.state())
+        .unwrap()
+        .get("ci")
+        .unwrap()
+        .previous_valid_until
+        .unwrap();
+    assert_eq!(secs(&rotated["previous_valid_until"]), truncate_s(until));
+    let ring = env.ring();
+    let now = SystemTime::now();
+    assert!(ring.authenticate(&old, now).is_ok());
+    assert!(ring.authenticate(&new, now).is_ok());
+    assert!(ring
+        .authenticate(&old, until - Duration::from_millis(1))
+        .is_ok());
+    assert_eq!(ring.authenticate(&old, until), Err(AuthError::Unknown));
+    assert!(ring.authenticate(&new, until).is_ok());
+
+    // Default grace is 0: the previous secret stops at once. Human output: secret alone.
+    let out = env.mg(&["key", "rotate", "ci"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let newest = stdout(&out).trim().to_string();
+    assert!(stderr(&out).contains("no longer works"), "{}", stderr(&out));
+    let ring = env.ring();
+    assert_eq!(ring.authenticate(&new, now), Err(AuthError::Unknown));
+    assert_eq!(ring.authenticate(&old, now), Err(AuthError::Unknown));
+    assert!(ring.authenticate(&newest, now).is_ok());
+
+    let out = env.mg(&["key", "rotate", "nope"]);
+    assert_eq!(code(&out), 1);
+    let out = env.mg(&["key", "rotate", "ci", "--grace", "soon"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("--grace"), "{}", stderr(&out));
+}
+
+fn truncate_s(t: SystemTime) -> SystemTime {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs())
+}
+
+#[test]
+fn expiry() {
+    let env = Env::new();
+    let v = env.json(&["key", "create", "temp", "--expires", "1h", "--json"]);
+    let secret = v["secret"].as_str().unwrap();
+    let ring = env.ring();
+    let now = SystemTime::now();
+    assert!(ring.authenticate(secret, now).is_ok());
+    assert_eq!(
+        ring.authenticate(secret, now + Duration::from_secs(3601)),
+        Err(AuthError::Expired)
+    );
+
+    // An RFC 3339 instant, and the status a list shows once it has passed.
+    let soon = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(2));
+    let v = env.json(&[
+        "key",
+        "create",
+        "brief",
+        "--expires",
+        &soon.to_string(),
+        "--json",
+    ]);
+    let secret = v["secret"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(2100));
+    let brief = env.json(&["key", "show", "brief", "--json"]);
+    assert_eq!(brief["status"], "expired");
+    assert_eq!(
+        env.ring().authenticate(&secret, SystemTime::now()),
+        Err(AuthError::Expired)
+    );
+    // Rotating an expired key would hand out a useless secret.
+    let out = env.mg(&["key", "rotate", "brief"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("expired"));
+}
+
+#[test]
+fn file_modes() {
+    let env = Env::new();
+    env.ok(&["key", "create", "a"]);
+    assert_eq!(mode(&env.state().join("keys.db")), 0o600);
+    assert_eq!(mode(&env.state().join("keys.secret")), 0o600);
+    assert_eq!(fs::read(env.state().join("keys.secret")).unwrap().len(), 32);
+    for extra in ["keys.db-wal", "keys.db-shm"] {
+        let p = env.state().join(extra);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{extra}");
+        }
+    }
+    // A readable secret file is refused with the file name and the fix.
+    let secret_file = env.state().join("keys.secret");
+    fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = env.mg(&["key", "list"]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&secret_file.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn wrong_checksum_is_malformed() {
+    let env = Env::new();
+    let v = env.json(&["key", "create", "a", "--json"]);
+    let secret = v["secret"].as_str().unwrap();
+    let ring = env.ring();
+    let now = SystemTime::now();
+    let mut bad = secret.to_string();
+    let last = bad.pop().unwrap();
+    bad.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(ring.authenticate(&bad, now), Err(AuthError::Malformed));
+    // A typo inside the secret is caught by the checksum too, before any lookup.
+    let mut typo = secret.as_bytes().to_vec();
+    typo[30] = if typo[30] == b'x' { b'y' } else { b'x' };
+    let typo = String::from_utf8(typo).unwrap();
+    assert_eq!(ring.authenticate(&typo, now), Err(AuthError::Malformed));
+    assert!(ring.authenticate(secret, now).is_ok());
+}
+
+#[test]
+fn errors_and_exit_codes() {
+    let env = Env::new();
+    env.ok(&["key", "create", "dup"]);
+    let out = env.mg(&["key", "create", "dup"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    for (args, flag) in [
+        (vec!["--budget", "5/week"], "--budget"),
+        (vec!["--budget", "0/day"], "--budget"),
+        (vec!["--expires", "2001-01-01"], "--expires"),
+        (vec!["--expires", "whenever"], "--expires"),
+        (vec!["--rpm", "0"], "--rpm"),
+        (vec!["--tpm=-3"], "--tpm"),
+        (vec!["--max-concurrent", "x"], "--max-concurrent"),
+        (vec!["--allow-cidr", "10.0.0.0/33"], "--allow-cidr"),
+        (vec!["--endpoints", "chat"], "--endpoints"),
+        (vec!["--models", "a,,b"], "--models"),
+    ] {
+        let mut full = vec!["key", "create", "x"];
+        full.extend(&args);
+        let out = env.mg(&full);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(flag) && err.contains("fix:"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = env.mg(&["key", "create", "bad name"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("fix:"));
+
+    let out = env.mg(&["key", "show", "nobody"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("key list"), "{}", stderr(&out));
+
+    // No config file: runtime error; invalid config: 64.
+    let missing = env.dir.path().join("missing.toml");
+    let out = env.mg(&["--config", missing.to_str().unwrap(), "key", "list"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let broken = env.dir.path().join("broken.toml");
+    fs::write(&broken, "[server]\nlisten = 5\n").unwrap();
+    let out = env.mg(&["--config", broken.to_str().unwrap(), "key", "list"]);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+}
+
+#[test]
+fn secret_never_logged() {
+    let env = Env::new();
+    let out = env.mg_env(
+        &["key", "create", "a", "--json"],
+        &[("MODELGATE_LOG", "trace")],
+    );
+    assert_eq!(code(&out), 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let secret = v["secret"].as_str().unwrap();
+    let secret_part = &secret[16..59];
+    assert!(!stderr(&out).contains(secret_part));
+    for f in ["keys.db", "keys.db-wal"] {
+        let p = env.state().join(f);
+        if p.exists() {
+            let bytes = fs::read(&p).unwrap();
+            assert!(!bytes
+                .windows(secret_part.len())
+                .any(|w| w == secret_part.as_bytes()));
+        }
+    }
+}
+
+/// A change made by the CLI (another process) reaches a watching `Keys` within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_cli_changes_within_a_second() {
+    let env = Env::new();
+    let keys = Keys::new(KeyRing::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(keys.clone().watch(env.state(), stop_rx));
+
+    let wait_for = |keys: Arc<Keys>, secret: String, want: Result<(), AuthError>| async move {
+        let start = Instant::now();
+        loop {
+            let got = keys
+                .current()
+                .authenticate(&secret, SystemTime::now())
+                .map(|_| ());
+            if got == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "still {got:?} after 1 s, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+
+    let config = env.config();
+    let run = move |args: Vec<String>| {
+        let config = config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_modelgate"))
+                    .args(&args)
+                    .env("MODELGATE_CONFIG", config)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = run(vec![
+        "key".into(),
+        "create".into(),
+        "live".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let secret = v["secret"].as_str().unwrap().to_string();
+    let took = wait_for(keys.clone(), secret.clone(), Ok(())).await;
+    eprintln!("create seen after {took:?}");
+
+    let out = run(vec![
+        "key".into(),
+        "revoke".into(),
+        "live".into(),
+        "--yes".into(),
+    ])
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let took = wait_for(keys.clone(), secret, Err(AuthError::Revoked)).await;
+    eprintln!("revoke seen after {took:?}");
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .expect("watch stops when told")
+        .unwrap();
+}
