@@ -8,6 +8,7 @@
 pub mod init;
 pub mod peer;
 pub mod run;
+pub mod upstream;
 pub mod wgquick;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +49,9 @@ pub enum Command {
     /// Manage corp WireGuard peers (add prints their wg-quick file).
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// Manage the model servers inside the tunnel and their model routes.
+    #[command(subcommand)]
+    Upstream(upstream::UpstreamCommand),
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Run(run::RunArgs),
 }
@@ -111,6 +115,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init(args) => init::execute(&cli.config, args),
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
+        Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
     }
 }
