@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod fsutil;
 pub mod gateway;
 pub mod keys;

@@ -5,6 +5,7 @@
 //! One file per verb group; [`wgquick`] renders the corp-side file. Never logs secrets, never
 //! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
 
+pub mod demo;
 pub mod init;
 pub mod peer;
 pub mod run;
@@ -54,13 +55,15 @@ pub enum Command {
     Upstream(upstream::UpstreamCommand),
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Run(run::RunArgs),
+    /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
+    Demo(demo::DemoArgs),
 }
 
 impl Command {
     /// True for the long-running daemon (logs go to stdout for journald); CLI verbs keep stdout
     /// for their output (wg-quick files, JSON) and log to stderr.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Run(_))
+        matches!(self, Command::Run(_) | Command::Demo(_))
     }
 }
 
@@ -117,6 +120,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
         Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
+        Command::Demo(args) => demo::execute(args),
     }
 }
 

@@ -1,1 +1,208 @@
-//! The public HTTPS gateway. (Being built.)
+//! The public HTTPS gateway: one port, TLS (rustls), HTTP/1.1 and HTTP/2, OpenAI's API.
+//!
+//! Owns accepting connections, the per-request path (auth → policy → route → stream) and the
+//! OpenAI-shaped errors. Every capacity and timeout is a setting. The TLS handshake runs in the
+//! connection's own task, never in the accept loop; a connection permit is taken before
+//! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
+
+pub mod error;
+pub mod proxy;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, options, post};
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::keys::Keys;
+use crate::netstack::Netstack;
+use crate::policy::Endpoint;
+use upstream::{Routes, UpstreamClient, UpstreamSpec};
+
+/// Limits and timeouts of the public listener (config `[gateway]`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub tls_handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub upstream_response_timeout: Duration,
+    pub sse_keepalive: Duration,
+    pub drain_timeout: Duration,
+    pub discovery_interval: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            max_body_bytes: 32 << 20,
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            upstream_response_timeout: Duration::from_secs(600),
+            sse_keepalive: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(30),
+            discovery_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The client's TCP address (never a forwarded header), set per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Shared by every request.
+pub struct GatewayState {
+    pub keys: Arc<Keys>,
+    pub routes: Arc<Routes>,
+    pub client: UpstreamClient,
+    pub settings: GatewaySettings,
+}
+
+impl GatewayState {
+    pub fn new(
+        keys: Arc<Keys>,
+        netstack: Netstack,
+        upstreams: Vec<UpstreamSpec>,
+        settings: GatewaySettings,
+    ) -> Arc<GatewayState> {
+        Arc::new(GatewayState {
+            keys,
+            routes: Arc::new(Routes::new(upstreams)),
+            client: upstream::client(netstack),
+            settings,
+        })
+    }
+
+    /// Starts model discovery for upstreams without static routes.
+    pub fn spawn_discovery(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(upstream::discover_loop(
+            self.routes.clone(),
+            self.client.clone(),
+            self.settings.discovery_interval,
+            stop,
+        ))
+    }
+}
+
+/// The HTTP routes. Cursor appends `/chat/completions` to whatever base URL the user typed,
+/// so the paths are served with and without the `/v1` prefix.
+pub fn router(state: Arc<GatewayState>) -> Router {
+    // CORS preflight (OPTIONS) is answered on every path without auth.
+    let post_ep = |ep: Endpoint| {
+        post(proxy::forward)
+            .layer(Extension(ep))
+            .options(proxy::preflight)
+    };
+    let models = || get(proxy::list_models).options(proxy::preflight);
+    let mut r = Router::new()
+        .route("/healthz", get(proxy::healthz))
+        .route("/v1/models", models())
+        .route("/models", models());
+    for (path, ep) in [
+        ("chat/completions", Endpoint::ChatCompletions),
+        ("completions", Endpoint::Completions),
+        ("embeddings", Endpoint::Embeddings),
+        ("responses", Endpoint::Responses),
+    ] {
+        r = r
+            .route(&format!("/v1/{path}"), post_ep(ep))
+            .route(&format!("/{path}"), post_ep(ep));
+    }
+    r.route("/{*rest}", options(proxy::preflight))
+        .route("/", options(proxy::preflight))
+        .fallback(proxy::not_found)
+        .with_state(state)
+}
+
+/// Serves HTTPS on `listener` until `stop` turns true, then drains for `drain_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    settings: GatewaySettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(settings.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone().layer(Extension(ClientAddr(peer)));
+        let builder = builder.clone();
+        let hs_timeout = settings.tls_handshake_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = TowerToHyperService::new(app);
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("HTTPS listener closed; draining open requests");
+    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(
+            timeout = ?settings.drain_timeout,
+            "drain timeout reached with connections still open; closing them"
+        ),
+    }
+}

@@ -24,6 +24,11 @@ use crate::wgkey::{PrivateKey, PublicKey};
 /// per-device figure; under load a peer must prove its address first, WireGuard paper §V-D).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
+/// A dialling peer with keepalives re-handshakes at least every REKEY_AFTER_TIME (120 s) while
+/// it sends anything (keepalives included); 300 s without one means it is gone (WireGuard
+/// paper §6.1 timers).
+pub const PEER_STALE_AFTER: Duration = Duration::from_secs(300);
+
 /// Largest buffer a datagram or an inner packet may need (IPv4/IPv6 total length is 16 bits).
 pub const MAX_PACKET: usize = 65_536 + 64;
 
@@ -184,10 +189,25 @@ impl WgCore {
     }
 
     /// Whether a packet to `dst` could leave now (for fast, clear dial errors).
+    ///
+    /// A peer that dials us (no configured endpoint) counts as down when it has never completed
+    /// a handshake or its last one is older than [`PEER_STALE_AFTER`]: its NAT mapping is likely
+    /// gone and only it can bring the tunnel back, so callers fail at once (HTTP 503) instead
+    /// of waiting out a connect timeout.
     pub fn check_route(&self, dst: IpAddr) -> Result<(), RouteError> {
         let pos = self.route(dst).ok_or(RouteError::NoRoute)?;
-        if self.peers[pos].endpoint.is_none() {
+        let peer = &self.peers[pos];
+        if peer.endpoint.is_none() {
             return Err(RouteError::NoEndpoint);
+        }
+        if peer.spec.endpoint.is_none() {
+            let fresh = peer
+                .tunn
+                .time_since_last_handshake()
+                .is_some_and(|age| age <= PEER_STALE_AFTER);
+            if !fresh {
+                return Err(RouteError::NoEndpoint);
+            }
         }
         Ok(())
     }

@@ -1,0 +1,290 @@
+//! `modelgate demo`: the whole product on one machine, no root and no setup.
+//!
+//! Starts the appliance (HTTPS on loopback with a self-signed certificate, keys, policy, the
+//! streaming proxy) and a corp WireGuard peer in the same process, each with its own boringtun
+//! and smoltcp stack, joined by a real WireGuard session over loopback UDP. The corp peer
+//! routes a "LAN" (10.20.0.0/24) where the echo model listens on 10.20.0.5:8000, exactly as a
+//! vLLM server would sit behind a corp router. Nothing here touches the host's network config.
+
+pub mod model;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::gateway::upstream::UpstreamSpec;
+use crate::gateway::{self, GatewaySettings, GatewayState};
+use crate::keys::Keys;
+use crate::netstack::{Netstack, NetstackConfig, TcpTuning};
+use crate::tunnel::PeerSpec;
+use crate::wgkey::PrivateKey;
+use model::EchoModel;
+
+/// Options of `modelgate demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// HTTPS listener; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Run one streamed chat through the full path, print it, and exit.
+    pub check: bool,
+}
+
+/// A running demo: its public URL and key.
+pub struct Demo {
+    pub addr: SocketAddr,
+    pub key: String,
+    pub model: EchoModel,
+    pub client_tls: Arc<rustls::ClientConfig>,
+    stop: watch::Sender<bool>,
+    state_dir: std::path::PathBuf,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+const CORP_LAN_MODEL: &str = "10.20.0.5:8000";
+
+/// Starts everything and returns once the model has been discovered through the tunnel.
+pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
+    let state_dir = std::env::temp_dir().join(format!("modelgate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir)?;
+    let appliance_key = PrivateKey::generate();
+    let corp_key = PrivateKey::generate();
+    let appliance = Netstack::start(NetstackConfig {
+        private_key: appliance_key.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        addresses: vec!["10.99.0.1/24".parse()?],
+        peers: vec![PeerSpec {
+            name: "corp".into(),
+            public_key: corp_key.public_key(),
+            allowed_ips: vec!["10.99.0.2/32".parse()?, "10.20.0.0/24".parse()?],
+            keepalive: None,
+            endpoint: None,
+        }],
+        mtu: 1420,
+        tcp: TcpTuning::default(),
+    })?;
+    // The corp side dials out to the appliance, like wg-quick with the file `peer add` prints.
+    let corp = Netstack::start(NetstackConfig {
+        private_key: corp_key,
+        listen: "127.0.0.1:0".parse()?,
+        addresses: vec!["10.99.0.2/24".parse()?, "10.20.0.5/24".parse()?],
+        peers: vec![PeerSpec {
+            name: "appliance".into(),
+            public_key: appliance_key.public_key(),
+            allowed_ips: vec!["10.99.0.1/32".parse()?],
+            keepalive: Some(25),
+            endpoint: Some(appliance.udp_addr()),
+        }],
+        mtu: 1420,
+        tcp: TcpTuning::default(),
+    })?;
+    let model = EchoModel::new("echo", Duration::from_millis(40));
+    let mut listener = corp
+        .listen(8000)
+        .await
+        .map_err(|e| anyhow::anyhow!("demo model: {e}"))?;
+    let m = model.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(m.clone().serve_connection(s));
+        }
+    });
+
+    let (keys, key) = demo_keys(&state_dir)?;
+    let (server_tls, client_tls) = self_signed(&state_dir)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = GatewayState::new(
+        keys,
+        appliance.clone(),
+        vec![UpstreamSpec {
+            name: "corp-model".into(),
+            addr: CORP_LAN_MODEL.parse()?,
+            base_path: "/v1".into(),
+            api_key: None,
+            models: vec![],
+        }],
+        GatewaySettings {
+            discovery_interval: Duration::from_secs(10),
+            ..GatewaySettings::default()
+        },
+    );
+    state.spawn_discovery(stop_rx.clone());
+    let tcp = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {listen}: {e}; fix: pass a free address with --listen, e.g. --listen 127.0.0.1:0")
+    })?;
+    let addr = tcp.local_addr()?;
+    tokio::spawn(gateway::serve(
+        tcp,
+        server_tls,
+        gateway::router(state.clone()),
+        GatewaySettings::default(),
+        stop_rx.clone(),
+    ));
+    // Keep the corp side alive as long as the demo runs.
+    let mut stop_corp = stop_rx.clone();
+    tokio::spawn(async move {
+        let _ = stop_corp.changed().await;
+        corp.shutdown().await;
+        appliance.shutdown().await;
+    });
+    // Wait (bounded) until the model is known through the tunnel.
+    for _ in 0..100 {
+        if state.routes.route("echo").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Demo {
+        addr,
+        key,
+        model,
+        client_tls,
+        stop: stop_tx,
+        state_dir,
+    })
+}
+
+/// The demo's key store and one key for the user.
+fn demo_keys(_state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)> {
+    let key = format!(
+        "mg_demo_{}",
+        crate::wgkey::PrivateKey::generate()
+            .public_key()
+            .to_base64()
+            .replace(['+', '/', '='], "")
+    );
+    let principal = Arc::new(crate::policy::Principal {
+        id: "demo".into(),
+        name: "demo".into(),
+        policy: crate::policy::KeyPolicy::default(),
+    });
+    Ok((
+        Keys::new(crate::keys::KeyRing::from_entries(vec![(
+            key.clone(),
+            principal,
+        )])),
+        key,
+    ))
+}
+
+/// A certificate for `localhost` and a client config that trusts it (for `--check`).
+fn self_signed(
+    _state_dir: &std::path::Path,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// One streamed chat through the public HTTPS port; returns the assembled text.
+pub async fn check(demo: &Demo, prompt: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(demo.addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(demo.client_tls.clone())
+        .connect("localhost".try_into()?, tcp)
+        .await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "model": "echo", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": prompt}]
+    });
+    let req = hyper::Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", demo.key))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))?;
+    let resp = send.send_request(req).await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let b = resp.into_body().collect().await?.to_bytes();
+        anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&b));
+    }
+    let raw = resp.into_body().collect().await?.to_bytes();
+    let mut text = String::new();
+    for line in String::from_utf8_lossy(&raw).lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(s) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(s);
+        }
+    }
+    Ok(text)
+}
+
+/// `modelgate demo`: start, print how to use it, run until Ctrl-C (or `--check`).
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let demo = start(opts.listen).await?;
+    let port = demo.addr.port();
+    let url = format!("https://localhost:{port}/v1");
+    if opts.check {
+        let text = check(&demo, "hello from the corp network").await?;
+        println!("demo check: streamed through HTTPS → auth → WireGuard → model: {text:?}");
+        anyhow::ensure!(
+            text == "hello from the corp network",
+            "unexpected reply {text:?}"
+        );
+        return Ok(());
+    }
+    let key = &demo.key;
+    println!(
+        r#"modelgate demo is running. Ctrl-C stops it.
+
+  HTTPS    {url}   (self-signed certificate for localhost)
+  API key  {key}
+  tunnel   appliance 10.99.0.1  <== WireGuard (boringtun, userspace) ==>  corp peer 10.99.0.2
+  model    "echo" at 10.20.0.5:8000 on the corp LAN, reachable only through the tunnel
+
+Try it with curl (streams word by word):
+
+  curl -sN -k {url}/chat/completions \
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \
+    -d '{{"model":"echo","stream":true,"messages":[{{"role":"user","content":"hello from the corp network"}}]}}'
+
+or with the openai Python SDK (pip install openai):
+
+  python3 - <<'PY'
+  import openai
+  client = openai.OpenAI(base_url="{url}", api_key="{key}",
+                         http_client=openai.DefaultHttpxClient(verify=False))  # self-signed demo cert
+  for chunk in client.chat.completions.create(model="echo", stream=True,
+          messages=[{{"role": "user", "content": "hello from the corp network"}}]):
+      if chunk.choices:
+          print(chunk.choices[0].delta.content or "", end="", flush=True)
+  print()
+  PY
+"#
+    );
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! The request path: authenticate, check policy, route, forward, stream the answer back.
+//!
+//! Nothing reaches a model server before the key and its policy have said yes. The response
+//! body is passed through frame by frame (no buffering), SSE keep-alive comments fill silences
+//! at event boundaries, and dropping the client's response drops the upstream connection at
+//! once (the netstack resets it, so the model stops generating).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::value::RawValue;
+use tokio::time::Sleep;
+
+use super::error::ApiError;
+use super::{ClientAddr, GatewayState};
+use crate::policy::{self, Endpoint, Principal};
+
+/// The `Authorization: Bearer` key, or why there is none.
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let v = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::MissingKey)?
+        .to_str()
+        .map_err(|_| ApiError::MissingKey)?;
+    let (scheme, key) = v.split_once(' ').ok_or(ApiError::MissingKey)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::MissingKey);
+    }
+    Ok(key.trim())
+}
+
+fn authenticate(state: &GatewayState, headers: &HeaderMap) -> Result<Arc<Principal>, ApiError> {
+    let key = bearer(headers)?;
+    state
+        .keys
+        .current()
+        .authenticate(key, SystemTime::now())
+        .map_err(ApiError::Unauthorized)
+}
+
+/// `GET /v1/models`: only the models this key may use.
+pub async fn list_models(
+    State(state): State<Arc<GatewayState>>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let principal = match authenticate(&state, &headers) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(d) = policy::check_access(
+        &principal,
+        Endpoint::Models,
+        None,
+        client.ip(),
+        SystemTime::now(),
+    ) {
+        return ApiError::Forbidden(d).into_response();
+    }
+    let data: Vec<serde_json::Value> = state
+        .routes
+        .models()
+        .into_iter()
+        .filter(|(m, _)| policy::model_allowed(&principal.policy, m))
+        .map(|(id, _)| {
+            serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "modelgate"})
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"object": "list", "data": data}).to_string(),
+    )
+        .into_response()
+}
+
+/// Which upstream path each endpoint maps to.
+fn suffix(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "chat/completions",
+        Endpoint::Completions => "completions",
+        Endpoint::Embeddings => "embeddings",
+        Endpoint::Responses => "responses",
+        Endpoint::Models => "models",
+    }
+}
+
+/// What one request looked like, for the audit line. Never the prompt or completion.
+struct Audit {
+    started: Instant,
+    key_id: String,
+    key_name: String,
+    client: SocketAddr,
+    endpoint: Endpoint,
+    model: String,
+    upstream: String,
+    status: u16,
+    bytes_in: usize,
+    bytes_out: u64,
+    ttfb: Option<Duration>,
+    /// Tail of the response, where usage sits (last SSE chunk or end of the JSON).
+    tail: Vec<u8>,
+}
+
+const AUDIT_TAIL: usize = 4096;
+
+impl Audit {
+    fn finish(&self, outcome: &str) {
+        let usage = find_usage(&self.tail);
+        tracing::info!(
+            target: "audit",
+            key_id = %self.key_id,
+            key = %self.key_name,
+            client = %self.client.ip(),
+            endpoint = suffix(self.endpoint),
+            model = %self.model,
+            upstream = %self.upstream,
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            prompt_tokens = usage.map(|u| u.0),
+            completion_tokens = usage.map(|u| u.1),
+            ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            outcome,
+            "request"
+        );
+    }
+}
+
+/// `(prompt_tokens, completion_tokens)` of the last `"usage"` object in `tail`, if any.
+pub fn find_usage(tail: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(tail).ok().or_else(|| {
+        // The tail may start mid-character; skip to the first valid boundary.
+        (1..4).find_map(|i| std::str::from_utf8(tail.get(i..)?).ok())
+    })?;
+    let at = text.rfind("\"usage\"")?;
+    let rest = &text[at..];
+    let num = |field: &str| -> Option<u64> {
+        let i = rest.find(field)? + field.len();
+        let after = rest[i..].trim_start().strip_prefix(':')?.trim_start();
+        let end = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        after[..end].parse().ok()
+    };
+    Some((
+        num("\"prompt_tokens\"")?,
+        num("\"completion_tokens\"").unwrap_or(0),
+    ))
+}
+
+/// The POST endpoints: chat/completions, completions, embeddings, responses.
+pub async fn forward(
+    State(state): State<Arc<GatewayState>>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    Extension(endpoint): Extension<Endpoint>,
+    req: Request<Body>,
+) -> Response {
+    let started = Instant::now();
+    match forward_inner(&state, client, endpoint, req, started).await {
+        Ok(r) => r,
+        Err((e, principal, model)) => {
+            // Refusals are logged like any request, with what we know.
+            tracing::info!(
+                target: "audit",
+                key_id = principal.as_ref().map(|p| p.id.as_str()).unwrap_or("-"),
+                client = %client.ip(),
+                endpoint = suffix(endpoint),
+                model = model.as_deref().unwrap_or("-"),
+                status = e.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                outcome = ?e,
+                "request refused"
+            );
+            e.into_response()
+        }
+    }
+}
+
+type Refusal = (ApiError, Option<Arc<Principal>>, Option<String>);
+
+async fn forward_inner(
+    state: &GatewayState,
+    client: SocketAddr,
+    endpoint: Endpoint,
+    req: Request<Body>,
+    started: Instant,
+) -> Result<Response, Refusal> {
+    let principal = authenticate(state, req.headers()).map_err(|e| (e, None, None))?;
+    let limit = state.settings.max_body_bytes;
+    let refuse = |e: ApiError, model: Option<String>| (e, Some(principal.clone()), model);
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(refuse(ApiError::PayloadTooLarge(limit as u64), None));
+        }
+    }
+    let accept = req.headers().get(header::ACCEPT).cloned();
+    let body = match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let err = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::PayloadTooLarge(limit as u64)
+            } else {
+                ApiError::BadRequest("could not read the request body".into())
+            };
+            return Err(refuse(err, None));
+        }
+    };
+    // Parse the top level only: values stay raw, so unknown fields pass through untouched.
+    let raw: indexmap_free::Fields = serde_json::from_slice(&body).map_err(|e| {
+        refuse(
+            ApiError::BadRequest(format!("The request body is not a JSON object: {e}")),
+            None,
+        )
+    })?;
+    let model = raw
+        .get("model")
+        .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+        .ok_or_else(|| {
+            refuse(
+                ApiError::BadRequest("you must provide a model parameter".into()),
+                None,
+            )
+        })?;
+    if let Err(d) = policy::check_access(
+        &principal,
+        endpoint,
+        Some(&model),
+        client.ip(),
+        SystemTime::now(),
+    ) {
+        return Err(refuse(ApiError::Forbidden(d), Some(model)));
+    }
+    let Some((upstream, upstream_model)) = state.routes.route(&model) else {
+        return Err(refuse(ApiError::ModelNotFound(model.clone()), Some(model)));
+    };
+    // Rewrite the model only for aliases; otherwise forward the client's bytes as they are.
+    let out_body = if upstream_model != model {
+        let mut raw = raw;
+        let v = RawValue::from_string(serde_json::to_string(&upstream_model).unwrap_or_default())
+            .map_err(|_| {
+            refuse(
+                ApiError::BadRequest("bad model".into()),
+                Some(model.clone()),
+            )
+        })?;
+        raw.insert("model".to_string(), v);
+        Bytes::from(serde_json::to_vec(&raw).unwrap_or_default())
+    } else {
+        body.clone()
+    };
+
+    let uri = upstream
+        .uri(suffix(endpoint))
+        .map_err(|e| refuse(e, Some(model.clone())))?;
+    let mut up = hyper::Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::ACCEPT,
+            accept.unwrap_or(HeaderValue::from_static("*/*")),
+        );
+    if let Some(k) = &upstream.spec.api_key {
+        up = up.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let up = up.body(Full::new(out_body)).map_err(|_| {
+        refuse(
+            ApiError::BadRequest("bad request".into()),
+            Some(model.clone()),
+        )
+    })?;
+    let resp = super::upstream::send(&state.client, up, state.settings.upstream_response_timeout)
+        .await
+        .map_err(|e| refuse(e, Some(model.clone())))?;
+
+    let status = resp.status();
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut builder = Response::builder().status(status);
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = resp.headers().get(&name) {
+            builder = builder.header(name, v);
+        }
+    }
+    if sse {
+        // Ask reverse proxies in front of us (and Cursor's) not to buffer the stream.
+        builder = builder.header("x-accel-buffering", "no");
+    }
+    let audit = Audit {
+        started,
+        key_id: principal.id.clone(),
+        key_name: principal.name.clone(),
+        client,
+        endpoint,
+        model,
+        upstream: upstream.spec.name.clone(),
+        status: status.as_u16(),
+        bytes_in: body.len(),
+        bytes_out: 0,
+        ttfb: None,
+        tail: Vec::new(),
+    };
+    let body = ProxyBody {
+        inner: resp.into_body(),
+        keepalive: if sse {
+            Some(state.settings.sse_keepalive)
+        } else {
+            None
+        },
+        timer: None,
+        at_boundary: true,
+        audit: Some(audit),
+        done: false,
+    };
+    builder
+        .body(Body::new(body))
+        .map_err(|_| (ApiError::BadGateway("bad response".into()), None, None))
+}
+
+mod indexmap_free {
+    /// Top-level JSON object with raw values, in the client's order, so re-serialising
+    /// changes nothing but what we edit.
+    pub type Fields = indexmap::IndexMap<String, Box<serde_json::value::RawValue>>;
+}
+
+/// The upstream body on its way to the client: counts bytes, remembers the tail for usage,
+/// inserts SSE comments during silences, and writes the audit line when it ends or is dropped.
+struct ProxyBody {
+    inner: Incoming,
+    keepalive: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The bytes sent so far end at an SSE event boundary (a blank line).
+    at_boundary: bool,
+    audit: Option<Audit>,
+    done: bool,
+}
+
+impl ProxyBody {
+    fn record(&mut self, data: &Bytes) {
+        if let Some(a) = &mut self.audit {
+            if a.ttfb.is_none() {
+                a.ttfb = Some(a.started.elapsed());
+            }
+            a.bytes_out += data.len() as u64;
+            if data.len() >= AUDIT_TAIL {
+                a.tail.clear();
+                a.tail.extend_from_slice(&data[data.len() - AUDIT_TAIL..]);
+            } else {
+                let overflow = (a.tail.len() + data.len()).saturating_sub(AUDIT_TAIL);
+                a.tail.drain(..overflow);
+                a.tail.extend_from_slice(data);
+            }
+        }
+        if !data.is_empty() {
+            self.at_boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+        }
+    }
+
+    fn finish(&mut self, outcome: &str) {
+        if let Some(a) = self.audit.take() {
+            a.finish(outcome);
+        }
+    }
+}
+
+impl HttpBody for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    self.record(&data);
+                }
+                if let Some(k) = self.keepalive {
+                    self.timer = Some(Box::pin(tokio::time::sleep(k)));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                self.finish("upstream_error");
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                self.finish("ok");
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(k) = self.keepalive else {
+                    return Poll::Pending;
+                };
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(k)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.timer = Some(Box::pin(tokio::time::sleep(k)));
+                    if self.at_boundary {
+                        // An SSE comment line: clients ignore it, proxies see traffic.
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                            b": keep-alive\n\n",
+                        )))));
+                    }
+                    // Mid-event: a comment here would corrupt the event; wait for its end.
+                    let _ = self.timer.as_mut().map(|t| t.as_mut().poll(cx));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.keepalive.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // Dropping `inner` closes the upstream connection; the netstack resets it.
+        self.finish("client_disconnected");
+    }
+}
+
+/// `GET /healthz`, no auth.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// CORS preflight, no auth (browsers and some clients send it before the real request).
+pub async fn preflight(headers: HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    let origin = headers
+        .get(header::ORIGIN)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("*"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        headers
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("authorization, content-type")),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    resp
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_found_in_sse_and_json_tails() {
+        let sse = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19}}\n\ndata: [DONE]\n\n";
+        assert_eq!(find_usage(sse), Some((12, 7)));
+        let json = br#"{"id":"x","usage": {"prompt_tokens": 3, "total_tokens": 3}}"#;
+        assert_eq!(find_usage(json), Some((3, 0)));
+        assert_eq!(find_usage(b"data: [DONE]\n\n"), None);
+        assert_eq!(find_usage(&[0xff, 0xfe, b'x']), None);
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Err(ApiError::MissingKey));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mg_abc"),
+        );
+        assert_eq!(bearer(&h), Ok("mg_abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  mg_abc "),
+        );
+        assert_eq!(bearer(&h), Ok("mg_abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9v"),
+        );
+        assert_eq!(bearer(&h), Err(ApiError::MissingKey));
+    }
+}

@@ -1,0 +1,325 @@
+//! Upstream model servers inside the tunnel: a pooled HTTP/1.1 client whose connections are
+//! [`TunnelStream`]s, the model → upstream route table, and model discovery.
+//!
+//! Owns every byte that goes to a model server. It never forwards the client's credentials:
+//! requests are built from scratch with only the headers the model needs, plus the upstream's
+//! own API key when one is configured.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::error::ApiError;
+use crate::netstack::{NetError, Netstack, TunnelStream};
+
+/// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Path prefix of the OpenAI API on that server, e.g. `/v1`.
+    pub base_path: String,
+    /// Sent as `Authorization: Bearer` to the model server (never the client's key).
+    pub api_key: Option<String>,
+    /// Static routes: (public model name, upstream model id). Empty: discover.
+    pub models: Vec<(String, String)>,
+}
+
+/// A model server and what we know about it.
+#[derive(Debug)]
+pub struct Upstream {
+    pub spec: UpstreamSpec,
+    discovered: RwLock<Vec<String>>,
+    reachable: AtomicBool,
+}
+
+impl Upstream {
+    pub fn new(spec: UpstreamSpec) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            spec,
+            discovered: RwLock::new(Vec::new()),
+            reachable: AtomicBool::new(false),
+        })
+    }
+
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn discovered(&self) -> Vec<String> {
+        self.discovered
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `http://IP:PORT/v1/<suffix>`.
+    pub fn uri(&self, suffix: &str) -> Result<Uri, ApiError> {
+        format!(
+            "http://{}{}/{}",
+            self.spec.addr,
+            self.spec.base_path.trim_end_matches('/'),
+            suffix
+        )
+        .parse()
+        .map_err(|_| ApiError::BadGateway("invalid upstream URL".into()))
+    }
+}
+
+/// Routes public model names to upstreams. Static routes win over discovered ones.
+pub struct Routes {
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Routes {
+    pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
+        Routes {
+            upstreams: specs.into_iter().map(Upstream::new).collect(),
+        }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// The upstream serving `model` and the model id to send it.
+    pub fn route(&self, model: &str) -> Option<(Arc<Upstream>, String)> {
+        for u in &self.upstreams {
+            if let Some((_, id)) = u.spec.models.iter().find(|(public, _)| public == model) {
+                return Some((u.clone(), id.clone()));
+            }
+        }
+        for u in &self.upstreams {
+            if u.spec.models.is_empty() && u.discovered().iter().any(|m| m == model) {
+                return Some((u.clone(), model.to_string()));
+            }
+        }
+        None
+    }
+
+    /// Every public model name with its upstream's name, sorted.
+    pub fn models(&self) -> Vec<(String, String)> {
+        let mut out = BTreeMap::new();
+        for u in &self.upstreams {
+            if u.spec.models.is_empty() {
+                for m in u.discovered() {
+                    out.entry(m).or_insert_with(|| u.spec.name.clone());
+                }
+            } else {
+                for (public, _) in &u.spec.models {
+                    out.insert(public.clone(), u.spec.name.clone());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// hyper connector that dials through the userspace tunnel.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    ns: Netstack,
+}
+
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = TunnelIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<TunnelIo, io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let ns = self.ns.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "upstream must be IP:PORT")
+                })?;
+            let stream = ns.dial(addr).await?;
+            Ok(TunnelIo(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// A tunnel stream as hyper's client wants it.
+pub struct TunnelIo(TokioIo<TunnelStream>);
+
+impl Connection for TunnelIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
+
+/// Pooled keep-alive HTTP/1.1 connections to the model servers, through the tunnel.
+pub fn client(ns: Netstack) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // Below vLLM/uvicorn's 5 s keep-alive so we never reuse a connection it is closing.
+        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_max_idle_per_host(256)
+        .build(TunnelConnector { ns })
+}
+
+/// Maps a client error to what the caller is told, keeping the tunnel's reason.
+pub fn classify(e: &hyper_util::client::legacy::Error) -> ApiError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if let Some(n) = NetError::of(io) {
+                return ApiError::from_net(n);
+            }
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        ApiError::BadGateway("cannot connect to the model server".into())
+    } else {
+        ApiError::BadGateway("the model server closed the connection".into())
+    }
+}
+
+/// Sends `req` and waits for the response head, bounded by `timeout`.
+pub async fn send(
+    client: &UpstreamClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ApiError> {
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(ApiError::GatewayTimeout),
+        Ok(Err(e)) => Err(classify(&e)),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// Refreshes the model lists of upstreams without static routes, forever: quickly until the
+/// first answer, then every `every`.
+pub async fn discover_loop(
+    routes: Arc<Routes>,
+    client: UpstreamClient,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let mut all_known = true;
+        for u in routes.upstreams() {
+            let ok = refresh(u, &client).await;
+            u.reachable.store(ok, Ordering::Relaxed);
+            if !ok && u.spec.models.is_empty() {
+                all_known = false;
+            }
+        }
+        let wait = if all_known {
+            every
+        } else {
+            Duration::from_secs(2)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
+    let Ok(uri) = u.uri("models") else {
+        return false;
+    };
+    let mut req = Request::get(uri);
+    if let Some(k) = &u.spec.api_key {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+        return false;
+    };
+    let resp = match send(client, req, Duration::from_secs(10)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(upstream = %u.spec.name, error = ?e, "model discovery failed");
+            return false;
+        }
+    };
+    if !resp.status().is_success() {
+        tracing::warn!(upstream = %u.spec.name, status = %resp.status(), "GET /models failed");
+        return false;
+    }
+    // A model list is small; cap it anyway.
+    let body = match http_body_util::Limited::new(resp.into_body(), 4 << 20)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return false,
+    };
+    #[derive(serde::Deserialize)]
+    struct List {
+        data: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        id: String,
+    }
+    match serde_json::from_slice::<List>(&body) {
+        Ok(list) => {
+            if u.spec.models.is_empty() {
+                let ids: Vec<String> = list.data.into_iter().map(|i| i.id).collect();
+                let mut cur = u.discovered.write().unwrap_or_else(|p| p.into_inner());
+                if *cur != ids {
+                    tracing::info!(upstream = %u.spec.name, models = ?ids, "models discovered");
+                    *cur = ids;
+                }
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(upstream = %u.spec.name, error = %e, "GET /models returned an unexpected body");
+            false
+        }
+    }
+}

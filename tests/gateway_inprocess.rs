@@ -1,0 +1,477 @@
+//! The gateway end to end in one process: HTTPS (rustls) on loopback, keys and policy, routing,
+//! and a real WireGuard tunnel (two netstacks over loopback UDP) to the echo model. No root.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use modelgate::demo::model::EchoModel;
+use modelgate::gateway::upstream::UpstreamSpec;
+use modelgate::gateway::{self, GatewaySettings, GatewayState};
+use modelgate::keys::{KeyRing, Keys};
+use modelgate::netstack::{Netstack, NetstackConfig, TcpTuning};
+use modelgate::policy::{KeyPolicy, Principal};
+use modelgate::tunnel::PeerSpec;
+use modelgate::wgkey::PrivateKey;
+use tokio::sync::watch;
+
+const GOOD: &str = "mg_test_good_key";
+const LIMITED: &str = "mg_test_limited_key";
+const EXPIRED: &str = "mg_test_expired_key";
+
+struct Env {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    model: EchoModel,
+    corp: Netstack,
+    _stop: watch::Sender<bool>,
+}
+
+fn principal(id: &str, policy: KeyPolicy) -> Arc<Principal> {
+    Arc::new(Principal {
+        id: id.into(),
+        name: id.into(),
+        policy,
+    })
+}
+
+fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+async fn env_with(corp_up: bool) -> Env {
+    let ka = PrivateKey::generate();
+    let kc = PrivateKey::generate();
+    let appliance = Netstack::start(NetstackConfig {
+        private_key: ka.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        addresses: vec!["10.99.0.1/24".parse().unwrap()],
+        peers: vec![PeerSpec {
+            name: "corp".into(),
+            public_key: kc.public_key(),
+            allowed_ips: vec!["10.99.0.2/32".parse().unwrap()],
+            keepalive: None,
+            endpoint: None,
+        }],
+        mtu: 1420,
+        tcp: TcpTuning::default(),
+    })
+    .unwrap();
+    let corp = Netstack::start(NetstackConfig {
+        private_key: kc,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        addresses: vec!["10.99.0.2/24".parse().unwrap()],
+        peers: vec![PeerSpec {
+            name: "appliance".into(),
+            public_key: ka.public_key(),
+            allowed_ips: vec!["10.99.0.1/32".parse().unwrap()],
+            keepalive: Some(25),
+            endpoint: if corp_up {
+                Some(appliance.udp_addr())
+            } else {
+                None
+            },
+        }],
+        mtu: 1420,
+        tcp: TcpTuning::default(),
+    })
+    .unwrap();
+    let model = EchoModel::new("echo", Duration::from_millis(30));
+    let mut listener = corp.listen(8000).await.unwrap();
+    let m = model.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(m.clone().serve_connection(s));
+        }
+    });
+
+    let keys = Keys::new(KeyRing::from_entries(vec![
+        (GOOD.into(), principal("good", KeyPolicy::default())),
+        (
+            LIMITED.into(),
+            principal(
+                "limited",
+                KeyPolicy {
+                    models: vec!["other-*".into()],
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+        (
+            EXPIRED.into(),
+            principal(
+                "expired",
+                KeyPolicy {
+                    expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+    ]));
+    let upstreams = vec![
+        UpstreamSpec {
+            name: "discovered".into(),
+            addr: "10.99.0.2:8000".parse().unwrap(),
+            base_path: "/v1".into(),
+            api_key: Some("upstream-secret".into()),
+            models: vec![],
+        },
+        UpstreamSpec {
+            name: "aliased".into(),
+            addr: "10.99.0.2:8000".parse().unwrap(),
+            base_path: "/v1".into(),
+            api_key: None,
+            models: vec![("coder".into(), "echo".into())],
+        },
+    ];
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = GatewayState::new(keys, appliance, upstreams, GatewaySettings::default());
+    state.spawn_discovery(stop_rx.clone());
+    let (server_tls, client_tls) = tls_pair();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway::serve(
+        listener,
+        server_tls,
+        gateway::router(state),
+        GatewaySettings::default(),
+        stop_rx,
+    ));
+    Env {
+        addr,
+        tls: client_tls,
+        model,
+        corp,
+        _stop: stop_tx,
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    /// Body chunks with their arrival time since the request was sent.
+    chunks: Vec<(Duration, Bytes)>,
+}
+
+impl Reply {
+    fn body(&self) -> String {
+        self.chunks
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body()).unwrap_or_else(|e| panic!("{e}: {}", self.body()))
+    }
+}
+
+async fn call(
+    env: &Env,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<String>,
+) -> Reply {
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let start = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+        .await
+        .expect("no response head within 20 s")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut chunks = Vec::new();
+    while let Some(f) = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("body stalled")
+    {
+        if let Ok(d) = f.unwrap().into_data() {
+            chunks.push((start.elapsed(), d));
+        }
+    }
+    Reply {
+        status,
+        headers,
+        chunks,
+    }
+}
+
+fn chat(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "one two three four five six"}],
+        "x_unknown_field": {"kept": true}
+    })
+    .to_string()
+}
+
+async fn wait_for_models(env: &Env) {
+    let start = Instant::now();
+    loop {
+        let r = call(env, "GET", "/v1/models", Some(GOOD), None).await;
+        if r.status == 200 && r.body().contains("\"echo\"") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "models never discovered: {}",
+            r.body()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_policy_routing_and_streaming() {
+    let env = env_with(true).await;
+    let r = call(&env, "GET", "/healthz", None, None).await;
+    assert_eq!((r.status, r.body().as_str()), (200, "ok"));
+    wait_for_models(&env).await;
+
+    // Refusals never reach the model.
+    let before = env.model.stats.requests.load(Ordering::Relaxed);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some("mg_wrong"),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(EXPIRED),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(LIMITED),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["param"], "model");
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(GOOD),
+        Some(chat("nope", false)),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(GOOD),
+        Some("{not json".into()),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before);
+
+    // Models: the limited key sees none of ours.
+    let r = call(&env, "GET", "/v1/models", Some(GOOD), None).await;
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec!["coder".to_string(), "echo".to_string()]);
+    let r = call(&env, "GET", "/v1/models", Some(LIMITED), None).await;
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 0);
+
+    // Non-streaming, with the upstream's own key and never the client's.
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(GOOD),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body());
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "one two three four five six"
+    );
+    assert_eq!(
+        env.model
+            .stats
+            .last_authorization
+            .lock()
+            .unwrap()
+            .as_deref(),
+        Some("Bearer upstream-secret")
+    );
+
+    // Streaming: chunks arrive as they are generated (30 ms apart), not in one burst.
+    let r = call(
+        &env,
+        "POST",
+        "/chat/completions",
+        Some(GOOD),
+        Some(chat("coder", true)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = r.body();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(body.contains("\"usage\""));
+    let first = r.chunks.first().unwrap().0;
+    let last = r.chunks.last().unwrap().0;
+    assert!(r.chunks.len() >= 5, "only {} chunks", r.chunks.len());
+    assert!(
+        last - first >= Duration::from_millis(100),
+        "burst: first {first:?} last {last:?}"
+    );
+    // The alias was rewritten for the upstream, and no key went with the aliased upstream.
+    assert_eq!(
+        env.model.stats.last_model.lock().unwrap().as_deref(),
+        Some("echo")
+    );
+    assert_eq!(
+        env.model
+            .stats
+            .last_authorization
+            .lock()
+            .unwrap()
+            .as_deref(),
+        None
+    );
+
+    // CORS preflight without auth.
+    let r = call(&env, "OPTIONS", "/v1/chat/completions", None, None).await;
+    assert_eq!(r.status, 204);
+    assert!(r.headers.contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_upstream() {
+    let env = env_with(true).await;
+    wait_for_models(&env).await;
+    let long = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(500)}]
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {GOOD}"))
+        .body(Full::new(Bytes::from(long)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    let cancelled_before = env.model.stats.cancelled.load(Ordering::Relaxed);
+    drop(body);
+    drop(send);
+    conn_task.abort();
+    let t = Instant::now();
+    while env.model.stats.cancelled.load(Ordering::Relaxed) == cancelled_before {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "upstream still generating 1 s after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(env.model.stats.completed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_handshake_is_503_with_retry_after_at_once() {
+    let env = env_with(false).await;
+    let t = Instant::now();
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(GOOD),
+        Some(chat("coder", true)),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body());
+    assert_eq!(r.headers["retry-after"], "5");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    drop(env.corp);
+}
