@@ -10,6 +10,7 @@ pub mod init;
 pub mod key;
 pub mod peer;
 pub mod run;
+pub mod upstream;
 pub mod wgquick;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +54,9 @@ pub enum Command {
     /// Manage API keys (create prints the secret once; changes reach the daemon within 1 s).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Manage the model servers inside the tunnel and their model routes.
+    #[command(subcommand)]
+    Upstream(upstream::UpstreamCommand),
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Run(run::RunArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
@@ -119,6 +123,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Init(args) => init::execute(&cli.config, args),
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
         Command::Key(cmd) => key::execute(&cli.config, cmd),
+        Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
     }

@@ -138,7 +138,7 @@ pub fn peer_key_path(config: &Config, name: &str) -> PathBuf {
 }
 
 /// Takes the config's update lock (held until the returned guard drops).
-fn lock(config_path: &Path) -> Result<std::fs::File, CliError> {
+pub(super) fn lock(config_path: &Path) -> Result<std::fs::File, CliError> {
     lock_for_update(config_path).map_err(|e| {
         CliError::runtime(format!(
             "--config {}: cannot take the update lock: {e}; fix: run as root (or as the config's owner)",
@@ -148,7 +148,7 @@ fn lock(config_path: &Path) -> Result<std::fs::File, CliError> {
 }
 
 /// Reads the config file's text and validates it (edits start from a valid file).
-fn load_text(config_path: &Path) -> Result<(String, Config), CliError> {
+pub(super) fn load_text(config_path: &Path) -> Result<(String, Config), CliError> {
     let text = std::fs::read_to_string(config_path).map_err(|source| ConfigError::Read {
         path: config_path.to_path_buf(),
         source,
@@ -168,7 +168,7 @@ fn appliance_key(config: &Config) -> Result<PrivateKey, CliError> {
 }
 
 /// Writes the edited config with the mode the file already has.
-fn write_config(path: &Path, text: &str) -> Result<(), CliError> {
+pub(super) fn write_config(path: &Path, text: &str) -> Result<(), CliError> {
     let mode = std::fs::metadata(path)
         .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(0o644);
@@ -379,7 +379,7 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+pub(super) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut width = header.map(str::len);
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -440,7 +440,7 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn confirm(question: &str) -> bool {
+pub(super) fn confirm(question: &str) -> bool {
     eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
     let mut answer = String::new();

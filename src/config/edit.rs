@@ -1,7 +1,7 @@
 //! Text-level edits of `modelgate.toml` made by the CLI.
 //!
-//! Owns the initial file `modelgate init` writes and the `[[peer]]` additions and removals of
-//! `modelgate peer add/remove`. Edits go through `toml_edit` so the operator's comments, key order
+//! Owns the initial file `modelgate init` writes and the `[[peer]]` / `[[upstream]]` additions
+//! and removals of `modelgate peer add/remove` and `modelgate upstream add/remove`. Edits go through `toml_edit` so the operator's comments, key order
 //! and formatting survive; these functions only transform text. Never writes files and never
 //! decides validity: callers validate the result with [`super::Config::from_toml_str`] before
 //! writing it with [`crate::fsutil::write_atomic`].
@@ -17,6 +17,10 @@ pub enum EditError {
     PeerNotTables,
     #[error("no peer named {0:?}; fix: see `modelgate peer list`")]
     NoSuchPeer(String),
+    #[error("`upstream` is not a list of [[upstream]] tables; fix: write each upstream as an [[upstream]] table")]
+    UpstreamNotTables,
+    #[error("no upstream named {0:?}; fix: see `modelgate upstream list`")]
+    NoSuchUpstream(String),
 }
 
 fn parse(text: &str) -> Result<DocumentMut, EditError> {
@@ -48,11 +52,6 @@ pub struct NewPeer {
 /// (one line, without `#`). Everything else in `text` is kept byte for byte.
 pub fn add_peer(text: &str, peer: &NewPeer, comment: &str) -> Result<String, EditError> {
     let mut doc = parse(text)?;
-    let peers = doc
-        .entry("peer")
-        .or_insert(Item::ArrayOfTables(ArrayOfTables::new()))
-        .as_array_of_tables_mut()
-        .ok_or(EditError::PeerNotTables)?;
     let mut t = Table::new();
     t.insert("name", value(&peer.name));
     t.insert("public_key", value(&peer.public_key));
@@ -66,29 +65,101 @@ pub fn add_peer(text: &str, peer: &NewPeer, comment: &str) -> Result<String, Edi
     if let Some(k) = peer.keepalive {
         t.insert("keepalive", value(i64::from(k)));
     }
-    t.decor_mut().set_prefix(format!("\n# {comment}\n"));
-    peers.push(t);
+    append_table(&mut doc, "peer", t, comment).ok_or(EditError::PeerNotTables)?;
     Ok(doc.to_string())
 }
 
 /// Removes the `[[peer]]` table named `name` (with the comment lines directly above it).
 pub fn remove_peer(text: &str, name: &str) -> Result<String, EditError> {
     let mut doc = parse(text)?;
-    let peers = match doc.get_mut("peer") {
-        None => return Err(EditError::NoSuchPeer(name.to_string())),
-        Some(item) => item
-            .as_array_of_tables_mut()
-            .ok_or(EditError::PeerNotTables)?,
+    match remove_named(&mut doc, "peer", name) {
+        Some(true) => Ok(doc.to_string()),
+        Some(false) => Err(EditError::NoSuchPeer(name.to_string())),
+        None => Err(EditError::PeerNotTables),
+    }
+}
+
+/// Appends `t`, preceded by the one-line `comment`, to the array of tables `key` (created at the
+/// end of the document when absent). `None` when `key` exists but is not an array of tables.
+fn append_table(doc: &mut DocumentMut, key: &str, mut t: Table, comment: &str) -> Option<()> {
+    let list = doc
+        .entry(key)
+        .or_insert(Item::ArrayOfTables(ArrayOfTables::new()))
+        .as_array_of_tables_mut()?;
+    t.decor_mut().set_prefix(format!("\n# {comment}\n"));
+    list.push(t);
+    Some(())
+}
+
+/// Removes the table whose `name` is `name` from the array of tables `key` (dropping the key
+/// when it becomes empty). `Some(false)` when there is no such table, `None` when `key` is not an
+/// array of tables.
+fn remove_named(doc: &mut DocumentMut, key: &str, name: &str) -> Option<bool> {
+    let list = match doc.get_mut(key) {
+        None => return Some(false),
+        Some(item) => item.as_array_of_tables_mut()?,
     };
-    let idx = peers
+    let Some(idx) = list
         .iter()
         .position(|t| t.get("name").and_then(Item::as_str) == Some(name))
-        .ok_or_else(|| EditError::NoSuchPeer(name.to_string()))?;
-    peers.remove(idx);
-    if peers.is_empty() {
-        doc.remove("peer");
+    else {
+        return Some(false);
+    };
+    list.remove(idx);
+    if list.is_empty() {
+        doc.remove(key);
     }
+    Some(true)
+}
+
+/// The `[[upstream]]` table `upstream add` appends.
+#[derive(Debug, Clone)]
+pub struct NewUpstream {
+    pub name: String,
+    /// As the operator gave it (`http://IP:PORT[/PATH]`).
+    pub url: String,
+    /// Path written as is (absolute, or relative to the config file's folder).
+    pub api_key_file: Option<String>,
+    /// `PUBLIC[=UPSTREAM_ID]` entries; empty means "discover" and writes no `models` key.
+    pub models: Vec<String>,
+    pub max_concurrent: Option<u32>,
+}
+
+/// Appends `upstream` as a new `[[upstream]]` table after the existing ones, preceded by
+/// `comment` (one line, without `#`). Everything else in `text` is kept byte for byte.
+pub fn add_upstream(
+    text: &str,
+    upstream: &NewUpstream,
+    comment: &str,
+) -> Result<String, EditError> {
+    let mut doc = parse(text)?;
+    let mut t = Table::new();
+    t.insert("name", value(&upstream.name));
+    t.insert("url", value(&upstream.url));
+    if let Some(f) = &upstream.api_key_file {
+        t.insert("api_key_file", value(f));
+    }
+    if !upstream.models.is_empty() {
+        t.insert(
+            "models",
+            value(Array::from_iter(upstream.models.iter().map(String::as_str))),
+        );
+    }
+    if let Some(n) = upstream.max_concurrent {
+        t.insert("max_concurrent", value(i64::from(n)));
+    }
+    append_table(&mut doc, "upstream", t, comment).ok_or(EditError::UpstreamNotTables)?;
     Ok(doc.to_string())
+}
+
+/// Removes the `[[upstream]]` table named `name` (with the comment lines directly above it).
+pub fn remove_upstream(text: &str, name: &str) -> Result<String, EditError> {
+    let mut doc = parse(text)?;
+    match remove_named(&mut doc, "upstream", name) {
+        Some(true) => Ok(doc.to_string()),
+        Some(false) => Err(EditError::NoSuchUpstream(name.to_string())),
+        None => Err(EditError::UpstreamNotTables),
+    }
 }
 
 /// TLS choice of `modelgate init`, as it will be written.

@@ -2,8 +2,9 @@
 //!
 //! Owns reading `/etc/modelgate/modelgate.toml` into raw serde structs ([`raw`]) and validating
 //! them into [`Config`] ([`validate`]), reporting every bad setting at once (exit 64), and the
-//! comment-preserving edits the CLI makes ([`edit`]). Never touches the network; the only file it
-//! reads besides the config is the appliance key (to refuse a peer that reuses it).
+//! comment-preserving edits the CLI makes ([`edit`]). Never touches the network; the only files it
+//! looks at besides the config are the appliance key (to refuse a peer that reuses it) and the
+//! upstreams' API key files (only their mode, never their content, at load time).
 
 pub mod edit;
 pub mod raw;
@@ -14,12 +15,14 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::wgkey::{PrivateKey, PublicKey};
 
 pub use validate::{
-    allocate_tunnel_address, check_dns_name, check_peer_name, check_tunnel_address, parse_endpoint,
-    validate,
+    allocate_tunnel_address, check_dns_name, check_peer_name, check_tunnel_address,
+    check_upstream_name, parse_endpoint, parse_model_route, parse_upstream_url, validate,
+    SecretFileCheck,
 };
 
 /// Where `modelgate` looks for its config unless `--config` / `MODELGATE_CONFIG` say otherwise.
@@ -43,6 +46,9 @@ pub const DEFAULT_MTU: u16 = 1420;
 /// The keepalive printed in a corp peer's wg-quick file when the peer sets none: the corp side
 /// dials out through NAT, and 25 s keeps virtually every NAT mapping open (wg(8) recommends 25).
 pub const DEFAULT_PEER_KEEPALIVE: u16 = 25;
+/// Path prefix of an upstream whose URL has none: vLLM, llama.cpp and TGI serve the OpenAI API
+/// under `/v1`.
+pub const DEFAULT_UPSTREAM_BASE_PATH: &str = "/v1";
 
 /// The validated configuration. Every field has already been checked.
 #[derive(Debug, Clone)]
@@ -54,6 +60,96 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub wireguard: WireguardConfig,
     pub peers: Vec<PeerConfig>,
+    /// Limits and timeouts of the public gateway (`[gateway]`; defaults when absent).
+    pub gateway: GatewayConfig,
+    /// Model servers inside the tunnel (`[[upstream]]`), in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Capacities and timeouts of the public HTTPS gateway (`[gateway]`). Every one is bounded so a
+/// slow or hostile client cannot hold resources forever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Largest request body; Cursor resends whole conversations, so this is generous (32 MiB).
+    pub max_body_bytes: usize,
+    /// Concurrent client connections (a permit is taken before accept).
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake (kept out of the accept loop).
+    pub tls_handshake_timeout: Duration,
+    /// Deadline for the complete request head (slowloris).
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive connections are closed after this; long because agent turns are long.
+    pub idle_timeout: Duration,
+    /// Largest request head in bytes (hyper needs at least 8192).
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Deadline for a TCP connection to a model server through the tunnel.
+    pub upstream_connect_timeout: Duration,
+    /// Deadline for the first response byte from a model server (prefill of a long prompt).
+    pub upstream_response_timeout: Duration,
+    /// Interval of SSE comment lines sent while a streaming upstream is silent, so proxies and
+    /// clients do not time the stream out.
+    pub sse_keepalive: Duration,
+    /// On SIGTERM, how long in-flight requests may take before they are cut.
+    pub drain_timeout: Duration,
+}
+
+/// Default `[gateway]` values (also documented in `config/modelgate.toml`).
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 32 * 1024 * 1024,
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(600),
+            sse_keepalive: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An OpenAI-compatible model server inside the tunnel (`[[upstream]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Unique name, `[a-z0-9][a-z0-9-]{0,31}` (logs, metrics, `upstream remove`).
+    pub name: String,
+    /// IP literal and port; the IP lies inside some peer's allowed networks.
+    pub addr: SocketAddr,
+    /// Path prefix of the OpenAI API, no trailing slash (`/v1` unless the URL says otherwise);
+    /// requests go to `base_path + "/chat/completions"` etc.
+    pub base_path: String,
+    /// 0600 file with the key sent upstream as `Authorization: Bearer` (read by the daemon with
+    /// [`read_api_key_file`]); `None` when the server needs none.
+    pub api_key_file: Option<PathBuf>,
+    /// Static routes; empty means the models are discovered from the server's `GET /v1/models`.
+    pub models: Vec<ModelRoute>,
+    /// Most requests in flight to this server at once; `None` for no limit.
+    pub max_concurrent: Option<u32>,
+}
+
+impl UpstreamConfig {
+    /// The URL as an operator would write it, e.g. `http://10.20.0.5:8000/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, self.base_path)
+    }
+
+    /// True when the model list comes from the server (`models` absent in the config).
+    pub fn discovers_models(&self) -> bool {
+        self.models.is_empty()
+    }
+}
+
+/// One statically routed model: clients ask for `public`, the server is asked for `upstream`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRoute {
+    pub public: String,
+    pub upstream: String,
 }
 
 #[derive(Debug, Clone)]
@@ -139,9 +235,11 @@ impl Config {
             message: describe_toml_error(text, &e),
         })?;
         let own = appliance_public_key_best_effort(&raw, path);
-        validate(raw, path, own.as_ref()).map_err(|errors| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            errors,
+        validate(raw, path, own.as_ref(), &check_secret_file).map_err(|errors| {
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                errors,
+            }
         })
     }
 
@@ -149,6 +247,71 @@ impl Config {
     pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
         self.peers.iter().find(|p| p.name == name)
     }
+
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The upstream and static route serving the public model name `public` (exact match).
+    /// Validation guarantees at most one. Models of upstreams that discover theirs are not
+    /// known here; the gateway consults those after the static routes.
+    pub fn upstream_for_model(&self, public: &str) -> Option<(&UpstreamConfig, &ModelRoute)> {
+        self.upstreams
+            .iter()
+            .find_map(|u| u.models.iter().find(|m| m.public == public).map(|m| (u, m)))
+    }
+}
+
+/// Checks a secret file without reading it: it exists, is a regular file, and neither group nor
+/// others have any permission on it. Only metadata is needed, so `modelgate` verbs run by an
+/// operator who cannot read the file still validate the config. Error: `(problem, fix)`.
+pub(crate) fn check_secret_file(path: &Path) -> Result<(), (String, String)> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        (
+            e.to_string(),
+            format!("write the model server's API key to {shown} and `chmod 600 {shown}`, or remove api_key_file"),
+        )
+    })?;
+    if !meta.is_file() {
+        return Err((
+            "not a regular file".into(),
+            "point api_key_file at a file holding only the API key".into(),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err((
+            format!("mode {mode:04o} lets group/others read the API key"),
+            format!("chmod 600 {shown}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an upstream's API key file: mode checked like [`read_key_file`], content trimmed, one
+/// token (no inner whitespace: it becomes an HTTP header value). The error names the file and
+/// the fix and never contains the file's content.
+pub fn read_api_key_file(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    check_secret_file(path)
+        .map_err(|(problem, fix)| format!("API key file {shown}: {problem}; fix: {fix}"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!("API key file {shown}: {e}; fix: make it readable by the modelgate user and chmod 600 {shown}")
+    })?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!(
+            "API key file {shown}: is empty; fix: write the model server's API key to it"
+        ));
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "API key file {shown}: holds more than one token (spaces, line breaks or control characters inside); fix: leave only the key in the file"
+        ));
+    }
+    Ok(key.to_string())
 }
 
 /// Reads the appliance key only to learn its public half; any failure means "unknown".

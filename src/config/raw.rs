@@ -21,6 +21,12 @@ pub struct RawConfig {
     /// Corporate WireGuard peers, `[[peer]]` tables.
     #[serde(default, rename = "peer")]
     pub peers: Vec<RawPeer>,
+    /// Limits and timeouts of the public HTTPS gateway (all optional).
+    #[serde(default)]
+    pub gateway: RawGateway,
+    /// Model servers behind the peers, `[[upstream]]` tables.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<RawUpstream>,
 }
 
 /// `[server]`.
@@ -92,4 +98,53 @@ pub struct RawPeer {
     pub keepalive: Option<i64>,
     /// Fixed `IP:PORT` of the peer (optional; normally learned from its packets).
     pub endpoint: Option<String>,
+}
+
+/// `[gateway]`: every capacity and timeout of the public listener. Durations are humantime
+/// strings (`"10s"`, `"1m 30s"`, `"600s"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// Largest request body accepted, in bytes (default 33554432 = 32 MiB); larger gets 413.
+    pub max_body_bytes: Option<i64>,
+    /// Concurrent client connections; further connections wait in the kernel backlog
+    /// (default 10000).
+    pub max_connections: Option<i64>,
+    /// Time a client has to complete the TLS handshake (default "10s").
+    pub tls_handshake_timeout: Option<String>,
+    /// Time a client has to send the complete request head (default "30s").
+    pub header_read_timeout: Option<String>,
+    /// An idle keep-alive connection is closed after this long (default "600s").
+    pub idle_timeout: Option<String>,
+    /// Largest request head (request line + headers), in bytes (default 65536).
+    pub max_header_bytes: Option<i64>,
+    /// Most request headers accepted (default 100).
+    pub max_headers: Option<i64>,
+    /// Time to open a TCP connection to a model server through the tunnel (default "5s").
+    pub upstream_connect_timeout: Option<String>,
+    /// Time a model server has to send the first byte of its response (default "600s").
+    pub upstream_response_timeout: Option<String>,
+    /// While a streaming upstream is silent, an SSE comment is sent this often (default "15s").
+    pub sse_keepalive: Option<String>,
+    /// On SIGTERM, in-flight requests get this long to finish (default "30s").
+    pub drain_timeout: Option<String>,
+}
+
+/// One `[[upstream]]`: an OpenAI-compatible model server reached through the tunnel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Unique name, `[a-z0-9][a-z0-9-]{0,31}`.
+    pub name: Option<String>,
+    /// `http://IP:PORT` or `http://IP:PORT/PATH` (no path means `/v1`); the IP must lie inside
+    /// some peer's allowed networks.
+    pub url: Option<String>,
+    /// File holding the model server's API key, mode 0600 (optional); relative to the config
+    /// file's folder.
+    pub api_key_file: Option<String>,
+    /// Routed models, `PUBLIC` or `PUBLIC=UPSTREAM_ID` (optional; absent means discovered from
+    /// the server's `GET /v1/models`).
+    pub models: Option<Vec<String>>,
+    /// Most requests in flight to this server at once (optional; default unlimited).
+    pub max_concurrent: Option<i64>,
 }

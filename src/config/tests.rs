@@ -45,6 +45,15 @@ fn example_config_parses_and_validates() {
     assert_eq!(c.peers.len(), 1);
     assert_eq!(c.peers[0].keepalive, Some(25));
     assert!(matches!(c.tls, Some(TlsConfig::SelfSigned { .. })));
+    // The example spells out every [gateway] default.
+    assert_eq!(c.gateway, GatewayConfig::default());
+    assert_eq!(c.upstreams.len(), 1);
+    let u = &c.upstreams[0];
+    assert_eq!(u.url(), "http://10.20.0.5:8000/v1");
+    assert_eq!(u.api_key_file, None);
+    let (up, route) = c.upstream_for_model("coder").unwrap();
+    assert_eq!(up.name, "vllm");
+    assert_eq!(route.upstream, "Qwen/Qwen2.5-Coder-32B-Instruct");
 }
 
 #[test]
@@ -171,7 +180,7 @@ tunnel_address = "10.99.0.255"
 fn peer_with_appliance_key_is_rejected() {
     let own: PublicKey = K1.parse().unwrap();
     let raw: raw::RawConfig = toml::from_str(GOOD).unwrap();
-    let errs = validate(raw, Path::new("x.toml"), Some(&own)).unwrap_err();
+    let errs = validate(raw, Path::new("x.toml"), Some(&own), &|_| Ok(())).unwrap_err();
     assert!(
         errs.0[0].problem.contains("appliance's own public key"),
         "{errs}"
@@ -353,3 +362,5 @@ fn private_key_file_checks_mode_and_content() {
     let e = load_private_key(&wg).unwrap_err();
     assert!(e.contains("wg genkey"), "{e}");
 }
+
+mod upstreams;

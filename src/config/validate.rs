@@ -1,7 +1,7 @@
 //! Raw config → [`Config`]: a pure function that checks every setting and collects every error.
 //!
-//! No I/O here (the caller passes in the appliance public key when it could read it), so the rules
-//! are unit-tested directly. AllowedIPs rules follow the WireGuard paper §II ("cryptokey
+//! No I/O here (the caller passes in the appliance public key when it could read it, and a probe
+//! for the upstreams' API key files), so the rules are unit-tested directly. AllowedIPs rules follow the WireGuard paper §II ("cryptokey
 //! routing"): each inner address must map to exactly one peer, so overlapping allowed IPs between
 //! peers are rejected instead of letting the last one silently win.
 
@@ -9,18 +9,26 @@ use ipnet::IpNet;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::raw::{RawConfig, RawPeer, RawTls, RawWireguard};
+use super::raw::{RawConfig, RawGateway, RawPeer, RawTls, RawUpstream, RawWireguard};
 use super::*;
 use crate::wgkey::PublicKey;
+
+/// Checks a secret file named in the config (resolved path); `Err((problem, fix))` when unusable.
+pub type SecretFileCheck = dyn Fn(&Path) -> Result<(), (String, String)>;
 
 /// Validates `raw` (read from `path`) into a [`Config`], or returns every error found.
 ///
 /// `own_key` is the appliance's public key when known; a peer using it is rejected.
+/// `secret_file` checks an upstream's `api_key_file` (resolved path) and returns
+/// `(problem, fix)` when it is unusable; [`Config::from_toml_str`] passes a check of the file's
+/// existence and mode.
 pub fn validate(
     raw: RawConfig,
     path: &Path,
     own_key: Option<&PublicKey>,
+    secret_file: &SecretFileCheck,
 ) -> Result<Config, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let base = config_dir(path);
@@ -158,6 +166,19 @@ pub fn validate(
     // [[peer]]
     let peers = validate_peers(&mut errs, &raw.peers, address, own_key);
 
+    // [gateway]
+    let gateway = validate_gateway(&mut errs, &raw.gateway);
+
+    // [[upstream]]
+    let upstreams = validate_upstreams(
+        &mut errs,
+        &raw.upstreams,
+        &raw.peers,
+        address,
+        &base,
+        secret_file,
+    );
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -190,6 +211,8 @@ pub fn validate(
             mtu,
         },
         peers,
+        gateway,
+        upstreams,
     })
 }
 
@@ -761,4 +784,520 @@ fn validate_peers(
         }
     }
     out
+}
+
+/// A humantime duration setting (`"10s"`, `"1m 30s"`); zero is refused (it would mean "no time
+/// at all", not "no limit").
+fn duration(errs: &mut ConfigErrors, key: &str, v: Option<&str>, default: Duration) -> Duration {
+    let Some(text) = v else {
+        return default;
+    };
+    let shown_default = humantime::format_duration(default).to_string();
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            errs.push(
+                key,
+                q(text),
+                "must be longer than zero",
+                format!("use e.g. \"{shown_default}\" (the default), or remove it"),
+            );
+            default
+        }
+        Ok(d) => d,
+        Err(e) => {
+            errs.push(
+                key,
+                q(text),
+                format!("not a duration ({e})"),
+                format!("write a number with a unit, e.g. \"{shown_default}\", \"90s\" or \"2m\""),
+            );
+            default
+        }
+    }
+}
+
+/// A count or size setting within `min..=max`.
+fn bounded(
+    errs: &mut ConfigErrors,
+    key: &str,
+    v: Option<i64>,
+    default: usize,
+    min: usize,
+    max: usize,
+    why: &str,
+) -> usize {
+    let Some(n) = v else {
+        return default;
+    };
+    match usize::try_from(n) {
+        Ok(u) if (min..=max).contains(&u) => u,
+        _ => {
+            errs.push(
+                key,
+                n.to_string(),
+                format!("must be {min}..={max}{why}"),
+                format!("use {default} (the default), or remove it"),
+            );
+            default
+        }
+    }
+}
+
+fn validate_gateway(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig {
+    let d = GatewayConfig::default();
+    GatewayConfig {
+        max_body_bytes: bounded(
+            errs,
+            "gateway.max_body_bytes",
+            g.max_body_bytes,
+            d.max_body_bytes,
+            1024,
+            1 << 30,
+            " bytes (1 KiB to 1 GiB)",
+        ),
+        max_connections: bounded(
+            errs,
+            "gateway.max_connections",
+            g.max_connections,
+            d.max_connections,
+            1,
+            1_000_000,
+            "",
+        ),
+        tls_handshake_timeout: duration(
+            errs,
+            "gateway.tls_handshake_timeout",
+            g.tls_handshake_timeout.as_deref(),
+            d.tls_handshake_timeout,
+        ),
+        header_read_timeout: duration(
+            errs,
+            "gateway.header_read_timeout",
+            g.header_read_timeout.as_deref(),
+            d.header_read_timeout,
+        ),
+        idle_timeout: duration(
+            errs,
+            "gateway.idle_timeout",
+            g.idle_timeout.as_deref(),
+            d.idle_timeout,
+        ),
+        // hyper refuses (panics on) an HTTP/1 read buffer below 8192 bytes.
+        max_header_bytes: bounded(
+            errs,
+            "gateway.max_header_bytes",
+            g.max_header_bytes,
+            d.max_header_bytes,
+            8192,
+            1 << 20,
+            " bytes (hyper needs at least 8192)",
+        ),
+        max_headers: bounded(
+            errs,
+            "gateway.max_headers",
+            g.max_headers,
+            d.max_headers,
+            1,
+            10_000,
+            "",
+        ),
+        upstream_connect_timeout: duration(
+            errs,
+            "gateway.upstream_connect_timeout",
+            g.upstream_connect_timeout.as_deref(),
+            d.upstream_connect_timeout,
+        ),
+        upstream_response_timeout: duration(
+            errs,
+            "gateway.upstream_response_timeout",
+            g.upstream_response_timeout.as_deref(),
+            d.upstream_response_timeout,
+        ),
+        sse_keepalive: duration(
+            errs,
+            "gateway.sse_keepalive",
+            g.sse_keepalive.as_deref(),
+            d.sse_keepalive,
+        ),
+        drain_timeout: duration(
+            errs,
+            "gateway.drain_timeout",
+            g.drain_timeout.as_deref(),
+            d.drain_timeout,
+        ),
+    }
+}
+
+/// Checks an upstream name: same rules as peer names (it appears in logs, metrics and the CLI).
+pub fn check_upstream_name(name: &str) -> Result<(), String> {
+    check_peer_name(name)
+}
+
+const URL_EXAMPLE: &str =
+    "write http://IP:PORT or http://IP:PORT/PATH, e.g. \"http://10.20.0.5:8000/v1\"";
+
+/// Parses an upstream URL into the socket address and the API path prefix (no trailing slash;
+/// `/v1` when the URL has no path). Only `http://` with an IP literal and an explicit port: the
+/// model server is reached through the WireGuard tunnel, which has no DNS and already encrypts.
+/// The error is `(problem, fix)`.
+pub fn parse_upstream_url(v: &str) -> Result<(SocketAddr, String), (String, String)> {
+    let err = |p: &str, f: &str| Err((p.to_string(), f.to_string()));
+    let Some(rest) = v.strip_prefix("http://") else {
+        if v.starts_with("https://") {
+            return err(
+                "https:// is not supported: the hop to the model server runs inside the WireGuard tunnel, which already encrypts it",
+                "use http://IP:PORT",
+            );
+        }
+        return err("must start with http://", URL_EXAMPLE);
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return err(
+            "must not contain user:password@ (credentials in URLs end up in logs)",
+            "put the API key in a 0600 file and pass it as api_key_file / --api-key-file",
+        );
+    }
+    let addr: SocketAddr = match authority.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            let host = match authority.rsplit_once(':') {
+                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => h,
+                _ if authority.parse::<IpAddr>().is_ok() || !authority.contains(':') => {
+                    return err(
+                        "has no port",
+                        "add the model server's port, e.g. \"http://10.20.0.5:8000\"",
+                    )
+                }
+                _ => authority,
+            };
+            let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
+            if unbracketed.parse::<IpAddr>().is_ok() {
+                return err(
+                    "is not IP:PORT (IPv6 addresses go in brackets, ports are 1-65535)",
+                    "write e.g. \"http://10.20.0.5:8000\" or \"http://[fd00::5]:8000\"",
+                );
+            }
+            return err(
+                "the host must be an IP address: the model server is reached through the tunnel, where there is no DNS",
+                "use the model server's IP address as seen from the corp peer's network, e.g. \"http://10.20.0.5:8000\"",
+            );
+        }
+    };
+    if addr.port() == 0 {
+        return err(
+            "port 0 is not a port",
+            "use the model server's port, e.g. 8000",
+        );
+    }
+    if path.contains(['?', '#']) {
+        return err(
+            "must not have a query or fragment",
+            "give only the path prefix of the API, e.g. /v1",
+        );
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok((addr, DEFAULT_UPSTREAM_BASE_PATH.to_string()));
+    }
+    for seg in trimmed[1..].split('/') {
+        let ok = !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b));
+        if !ok {
+            return err(
+                &format!("path segment {seg:?} is not allowed (empty, dot segments or unusual characters)"),
+                "give a plain path prefix, e.g. /v1 or /openai/v1",
+            );
+        }
+    }
+    Ok((addr, trimmed.to_string()))
+}
+
+/// Parses `PUBLIC` or `PUBLIC=UPSTREAM_ID`: the name clients ask for and the id the model
+/// server knows (the same when `=` is absent).
+pub fn parse_model_route(v: &str) -> Result<ModelRoute, String> {
+    let (public, upstream) = v.split_once('=').unwrap_or((v, v));
+    let token_ok = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if !token_ok(public, 128) || public.contains(',') {
+        return Err(format!(
+            "public model name {public:?} must be 1-128 characters without spaces or commas"
+        ));
+    }
+    if !token_ok(upstream, 256) {
+        return Err(format!(
+            "upstream model id {upstream:?} must be 1-256 characters without spaces"
+        ));
+    }
+    Ok(ModelRoute {
+        public: public.to_string(),
+        upstream: upstream.to_string(),
+    })
+}
+
+fn upstream_key(i: usize, u: &RawUpstream, field: &str) -> String {
+    match u.name.as_deref() {
+        Some(n) if check_upstream_name(n).is_ok() => format!("upstream \"{n}\".{field}"),
+        _ => format!("upstream #{}.{field}", i + 1),
+    }
+}
+
+/// The networks each raw peer routes (its tunnel address and its allowed IPs), read leniently:
+/// a peer with a typo still counts for the upstream check, whose error would otherwise mislead
+/// (the peer's own error is reported anyway).
+fn peer_networks(peers: &[RawPeer]) -> Vec<(String, IpNet)> {
+    let mut out = Vec::new();
+    for (i, p) in peers.iter().enumerate() {
+        let name = p.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+        if let Some(ip) = p
+            .tunnel_address
+            .as_deref()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+        {
+            out.push((name.clone(), IpNet::from(ip)));
+        }
+        for a in &p.allowed_ips {
+            let parsed = a
+                .parse::<IpNet>()
+                .or_else(|_| a.parse::<IpAddr>().map(IpNet::from));
+            if let Ok(net) = parsed {
+                let entry = (name.clone(), net.trunc());
+                if !out.contains(&entry) {
+                    out.push(entry);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn validate_upstreams(
+    errs: &mut ConfigErrors,
+    raw: &[RawUpstream],
+    peers: &[RawPeer],
+    tunnel: Option<IpNet>,
+    base: &Path,
+    secret_file: &SecretFileCheck,
+) -> Vec<UpstreamConfig> {
+    let nets = peer_networks(peers);
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    // Public model name → the upstream (index) routing it.
+    let mut routed: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+
+    for (i, u) in raw.iter().enumerate() {
+        let key = |f: &str| upstream_key(i, u, f);
+        let before = errs.len();
+
+        let name = match u.name.as_deref() {
+            None => {
+                errs.push(
+                    key("name"),
+                    "(missing)",
+                    "every upstream needs a name",
+                    "add name = \"vllm\"",
+                );
+                None
+            }
+            Some(n) => match check_upstream_name(n) {
+                Err(problem) => {
+                    errs.push(
+                        key("name"),
+                        q(n),
+                        problem,
+                        "rename it, e.g. \"vllm\" or \"coder-1\"",
+                    );
+                    None
+                }
+                Ok(()) => {
+                    if let Some(first) = names.insert(n, i) {
+                        errs.push(
+                            key("name"),
+                            q(n),
+                            format!("also used by upstream #{}", first + 1),
+                            "give each upstream a unique name",
+                        );
+                    }
+                    Some(n.to_string())
+                }
+            },
+        };
+
+        let url = match u.url.as_deref() {
+            None => {
+                errs.push(
+                    key("url"),
+                    "(missing)",
+                    "every upstream needs the model server's URL",
+                    "add url = \"http://10.20.0.5:8000/v1\"",
+                );
+                None
+            }
+            Some(v) => match parse_upstream_url(v) {
+                Err((problem, fix)) => {
+                    errs.push(key("url"), q(v), problem, fix);
+                    None
+                }
+                Ok((addr, base_path)) => {
+                    if reachable_upstream(errs, &key("url"), v, addr.ip(), tunnel, &nets) {
+                        Some((addr, base_path))
+                    } else {
+                        None
+                    }
+                }
+            },
+        };
+
+        let api_key_file = match u.api_key_file.as_deref() {
+            None => None,
+            Some("") => {
+                errs.push(
+                    key("api_key_file"),
+                    "\"\"",
+                    "is empty",
+                    "point it at a 0600 file holding the model server's API key, or remove it",
+                );
+                None
+            }
+            Some(f) => {
+                let p = resolve(base, f);
+                if let Err((problem, fix)) = secret_file(&p) {
+                    errs.push(key("api_key_file"), q(f), problem, fix);
+                }
+                Some(p)
+            }
+        };
+
+        let mut models: Vec<ModelRoute> = Vec::new();
+        match &u.models {
+            None => {}
+            Some(list) if list.is_empty() => errs.push(
+                key("models"),
+                "[]",
+                "is empty, so nothing would be routed",
+                "list models like [\"coder=Qwen/Qwen2.5-Coder-32B-Instruct\"], or remove the key to discover them from the server's GET /v1/models",
+            ),
+            Some(list) => {
+                for m in list {
+                    match parse_model_route(m) {
+                        Err(problem) => errs.push(
+                            key("models"),
+                            q(m),
+                            problem,
+                            "write PUBLIC or PUBLIC=UPSTREAM_ID, e.g. \"coder=Qwen/Qwen2.5-Coder-32B-Instruct\"",
+                        ),
+                        Ok(r) => {
+                            if models.iter().any(|o| o.public == r.public) {
+                                errs.push(
+                                    key("models"),
+                                    q(m),
+                                    format!("public name {:?} is listed twice", r.public),
+                                    "list each public name once",
+                                );
+                                continue;
+                            }
+                            if let Some(j) = routed.get(&r.public) {
+                                let other = raw[*j].name.as_deref().unwrap_or("?");
+                                errs.push(
+                                    key("models"),
+                                    q(m),
+                                    format!("public name {:?} is already routed by upstream \"{other}\"", r.public),
+                                    "each public model name must map to one upstream; rename one (PUBLIC=UPSTREAM_ID)",
+                                );
+                                continue;
+                            }
+                            routed.insert(r.public.clone(), i);
+                            models.push(r);
+                        }
+                    }
+                }
+            }
+        }
+
+        let max_concurrent = match u.max_concurrent {
+            None => None,
+            Some(n) if (1..=100_000).contains(&n) => Some(n as u32),
+            Some(n) => {
+                errs.push(
+                    key("max_concurrent"),
+                    n.to_string(),
+                    "must be 1..=100000",
+                    "use the model server's batch capacity (e.g. vLLM's --max-num-seqs), or remove it for no limit",
+                );
+                None
+            }
+        };
+
+        if errs.len() != before {
+            continue;
+        }
+        if let (Some(name), Some((addr, base_path))) = (name, url) {
+            out.push(UpstreamConfig {
+                name,
+                addr,
+                base_path,
+                api_key_file,
+                models,
+                max_concurrent,
+            });
+        }
+    }
+    out
+}
+
+/// The no-open-proxy rule: an upstream must sit behind a peer, i.e. inside some peer's allowed
+/// networks (its tunnel address counts: a model on the corp WireGuard host itself). Anything
+/// else (public addresses, the appliance itself, loopback) is refused. Pushes the error and
+/// returns false when refused.
+fn reachable_upstream(
+    errs: &mut ConfigErrors,
+    key: &str,
+    v: &str,
+    ip: IpAddr,
+    tunnel: Option<IpNet>,
+    nets: &[(String, IpNet)],
+) -> bool {
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        errs.push(
+            key,
+            q(v),
+            format!("{ip} is not a model server address (unspecified, loopback or multicast)"),
+            "use the model server's address inside the corp network, e.g. \"http://10.20.0.5:8000\"",
+        );
+        return false;
+    }
+    if tunnel.is_some_and(|t| t.addr() == ip) {
+        errs.push(
+            key,
+            q(v),
+            format!("{ip} is the appliance's own tunnel address"),
+            "use the address of a model server behind a peer",
+        );
+        return false;
+    }
+    if nets.iter().any(|(_, n)| n.contains(&ip)) {
+        return true;
+    }
+    let listed = if nets.is_empty() {
+        "there are no peers".to_string()
+    } else {
+        let shown: Vec<String> = nets.iter().map(|(p, n)| format!("{p}: {n}")).collect();
+        format!("peers route {}", shown.join(", "))
+    };
+    let host = IpNet::from(ip);
+    errs.push(
+        key,
+        q(v),
+        format!("{ip} is not inside any peer's allowed networks ({listed}); modelgate only forwards to model servers behind a WireGuard peer, never elsewhere"),
+        format!("use the model server's address inside a peer's networks, or add its network to the allowed_ips of the peer it sits behind (new peer: `modelgate peer add NAME --allowed-ips {host}`)"),
+    );
+    false
 }

@@ -1,0 +1,345 @@
+//! End-to-end tests of `modelgate upstream add|list|remove` on temporary directories: the
+//! operator workflow, the no-open-proxy refusal (exit 2, nothing written, the fix named), flag
+//! errors, API key files, and that operator comments survive every edit.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("etc/modelgate.toml")
+    }
+    fn mg(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("MODELGATE_CONFIG", self.config())
+            .env_remove("MODELGATE_LOG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.mg(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    }
+    /// init + one corp peer routing 10.20.0.0/24, plus an operator comment.
+    fn with_corp_peer() -> Env {
+        let env = Env::new();
+        let state = env.dir.path().join("state");
+        env.ok(&[
+            "init",
+            "--public-endpoint",
+            "gw.example.com:51820",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]);
+        env.ok(&["peer", "add", "corp", "--allowed-ips", "10.20.0.0/24"]);
+        let mut text = fs::read_to_string(env.config()).unwrap();
+        text.push_str("\n# operator note: ticket OPS-42\n");
+        fs::write(env.config(), text).unwrap();
+        env
+    }
+    fn text(&self) -> String {
+        fs::read_to_string(self.config()).unwrap()
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn operator_workflow_add_list_refuse_remove() {
+    let env = Env::with_corp_peer();
+
+    let out = env.ok(&[
+        "upstream",
+        "add",
+        "vllm",
+        "--url",
+        "http://10.20.0.5:8000",
+        "--model",
+        "coder=Qwen/Qwen2.5-Coder",
+    ]);
+    assert!(
+        out.contains("upstream \"vllm\" added: http://10.20.0.5:8000/v1"),
+        "{out}"
+    );
+    let text = env.text();
+    assert!(text.contains("# operator note: ticket OPS-42"), "{text}");
+    assert!(
+        text.contains("[[upstream]]\nname = \"vllm\"\nurl = \"http://10.20.0.5:8000\"\nmodels = [\"coder=Qwen/Qwen2.5-Coder\"]\n"),
+        "{text}"
+    );
+
+    // Discovered models, a path and a concurrency limit.
+    let added: Value = serde_json::from_str(&env.ok(&[
+        "upstream",
+        "add",
+        "llama",
+        "--url",
+        "http://10.20.0.6:8080/openai/v1",
+        "--max-concurrent",
+        "4",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(added["discovered"], true);
+    assert_eq!(added["base_path"], "/openai/v1");
+
+    let list: Value = serde_json::from_str(&env.ok(&["upstream", "list", "--json"])).unwrap();
+    assert_eq!(
+        list,
+        json!([
+            {
+                "name": "vllm",
+                "url": "http://10.20.0.5:8000/v1",
+                "addr": "10.20.0.5:8000",
+                "base_path": "/v1",
+                "models": [{"public": "coder", "upstream": "Qwen/Qwen2.5-Coder"}],
+                "discovered": false,
+                "api_key": false,
+                "api_key_file": null,
+                "max_concurrent": null,
+            },
+            {
+                "name": "llama",
+                "url": "http://10.20.0.6:8080/openai/v1",
+                "addr": "10.20.0.6:8080",
+                "base_path": "/openai/v1",
+                "models": [],
+                "discovered": true,
+                "api_key": false,
+                "api_key_file": null,
+                "max_concurrent": 4,
+            }
+        ])
+    );
+    let table = env.ok(&["upstream", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME") && lines[0].ends_with("API KEY"));
+    assert!(
+        lines[1].contains("http://10.20.0.5:8000/v1")
+            && lines[1].contains("coder=Qwen/Qwen2.5-Coder")
+    );
+    assert!(lines[2].contains("(discovered)") && lines[2].ends_with("no"));
+
+    // An upstream outside every peer's networks: refused, nothing written, the fix named.
+    let before = env.text();
+    let out = env.mg(&["upstream", "add", "cloud", "--url", "http://8.8.8.8:80"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("upstream \"cloud\" not added (nothing written)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("8.8.8.8 is not inside any peer's allowed networks"),
+        "{err}"
+    );
+    assert!(
+        err.contains("fix: ") && err.contains("--allowed-ips 8.8.8.8/32"),
+        "{err}"
+    );
+    assert_eq!(env.text(), before);
+
+    // A public model name already routed elsewhere: refused as well.
+    let out = env.mg(&[
+        "upstream",
+        "add",
+        "other",
+        "--url",
+        "http://10.20.0.7:8000",
+        "--model",
+        "coder",
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("already routed by upstream \"vllm\""));
+
+    // The same name twice is a runtime failure like `peer add`.
+    let out = env.mg(&["upstream", "add", "vllm", "--url", "http://10.20.0.8:8000"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("already exists"));
+
+    // Removing needs --yes without a terminal.
+    let out = env.mg(&["upstream", "remove", "vllm"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("fix: pass --yes"));
+    env.ok(&["upstream", "remove", "vllm", "--yes"]);
+    let out = env.mg(&["upstream", "remove", "vllm", "--yes"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("no such upstream"));
+
+    let text = env.text();
+    assert!(!text.contains("name = \"vllm\""), "{text}");
+    assert!(text.contains("name = \"llama\""));
+    assert!(text.contains("# operator note: ticket OPS-42"));
+    env.ok(&["upstream", "remove", "llama", "--yes"]);
+    assert!(!env.text().contains("[[upstream]]"));
+    assert!(env.text().contains("# operator note: ticket OPS-42"));
+    assert!(env.ok(&["upstream", "list"]).starts_with("no upstreams"));
+    assert_eq!(env.ok(&["upstream", "list", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn api_key_file_must_be_private_and_is_stored_absolute() {
+    let env = Env::with_corp_peer();
+    let key = env.dir.path().join("vllm.key");
+    fs::write(&key, "sk-secret-value\n").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Relative to the working directory, like any command-line path.
+    let out = env.mg(&[
+        "upstream",
+        "add",
+        "vllm",
+        "--url",
+        "http://10.20.0.5:8000",
+        "--api-key-file",
+        "vllm.key",
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("--api-key-file"), "{err}");
+    assert!(
+        err.contains(&format!("chmod 600 {}", key.display())),
+        "{err}"
+    );
+    assert!(!err.contains("sk-secret"));
+
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let v: Value = serde_json::from_str(&env.ok(&[
+        "upstream",
+        "add",
+        "vllm",
+        "--url",
+        "http://10.20.0.5:8000",
+        "--api-key-file",
+        "vllm.key",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["api_key"], true);
+    assert_eq!(v["api_key_file"], key.display().to_string());
+    let text = env.text();
+    assert!(
+        text.contains(&format!("api_key_file = \"{}\"", key.display())),
+        "{text}"
+    );
+    assert!(!text.contains("sk-secret"));
+    assert!(env
+        .ok(&["upstream", "list"])
+        .lines()
+        .nth(1)
+        .unwrap()
+        .ends_with("yes"));
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag_and_fix() {
+    let env = Env::with_corp_peer();
+    let before = env.text();
+    for (args, needle) in [
+        (
+            vec![
+                "upstream",
+                "add",
+                "Bad_Name",
+                "--url",
+                "http://10.20.0.5:8000",
+            ],
+            "fix: use e.g. vllm",
+        ),
+        (
+            vec!["upstream", "add", "x", "--url", "http://model.corp:8000"],
+            "no DNS",
+        ),
+        (
+            vec!["upstream", "add", "x", "--url", "https://10.20.0.5:8000"],
+            "already encrypts",
+        ),
+        (
+            vec!["upstream", "add", "x", "--url", "http://10.20.0.5"],
+            "no port",
+        ),
+        (
+            vec![
+                "upstream",
+                "add",
+                "x",
+                "--url",
+                "http://10.20.0.5:8000",
+                "--model",
+                "a b",
+            ],
+            "PUBLIC=UPSTREAM_ID",
+        ),
+        (
+            vec![
+                "upstream",
+                "add",
+                "x",
+                "--url",
+                "http://10.20.0.5:8000",
+                "--max-concurrent",
+                "0",
+            ],
+            "--max-concurrent",
+        ),
+        (
+            vec![
+                "upstream",
+                "add",
+                "x",
+                "--url",
+                "http://10.20.0.5:8000",
+                "--api-key-file",
+                "missing.key",
+            ],
+            "--api-key-file",
+        ),
+        (
+            vec!["upstream", "add", "x", "--url", "http://10.99.0.1:8000"],
+            "appliance's own tunnel address",
+        ),
+        (vec!["upstream", "add", "x"], "--url"),
+    ] {
+        let out = env.mg(&args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(env.text(), before, "nothing written");
+
+    // An invalid config file is exit 64, as for every verb.
+    fs::write(
+        env.config(),
+        format!("{before}\n[[upstream]]\nname = \"x\"\n"),
+    )
+    .unwrap();
+    let out = env.mg(&["upstream", "list"]);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stderr(&out).contains("upstream \"x\".url: (missing)"));
+}
