@@ -20,12 +20,12 @@ use modelgate::tunnel::PeerSpec;
 use modelgate::wgkey::PrivateKey;
 use tokio::sync::watch;
 
-const GOOD: &str = "mg_test_good_key";
-const LIMITED: &str = "mg_test_limited_key";
-const EXPIRED: &str = "mg_test_expired_key";
-
 struct Env {
     addr: SocketAddr,
+    /// Real `mg_` keys (format + checksum), as `key create` makes them.
+    good: String,
+    limited: String,
+    expired: String,
     tls: Arc<rustls::ClientConfig>,
     model: EchoModel,
     corp: Netstack,
@@ -108,10 +108,13 @@ async fn env_with(corp_up: bool) -> Env {
         }
     });
 
-    let keys = Keys::new(KeyRing::from_entries(vec![
-        (GOOD.into(), principal("good", KeyPolicy::default())),
+    let good = modelgate::keys::format::generate().expose().to_string();
+    let limited = modelgate::keys::format::generate().expose().to_string();
+    let expired = modelgate::keys::format::generate().expose().to_string();
+    let keys = Keys::new(KeyRing::for_tests(vec![
+        (good.clone(), principal("good", KeyPolicy::default())),
         (
-            LIMITED.into(),
+            limited.clone(),
             principal(
                 "limited",
                 KeyPolicy {
@@ -121,7 +124,7 @@ async fn env_with(corp_up: bool) -> Env {
             ),
         ),
         (
-            EXPIRED.into(),
+            expired.clone(),
             principal(
                 "expired",
                 KeyPolicy {
@@ -162,6 +165,9 @@ async fn env_with(corp_up: bool) -> Env {
     ));
     Env {
         addr,
+        good,
+        limited,
+        expired,
         tls: client_tls,
         model,
         corp,
@@ -253,7 +259,7 @@ fn chat(model: &str, stream: bool) -> String {
 async fn wait_for_models(env: &Env) {
     let start = Instant::now();
     loop {
-        let r = call(env, "GET", "/v1/models", Some(GOOD), None).await;
+        let r = call(env, "GET", "/v1/models", Some(env.good.as_str()), None).await;
         if r.status == 200 && r.body().contains("\"echo\"") {
             return;
         }
@@ -298,7 +304,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(EXPIRED),
+        Some(env.expired.as_str()),
         Some(chat("echo", false)),
     )
     .await;
@@ -307,7 +313,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(LIMITED),
+        Some(env.limited.as_str()),
         Some(chat("echo", false)),
     )
     .await;
@@ -317,7 +323,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(GOOD),
+        Some(env.good.as_str()),
         Some(chat("nope", false)),
     )
     .await;
@@ -327,7 +333,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(GOOD),
+        Some(env.good.as_str()),
         Some("{not json".into()),
     )
     .await;
@@ -335,7 +341,7 @@ async fn auth_policy_routing_and_streaming() {
     assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before);
 
     // Models: the limited key sees none of ours.
-    let r = call(&env, "GET", "/v1/models", Some(GOOD), None).await;
+    let r = call(&env, "GET", "/v1/models", Some(env.good.as_str()), None).await;
     let ids: Vec<String> = r.json()["data"]
         .as_array()
         .unwrap()
@@ -343,7 +349,7 @@ async fn auth_policy_routing_and_streaming() {
         .map(|m| m["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, vec!["coder".to_string(), "echo".to_string()]);
-    let r = call(&env, "GET", "/v1/models", Some(LIMITED), None).await;
+    let r = call(&env, "GET", "/v1/models", Some(env.limited.as_str()), None).await;
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 0);
 
     // Non-streaming, with the upstream's own key and never the client's.
@@ -351,7 +357,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(GOOD),
+        Some(env.good.as_str()),
         Some(chat("echo", false)),
     )
     .await;
@@ -375,7 +381,7 @@ async fn auth_policy_routing_and_streaming() {
         &env,
         "POST",
         "/chat/completions",
-        Some(GOOD),
+        Some(env.good.as_str()),
         Some(chat("coder", true)),
     )
     .await;
@@ -435,7 +441,7 @@ async fn client_disconnect_cancels_the_upstream() {
     let conn_task = tokio::spawn(conn);
     let req = Request::post("/v1/chat/completions")
         .header("host", "localhost")
-        .header("authorization", format!("Bearer {GOOD}"))
+        .header("authorization", format!("Bearer {}", env.good))
         .body(Full::new(Bytes::from(long)))
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
@@ -466,7 +472,7 @@ async fn no_handshake_is_503_with_retry_after_at_once() {
         &env,
         "POST",
         "/v1/chat/completions",
-        Some(GOOD),
+        Some(env.good.as_str()),
         Some(chat("coder", true)),
     )
     .await;

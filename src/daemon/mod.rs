@@ -14,8 +14,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, TlsConfig};
+use crate::gateway::upstream::UpstreamSpec;
+use crate::gateway::{self, GatewayState};
+use crate::keys::{KeyRing, KeyStore, Keys};
 use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
+use crate::tls::TlsState;
 use crate::tunnel::PeerSpec;
 
 /// Options of `modelgate run` that are not part of the config file.
@@ -91,8 +95,39 @@ pub fn netstack_config(config: &Config) -> anyhow::Result<NetstackConfig> {
             })
             .collect(),
         mtu: config.wireguard.mtu,
-        tcp: TcpTuning::default(),
+        tcp: TcpTuning {
+            connect_timeout: config.gateway.upstream_connect_timeout,
+            ..TcpTuning::default()
+        },
     })
+}
+
+/// The gateway's view of `[[upstream]]`, with each API key read from its 0600 file.
+pub fn upstream_specs(config: &Config) -> anyhow::Result<Vec<UpstreamSpec>> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let api_key =
+                match &u.api_key_file {
+                    Some(f) => Some(config::read_api_key_file(f).map_err(|e| {
+                        anyhow::anyhow!("[[upstream]] {}: api_key_file: {e}", u.name)
+                    })?),
+                    None => None,
+                };
+            Ok(UpstreamSpec {
+                name: u.name.clone(),
+                addr: u.addr,
+                base_path: u.base_path.clone(),
+                api_key,
+                models: u
+                    .models
+                    .iter()
+                    .map(|m| (m.public.clone(), m.upstream.clone()))
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// Runs the daemon in the current tokio runtime until SIGTERM or SIGINT.
@@ -146,6 +181,14 @@ pub async fn run(
     );
 
     let mut tasks = Vec::new();
+    let mut gateway_task = None;
+    if let Some(tls_cfg) = &config.tls {
+        gateway_task = Some(start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?);
+    } else {
+        tracing::warn!(
+            "no [tls] table in the config: the HTTPS gateway is off (tunnel and --forward only)"
+        );
+    }
     for f in &opts.forwards {
         let listener = TcpListener::bind(f.listen).await.map_err(|e| {
             anyhow::anyhow!(
@@ -171,12 +214,81 @@ pub async fn run(
             break;
         }
     }
+    // The gateway drains in-flight requests (bounded by drain_timeout) while the tunnel is
+    // still up; only then does the netstack stop.
+    if let Some(g) = gateway_task {
+        let _ = g.await;
+    }
     for t in &tasks {
         t.abort();
     }
     netstack.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the HTTPS port and starts the gateway with its key ring, certificate and upstreams.
+async fn start_gateway(
+    config: &Config,
+    tls_cfg: &TlsConfig,
+    netstack: &Netstack,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let state_dir = config.server.state_dir.clone();
+    let tls = Arc::new(TlsState::load(tls_cfg, &state_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let store = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    drop(store);
+    let keys = Keys::new(ring);
+    tasks.push(tokio::spawn(
+        keys.clone().watch(state_dir.clone(), stop.clone()),
+    ));
+    tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
+    tasks.push(tokio::spawn(reload_on_sighup(tls.clone(), stop.clone())));
+
+    let upstreams = upstream_specs(config)?;
+    if upstreams.is_empty() {
+        tracing::warn!("no [[upstream]] configured: every model request will get 404; add one with `modelgate upstream add`");
+    }
+    let state = GatewayState::new(keys, netstack.clone(), upstreams, config.gateway.clone());
+    tasks.push(state.spawn_discovery(stop.clone()));
+    let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (HTTPS): {e}; fix: free the port, or change [server] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
+            config.server.listen
+        )
+    })?;
+    tracing::info!(
+        listen = %config.server.listen,
+        certificate_expires = ?tls.not_after().map(humantime::format_rfc3339_seconds),
+        "HTTPS gateway listening"
+    );
+    Ok(tokio::spawn(gateway::serve(
+        listener,
+        tls.server_config(),
+        gateway::router(state),
+        config.gateway.clone(),
+        stop.clone(),
+    )))
+}
+
+/// SIGHUP re-reads the certificate (keys reload on their own within 1 s).
+async fn reload_on_sighup(tls: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; reload by restarting");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match tls.reload() {
+                Ok(()) => tracing::info!(expires = ?tls.not_after().map(humantime::format_rfc3339_seconds), "SIGHUP: certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; still serving the previous one"),
+            },
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn forward_loop(

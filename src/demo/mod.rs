@@ -110,10 +110,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
             api_key: None,
             models: vec![],
         }],
-        GatewaySettings {
-            discovery_interval: Duration::from_secs(10),
-            ..GatewaySettings::default()
-        },
+        GatewaySettings::default(),
     );
     state.spawn_discovery(stop_rx.clone());
     let tcp = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
@@ -151,27 +148,17 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     })
 }
 
-/// The demo's key store and one key for the user.
-fn demo_keys(_state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)> {
-    let key = format!(
-        "mg_demo_{}",
-        crate::wgkey::PrivateKey::generate()
-            .public_key()
-            .to_base64()
-            .replace(['+', '/', '='], "")
-    );
-    let principal = Arc::new(crate::policy::Principal {
-        id: "demo".into(),
-        name: "demo".into(),
-        policy: crate::policy::KeyPolicy::default(),
-    });
-    Ok((
-        Keys::new(crate::keys::KeyRing::from_entries(vec![(
-            key.clone(),
-            principal,
-        )])),
-        key,
-    ))
+/// The demo's key store (a real one, in the demo's temporary state dir) and one key.
+fn demo_keys(state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)> {
+    let mut store = crate::keys::KeyStore::open(state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let created = store
+        .create(crate::keys::NewKey {
+            name: "demo".into(),
+            policy: crate::policy::KeyPolicy::default(),
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = crate::keys::KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((Keys::new(ring), created.secret.expose().to_string()))
 }
 
 /// A certificate for `localhost` and a client config that trusts it (for `--check`).

@@ -26,37 +26,11 @@ use crate::netstack::Netstack;
 use crate::policy::Endpoint;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
-/// Limits and timeouts of the public listener (config `[gateway]`).
-#[derive(Debug, Clone)]
-pub struct GatewaySettings {
-    pub max_body_bytes: usize,
-    pub max_connections: usize,
-    pub tls_handshake_timeout: Duration,
-    pub header_read_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub upstream_response_timeout: Duration,
-    pub sse_keepalive: Duration,
-    pub drain_timeout: Duration,
-    pub discovery_interval: Duration,
-}
+/// Limits and timeouts of the public listener: the config's `[gateway]` table.
+pub use crate::config::GatewayConfig as GatewaySettings;
 
-impl Default for GatewaySettings {
-    fn default() -> Self {
-        GatewaySettings {
-            max_body_bytes: 32 << 20,
-            max_connections: 10_000,
-            tls_handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 << 10,
-            max_headers: 100,
-            upstream_response_timeout: Duration::from_secs(600),
-            sse_keepalive: Duration::from_secs(15),
-            drain_timeout: Duration::from_secs(30),
-            discovery_interval: Duration::from_secs(30),
-        }
-    }
-}
+/// How often upstreams without static routes are asked for their models.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The client's TCP address (never a forwarded header), set per connection.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +67,7 @@ impl GatewayState {
         tokio::spawn(upstream::discover_loop(
             self.routes.clone(),
             self.client.clone(),
-            self.settings.discovery_interval,
+            DISCOVERY_INTERVAL,
             stop,
         ))
     }

@@ -61,9 +61,6 @@ pub struct KeyRing {
     /// The server secret's HMAC, keyed once (`None` only for the empty default ring).
     mac: Option<HmacSha256>,
     by_id: HashMap<Box<str>, Entry>,
-    /// Free-form test keys from [`KeyRing::for_tests`] that are not in the `mg_` format
-    /// (never filled from the store).
-    literals: Vec<Entry>,
 }
 
 /// Counts for logs and status.
@@ -104,62 +101,41 @@ impl KeyRing {
         Ok(KeyRing {
             mac: Some(store.server_secret().mac()),
             by_id,
-            literals: Vec::new(),
         })
     }
 
-    /// A ring without SQLite (tests, demos): `(key, principal)` pairs, every key active and
-    /// expiring at `principal.policy.expires_at`. The principal is returned as given (set its
-    /// `id` to the key's id to keep logs honest).
-    ///
-    /// Keys should be real ones ([`format::generate`]). Any other string is accepted too, as an
-    /// exact-match test key (compared by HMAC in constant time), so fixtures like
-    /// `"mg_test_good_key"` keep working; the store never produces such entries.
+    /// A ring without SQLite (tests): `(key, principal)` pairs, every key active and expiring at
+    /// `principal.policy.expires_at`. Keys must be real ones ([`format::generate`]); a string
+    /// that is not a well-formed `mg_` key is skipped (it could never authenticate anyway).
     pub fn for_tests(entries: Vec<(String, Arc<Principal>)>) -> KeyRing {
         let mac = ServerSecret::generate().mac();
         let mut by_id = HashMap::new();
-        let mut literals = Vec::new();
         for (key, principal) in entries {
             let expires_at = principal.policy.expires_at;
-            match format::parse(&key) {
-                Ok(p) => {
-                    let entry = Entry {
-                        hash: hash_secret(&mac, p.id(), p.secret()),
-                        previous: None,
-                        revoked: false,
-                        expires_at,
-                        principal,
-                    };
-                    by_id.insert(p.id().into(), entry);
-                }
-                Err(_) => literals.push(Entry {
-                    hash: hash_secret(&mac, "", &key),
+            if let Ok(p) = format::parse(&key) {
+                let entry = Entry {
+                    hash: hash_secret(&mac, p.id(), p.secret()),
                     previous: None,
                     revoked: false,
                     expires_at,
                     principal,
-                }),
+                };
+                by_id.insert(p.id().into(), entry);
             }
         }
         KeyRing {
             mac: Some(mac),
             by_id,
-            literals,
         }
-    }
-
-    /// The original name of [`KeyRing::for_tests`], kept for existing callers.
-    pub fn from_entries(entries: Vec<(String, Arc<Principal>)>) -> KeyRing {
-        KeyRing::for_tests(entries)
     }
 
     /// Number of keys by status at `now`.
     pub fn counts(&self, now: SystemTime) -> RingCounts {
         let mut c = RingCounts {
-            total: self.by_id.len() + self.literals.len(),
+            total: self.by_id.len(),
             ..RingCounts::default()
         };
-        for e in self.by_id.values().chain(&self.literals) {
+        for e in self.by_id.values() {
             if e.revoked {
                 c.revoked += 1;
             } else if e.expires_at.is_some_and(|t| now >= t) {
@@ -185,9 +161,6 @@ impl KeyRing {
     ) -> Result<Arc<Principal>, AuthError> {
         let key = match format::parse(presented) {
             Ok(k) => k,
-            Err(_) if !self.literals.is_empty() => {
-                return self.authenticate_literal(presented, now)
-            }
             Err(_) => return Err(AuthError::Malformed),
         };
         let entry = self.by_id.get(key.id()).ok_or(AuthError::Unknown)?;
@@ -202,23 +175,6 @@ impl KeyRing {
             return Err(AuthError::Unknown);
         }
         admit(entry, now)
-    }
-
-    /// Test rings only: free-form keys, every entry compared (no early exit).
-    fn authenticate_literal(
-        &self,
-        presented: &str,
-        now: SystemTime,
-    ) -> Result<Arc<Principal>, AuthError> {
-        let mac = self.mac.as_ref().ok_or(AuthError::Malformed)?;
-        let h = hash_secret(mac, "", presented);
-        let mut found = None;
-        for e in &self.literals {
-            if bool::from(h.ct_eq(&e.hash)) {
-                found = Some(e);
-            }
-        }
-        admit(found.ok_or(AuthError::Malformed)?, now)
     }
 }
 
@@ -455,25 +411,25 @@ mod tests {
     }
 
     #[test]
-    fn free_form_test_keys() {
+    fn test_rings_take_real_keys_and_skip_malformed_ones() {
         let now = SystemTime::now();
-        let ring = KeyRing::from_entries(vec![
-            ("mg_test_good_key".into(), principal("good", None)),
+        let good = format::generate();
+        let expired = format::generate();
+        let ring = KeyRing::for_tests(vec![
+            (good.expose().to_string(), principal("good", None)),
             (
-                "mg_test_expired".into(),
+                expired.expose().to_string(),
                 principal("expired", Some(now - Duration::from_secs(1))),
             ),
+            ("mg_not_a_real_key".into(), principal("bogus", None)),
         ]);
+        assert_eq!(ring.authenticate(good.expose(), now).unwrap().id, "good");
         assert_eq!(
-            ring.authenticate("mg_test_good_key", now).unwrap().id,
-            "good"
-        );
-        assert_eq!(
-            ring.authenticate("mg_test_expired", now),
+            ring.authenticate(expired.expose(), now),
             Err(AuthError::Expired)
         );
         assert_eq!(
-            ring.authenticate("mg_test_good_ke", now),
+            ring.authenticate("mg_not_a_real_key", now),
             Err(AuthError::Malformed)
         );
         assert_eq!(ring.counts(now).total, 2);
