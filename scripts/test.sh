@@ -27,7 +27,17 @@ install_deps() {
   fi
 }
 
+install_python() {
+  # The openai SDK (a real client) for the gateway tests, in a project-local venv.
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then
+    log "python venv with openai (.venv)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check openai
+  fi
+}
+
 install_deps
+install_python
 
 log "cargo fmt --check"
 cargo fmt --check
