@@ -50,4 +50,4 @@ log "cargo test (unit, in-process, CLI, namespace lab when root)"
 if [ "$(id -u)" != 0 ]; then
   echo "note: not root: the namespace tests will print 'skipped' (CI runs as root)"
 fi
-cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"
+cargo test --all-targets --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"

@@ -22,7 +22,7 @@ fn demo_check_streams_through_the_whole_path() {
     assert!(
         stdout.contains("audit")
             && stdout.contains("prompt_tokens=")
-            && stdout.contains("key_id=demo"),
+            && stdout.contains("key=demo"),
         "no audit line: {stdout}"
     );
     assert!(

@@ -79,6 +79,9 @@ pub struct GatewayConfig {
     /// Deadline for the complete request head (slowloris).
     pub header_read_timeout: Duration,
     /// Idle keep-alive connections are closed after this; long because agent turns are long.
+    /// Not enforced yet: today an idle HTTP/1.1 keep-alive connection is closed after
+    /// `header_read_timeout` (hyper starts that timer while it waits for the next request),
+    /// and HTTP/2 connections are kept alive with pings.
     pub idle_timeout: Duration,
     /// Largest request head in bytes (hyper needs at least 8192).
     pub max_header_bytes: usize,
