@@ -24,6 +24,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// The tunnel to the upstream's peer is down or never came up.
     TunnelDown,
+    /// The model list is not known yet (no upstream that discovers models has answered).
+    ModelsUnavailable,
     /// The upstream refused, reset, or answered with garbage.
     BadGateway(String),
     /// The upstream did not connect or answer in time.
@@ -57,7 +59,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TunnelDown | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TunnelDown | ApiError::ModelsUnavailable | ApiError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -100,6 +104,11 @@ impl ApiError {
                 "server_error",
                 Some("tunnel_unavailable"),
             ),
+            ApiError::ModelsUnavailable => (
+                "The model list is unavailable right now: the model server has not been reached through the tunnel yet. Try again shortly.".into(),
+                "server_error",
+                Some("tunnel_unavailable"),
+            ),
             ApiError::BadGateway(m) => (format!("Upstream error: {m}."), "server_error", Some("upstream_error")),
             ApiError::GatewayTimeout => (
                 "The model server did not answer in time.".into(),
@@ -126,7 +135,7 @@ impl ApiError {
     /// Seconds a client should wait before retrying, where that helps.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ApiError::TunnelDown => Some(5),
+            ApiError::TunnelDown | ApiError::ModelsUnavailable => Some(5),
             ApiError::Overloaded => Some(1),
             _ => None,
         }

@@ -255,7 +255,14 @@ async fn forward_inner(
         return Err(refuse(ApiError::Forbidden(d), Some(model)));
     }
     let Some((upstream, upstream_model)) = state.routes.route(&model) else {
-        return Err(refuse(ApiError::ModelNotFound(model.clone()), Some(model)));
+        // Before the first successful discovery we cannot tell "no such model" from "cannot
+        // reach the server that has it": say unavailable (503, retry), not 404.
+        let e = if state.routes.incomplete() {
+            ApiError::ModelsUnavailable
+        } else {
+            ApiError::ModelNotFound(model.clone())
+        };
+        return Err(refuse(e, Some(model)));
     };
     // Rewrite the model only for aliases; otherwise forward the client's bytes as they are.
     let out_body = if upstream_model != model {

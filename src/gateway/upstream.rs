@@ -111,6 +111,14 @@ impl Routes {
         None
     }
 
+    /// True while some upstream that discovers its models has never answered `GET /models`:
+    /// a model missing from the table may then exist, so "not found" would be a lie.
+    pub fn incomplete(&self) -> bool {
+        self.upstreams
+            .iter()
+            .any(|u| u.spec.models.is_empty() && u.discovered().is_empty() && !u.reachable())
+    }
+
     /// Every public model name with its upstream's name, sorted.
     pub fn models(&self) -> Vec<(String, String)> {
         let mut out = BTreeMap::new();
