@@ -78,10 +78,10 @@ pub struct GatewayConfig {
     pub tls_handshake_timeout: Duration,
     /// Deadline for the complete request head (slowloris).
     pub header_read_timeout: Duration,
-    /// Idle keep-alive connections are closed after this; long because agent turns are long.
-    /// Not enforced yet: today an idle HTTP/1.1 keep-alive connection is closed after
-    /// `header_read_timeout` (hyper starts that timer while it waits for the next request),
-    /// and HTTP/2 connections are kept alive with pings.
+    /// A client connection with no byte read or written for this long is closed (HTTP/2
+    /// included); long because agent turns are long. Between HTTP/1.1 keep-alive requests the
+    /// shorter `header_read_timeout` applies (hyper starts that timer while it waits for the
+    /// next request head).
     pub idle_timeout: Duration,
     /// Largest request head in bytes (hyper needs at least 8192).
     pub max_header_bytes: usize,

@@ -6,6 +6,7 @@
 //! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
 
 pub mod error;
+mod idle;
 pub mod proxy;
 pub mod upstream;
 
@@ -149,6 +150,7 @@ pub async fn serve(
         let app = app.clone().layer(Extension(ClientAddr(peer)));
         let builder = builder.clone();
         let hs_timeout = settings.tls_handshake_timeout;
+        let idle_timeout = settings.idle_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
@@ -164,9 +166,18 @@ pub async fn serve(
                 }
             };
             let svc = TowerToHyperService::new(app);
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with error");
+            let activity = Arc::new(idle::Activity::new());
+            let io = idle::IdleIo::new(tls, activity.clone());
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            tokio::select! {
+                r = watcher.watch(conn.into_owned()) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                }
+                _ = activity.idle_for(idle_timeout) => {
+                    tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
+                }
             }
         });
     }
