@@ -519,7 +519,12 @@ impl Appliance {
 
     /// `modelgate --config CFG ARGS…`, which must succeed; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = run_ok(Command::new(&self.bin).arg("--config").arg(&self.cfg).args(args));
+        let out = run_ok(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.cfg)
+                .args(args),
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
