@@ -48,86 +48,9 @@ while (($#)); do
     esac
 done
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-[[ $(id -u) == 0 ]] || die "must run as root (it creates network namespaces)"
-
-ensure_packages() {
-    local -A need=([wireguard-go]=wireguard-go [wg]=wireguard-tools [wg-quick]=wireguard-tools
-        [nft]=nftables [ip]=iproute2 [iperf3]=iperf3 [nginx]=nginx [wrk]=wrk [jq]=jq [python3]=python3)
-    local cmd missing=()
-    for cmd in "${!need[@]}"; do
-        command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
-    done
-    ((${#missing[@]} == 0)) && return 0
-    log "installing missing packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    # iperf3's postinst asks whether to start a daemon; answer no.
-    echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-ensure_packages
-
-TAG="b$(($$ % 100000000))"
-lab_names "$TAG"
-WORK=$(mktemp -d /tmp/mg-bench.XXXXXX)
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # Bounded wait: 50 × 0.1 s, then SIGKILL.
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    PIDS=()
-    lab_down "$TAG"
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Stops the given PIDs (and forgets them), bounded like cleanup.
-stop_pids() {
-    local pid keep=() p
-    for pid in "$@"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    for p in "${PIDS[@]}"; do
-        [[ " $* " == *" $p "* ]] || keep+=("$p")
-    done
-    PIDS=("${keep[@]}")
-}
-
-# Starts wireguard-go IF in NS in the foreground; sets WG_PID.
-start_wg() {
-    local ns=$1 ifn=$2
-    rm -f "/var/run/wireguard/$ifn.sock"
-    ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error \
-        wireguard-go -f "$ifn" >"$WORK/$ifn.log" 2>&1 &
-    WG_PID=$!
-    PIDS+=("$WG_PID")
-    lab_wg_wait_sock "$ifn"
-}
-
-# Waits (bounded) until wireguard-go IF in NS has completed a handshake.
-wait_handshake() {
-    local ns=$1 ifn=$2 ts
-    for _ in $(seq 100); do
-        ts=$(ip netns exec "$ns" wg show "$ifn" latest-handshakes | awk '{print $2}' | head -1)
-        [[ -n $ts && $ts != 0 ]] && return 0
-        sleep 0.1
-    done
-    die "no WireGuard handshake on $ifn in $ns within 10 s"
-}
+# shellcheck source=scripts/lib/bench-common.sh
+source "$HERE/lib/bench-common.sh"
+bench_init b
 
 # Waits (bounded) until an HTTP GET from the edge succeeds.
 wait_http() {
@@ -214,17 +137,7 @@ measure_wrk() {
         return 0
     }
     echo "$out" >>"$WORK/wrk.log"
-    awk '
-        function ms(v) {
-            if (v ~ /us$/) { sub(/us$/, "", v); return v / 1000 }
-            if (v ~ /ms$/) { sub(/ms$/, "", v); return v + 0 }
-            if (v ~ /s$/)  { sub(/s$/, "", v);  return v * 1000 }
-            return v
-        }
-        $1 == "50%" { p50 = ms($2) }
-        $1 == "99%" { p99 = ms($2) }
-        $1 == "Requests/sec:" { rps = $2 }
-        END { printf "%.3f %.3f %d\n", p50, p99, rps }' <<<"$out"
+    wrk_summary <<<"$out" | cut -d" " -f1-3
 }
 
 # UDP datagrams a namespace dropped because a socket's receive buffer was full (RcvbufErrors):
@@ -243,11 +156,10 @@ measure_sse() {
 measure_idle_cpu() {
     local pid=$1 t0 t1 hz
     hz=$(getconf CLK_TCK)
-    # Fields 14 and 15 (utime, stime) after the parenthesised command name.
-    t0=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+    t0=$(proc_cpu_ticks "$pid")
     sleep "$IDLE"
     kill -0 "$pid" 2>/dev/null || { echo "n/a"; return 0; }
-    t1=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+    t1=$(proc_cpu_ticks "$pid")
     awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$IDLE" 'BEGIN { printf "%.2f\n", (b - a) / hz / s * 100 }'
 }
 
@@ -274,47 +186,15 @@ measure_path() {
 
 # --- path A: wireguard-go ↔ wireguard-go ----------------------------------------------------------
 run_anchor() {
-    local edge_key corp_key
-    edge_key=$(wg genkey)
-    corp_key=$(wg genkey)
-    cat >"$WORK/anchor-edge.conf" <<EOF
-[Interface]
-PrivateKey = $edge_key
-ListenPort = $LAB_WG_PORT
-Address = 10.99.0.1/24
-MTU = 1420
-
-[Peer]
-PublicKey = $(wg pubkey <<<"$corp_key")
-AllowedIPs = 10.99.0.2/32, $LAN_NET
-EOF
-    cat >"$WORK/anchor-corp.conf" <<EOF
-[Interface]
-PrivateKey = $corp_key
-Address = 10.99.0.2/24
-MTU = 1420
-
-[Peer]
-PublicKey = $(wg pubkey <<<"$edge_key")
-Endpoint = $EDGE_PUBLIC:$LAB_WG_PORT
-AllowedIPs = 10.99.0.1/32
-PersistentKeepalive = 25
-EOF
-    start_wg "$NS_EDGE" "$WG_EDGE"
-    local edge_pid=$WG_PID
-    lab_wg_conf "$NS_EDGE" "$WG_EDGE" "$WORK/anchor-edge.conf"
-    start_wg "$NS_CORP" "$WG_CORP"
-    local corp_pid=$WG_PID
-    lab_wg_conf "$NS_CORP" "$WG_CORP" "$WORK/anchor-corp.conf"
-    wait_handshake "$NS_CORP" "$WG_CORP"
+    anchor_up
+    local edge_pid=$ANCHOR_EDGE_PID
     wait_http "http://$MODEL_ADDR:8080/small"
 
     measure_path "A wireguard-go" "$MODEL_ADDR" 5201 "http://$MODEL_ADDR:8080/small" "$edge_pid" 8000
     A_UP=$R_UP A_DOWN=$R_DOWN A_P50=$R_P50 A_P99=$R_P99 A_RPS=$R_RPS A_IDLE=$R_IDLE
     A_SSE50=$R_SSE50 A_SSE99=$R_SSE99 A_UP_DROPS=$R_UP_DROPS A_DOWN_DROPS=$R_DOWN_DROPS
 
-    stop_pids "$edge_pid" "$corp_pid"
-    rm -f "/var/run/wireguard/$WG_EDGE.sock" "/var/run/wireguard/$WG_CORP.sock"
+    anchor_down
 }
 
 # --- path B: modelgate ---------------------------------------------------------------------------
@@ -372,12 +252,6 @@ run_modelgate() {
         B_NOTE="modelgate exited during the run; log: $(tail -5 "$WORK/mg/run.log" | tr '\n' ' ')"
     fi
     stop_pids "$mg_pid" "$corp_pid"
-}
-
-ratio() {
-    awk -v b="$1" -v a="$2" 'BEGIN {
-        if (a == "" || b == "" || a == "n/a" || b == "n/a" || a + 0 == 0) { print "–"; exit }
-        printf "%.2f\n", b / a }'
 }
 
 # --- main ----------------------------------------------------------------------------------------

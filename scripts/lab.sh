@@ -25,6 +25,10 @@
 #                                    --post-up also runs the file's PostUp commands (%i → IF) instead
 #                                    of the lab's own tunnel → LAN masquerade on the corp router
 #   scripts/lab.sh wg-wait-sock IF   wait (bounded) until /var/run/wireguard/IF.sock exists
+#   scripts/lab.sh hosts NS 'IP NAME'...
+#                                    /etc/hosts for NS (`ip netns exec` bind-mounts
+#                                    /etc/netns/NS/hosts over /etc/hosts), e.g. gw.test → the edge;
+#                                    `down` removes /etc/netns/NS of the lab's namespaces
 #
 # Processes (wireguard-go, modelgate, servers) are started and killed by the caller, by PID; this
 # file only manages namespaces, links, addresses, routes and nftables. It can also be sourced
@@ -78,6 +82,8 @@ lab_down() {
         if [[ -e /var/run/netns/$ns ]]; then
             ip netns del "$ns" 2>/dev/null || true
         fi
+        # Per-namespace /etc files (lab_hosts); the names carry the tag, so they are ours.
+        rm -rf "/etc/netns/$ns"
     done
     # A killed wireguard-go leaves its socket behind; a later one with the same name would fail.
     for ifn in "$WG_CORP" "$WG_EDGE" "$WG_ROGUE"; do
@@ -178,6 +184,22 @@ table inet lab {
 EOF
 }
 
+# Writes /etc/netns/NS/hosts: localhost plus each 'IP NAME' argument. Only for the lab's own
+# namespaces (mg-*), which `lab_down` cleans up.
+lab_hosts() {
+    local ns=$1 line
+    shift
+    if [[ $ns != mg-* ]]; then
+        echo "lab: hosts: '$ns' is not a lab namespace" >&2
+        return 2
+    fi
+    mkdir -p "/etc/netns/$ns"
+    {
+        echo "127.0.0.1 localhost"
+        for line in "$@"; do echo "$line"; done
+    } >"/etc/netns/$ns/hosts"
+}
+
 # Waits (at most ~5 s) for a freshly started wireguard-go to create its control socket.
 lab_wg_wait_sock() {
     local ifn=$1 i
@@ -258,6 +280,7 @@ lab_main() {
         names) lab_print_names "$@" ;;
         wg-conf) lab_wg_conf "$@" ;;
         wg-wait-sock) lab_wg_wait_sock "$@" ;;
+        hosts) lab_hosts "$@" ;;
         gc) lab_gc ;;
         *)
             sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2

@@ -17,6 +17,8 @@
 
 #[path = "netns/helper.rs"]
 mod helper;
+// Shared with tests/netns_gateway.rs; not every helper is used by both targets.
+#[allow(dead_code)]
 #[path = "netns/lab.rs"]
 mod lab;
 

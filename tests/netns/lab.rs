@@ -317,6 +317,30 @@ impl Lab {
             &["python3", "-u", script.to_str().unwrap(), MODEL_ADDR, &port],
             &[],
         );
+        self.wait_model_listen(p)
+    }
+
+    /// Starts `fake_vllm.py` (a vLLM-like OpenAI server) on 10.20.0.5:8000 in the model
+    /// namespace, logging requests to `log` (JSON lines), with extra arguments `args`; waits
+    /// until it listens.
+    pub fn start_fake_vllm(&self, log: &Path, args: &[&str]) -> Proc {
+        let script = manifest_path("tests/netns/fake_vllm.py");
+        let port = MODEL_PORT.to_string();
+        let mut cmd = vec![
+            "python3",
+            "-u",
+            script.to_str().unwrap(),
+            MODEL_ADDR,
+            &port,
+            "--log",
+            log.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(args);
+        let p = self.spawn("fake-vllm", Some(&self.model), &cmd, &[]);
+        self.wait_model_listen(p)
+    }
+
+    fn wait_model_listen(&self, p: Proc) -> Proc {
         let deadline = Instant::now() + Duration::from_secs(10);
         let filter = format!("sport = :{MODEL_PORT}");
         while Instant::now() < deadline {
@@ -326,7 +350,12 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!("model server did not listen within 10 s:\n{}", p.log());
+        panic!("{} did not listen within 10 s:\n{}", p.name, p.log());
+    }
+
+    /// Makes `name` resolve to `ip` inside namespace `ns` (`lab.sh hosts`; removed on drop).
+    pub fn add_host(&self, ns: &str, ip: &str, name: &str) {
+        self.sh(&["hosts", ns, &format!("{ip} {name}")]);
     }
 
     /// Runs this test binary's helper entry point inside `ns` (see `helper.rs`): `args` is the
@@ -427,12 +456,22 @@ impl Drop for Lab {
 pub struct Appliance {
     pub bin: PathBuf,
     pub cfg: PathBuf,
+    /// `--state-dir`: keys, the self-signed certificate (`self-signed.crt`).
+    pub state: PathBuf,
+    /// `--listen`: the HTTPS gateway's address.
+    pub listen: String,
     pub corp_conf: String,
 }
 
 impl Appliance {
-    /// `modelgate init` + `modelgate peer add corp --allowed-ips 10.20.0.0/24`.
+    /// `modelgate init` + `modelgate peer add corp --allowed-ips 10.20.0.0/24`, HTTPS on
+    /// 127.0.0.1:8443 (unused by the `--forward` tests).
     pub fn init(lab: &Lab) -> Appliance {
+        Appliance::init_with(lab, "127.0.0.1:8443")
+    }
+
+    /// [`Appliance::init`] with the HTTPS gateway on `listen` (self-signed for gw.test).
+    pub fn init_with(lab: &Lab, listen: &str) -> Appliance {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_modelgate"));
         let dir = lab.dir.path().join("modelgate");
         fs::create_dir_all(dir.join("state")).unwrap();
@@ -452,7 +491,7 @@ impl Appliance {
                 .args(["--tunnel-address", TUNNEL_ADDRESS])
                 .arg("--state-dir")
                 .arg(dir.join("state"))
-                .args(["--listen", "127.0.0.1:8443", "--self-signed", "gw.test"])
+                .args(["--listen", listen, "--self-signed", "gw.test"])
                 // The default /run/modelgate/control.sock would be shared by parallel tests.
                 .arg("--control-socket")
                 .arg(dir.join("control.sock")),
@@ -472,8 +511,38 @@ impl Appliance {
         Appliance {
             bin,
             cfg,
+            state: dir.join("state"),
+            listen: listen.to_string(),
             corp_conf,
         }
+    }
+
+    /// `modelgate --config CFG ARGS…`, which must succeed; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = run_ok(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.cfg)
+                .args(args),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `modelgate run` (no forwards) in the edge; returns once the HTTPS listener accepts
+    /// connections from the client namespace (bounded: 15 s).
+    pub fn run_gateway(&self, lab: &Lab) -> Proc {
+        let mut p = self.run(lab, &[]);
+        for _ in 0..15 {
+            assert!(p.is_running(), "modelgate run exited:\n{}", p.log());
+            if lab
+                .helper(&lab.client, &["wait-accept", &self.listen, "1000"])
+                .first()
+                .starts_with("ok")
+            {
+                return p;
+            }
+        }
+        panic!("modelgate run: {} did not accept within 15 s", self.listen);
     }
 
     /// `modelgate run --forward …` in the edge namespace; returns once every forward's listen

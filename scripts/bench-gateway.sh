@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Gateway benchmark: modelgate (TLS + key auth + userspace tunnel, in the edge) against nginx (TLS
+# with its own self-signed certificate + a static Bearer-key check + proxy_pass over a
+# wireguard-go ↔ wireguard-go TUN tunnel), in one namespace lab (scripts/lab.sh), one run, against
+# the same fake vLLM (tests/netns/fake_vllm.py) in the model namespace.
+#
+#   N (anchor)    nginx on 192.0.2.1:443 in the edge; `map $http_authorization $ok` + `return 401`;
+#                 proxy_pass to 10.20.0.5:8000 over wireguard-go (kernel route via its TUN),
+#                 proxy_buffering off, upstream keepalive.
+#   M (modelgate) `modelgate run` on 192.0.2.1:443 with `upstream add vllm`; corp wireguard-go from
+#                 `modelgate peer add`.
+# Clients run in the client namespace against https://gw.test (/etc/netns/<client>/hosts).
+#
+# Measures:
+#   1. small non-streaming chat completions (POST, max_tokens 8, no token delay), keep-alive:
+#      wrk -tTHREADS -c8 -dDURATION --latency with a Lua script (method, body, Authorization) →
+#      requests/s, p50, p99, non-2xx count
+#   2. time to the first SSE event of a streaming chat, p50/p99, 300 sequential requests on one
+#      HTTPS connection (scripts/lib/sse_first_chunk.py --tls --post)
+#   3. M only: STREAMS concurrent slow SSE streams (HOLD_S tokens, one per second) held through
+#      modelgate by scripts/lib/sse_hold.py: errors (non-200, broken, connect), peak RSS of the
+#      modelgate process (/proc/PID/status VmHWM), its CPU over the hold (% of one core), and the
+#      CPU of the fake vLLM and the client for context
+#
+# Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
+#               [--streams N] [--hold S] [--skip-hold]
+#   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
+# Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
+# namespaces. Everything started is stopped by PID; BENCH_KEEP=1 keeps the work directory.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=scripts/lab.sh
+source "$HERE/lab.sh"
+
+OUT=""
+DURATION=10
+THREADS=2
+STREAMS=2000
+HOLD_S=60
+SKIP_HOLD=0
+DEFAULT_BIN=$ROOT/target/release/modelgate
+if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
+    DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
+fi
+MODELGATE_BIN=${MODELGATE_BIN:-$DEFAULT_BIN}
+
+while (($#)); do
+    case $1 in
+        --out) OUT=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --threads) THREADS=$2; shift 2 ;;
+        --streams) STREAMS=$2; shift 2 ;;
+        --hold) HOLD_S=$2; shift 2 ;;
+        --skip-hold) SKIP_HOLD=1; shift ;;
+        -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+# shellcheck source=scripts/lib/bench-common.sh
+source "$HERE/lib/bench-common.sh"
+bench_init g
+[[ -x $MODELGATE_BIN ]] || die "$MODELGATE_BIN not found (cargo build --release, or set MODELGATE_BIN)"
+
+GW_LISTEN=$EDGE_PUBLIC:443
+MODEL=acme-coder
+SMALL_BODY='{"model":"acme-coder","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8,"fake_token_delay_ms":0}'
+STREAM_BODY='{"model":"acme-coder","messages":[{"role":"user","content":"Say hello."}],"max_tokens":2,"stream":true,"stream_options":{"include_usage":true},"fake_token_delay_ms":5}'
+
+# --- model namespace -----------------------------------------------------------------------------
+start_model() {
+    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/netns/fake_vllm.py" "$MODEL_ADDR" 8000 \
+        --models "$MODEL" --token-delay-ms 0 >"$WORK/fake-vllm.log" 2>&1 &
+    MODEL_PID=$!
+    PIDS+=("$MODEL_PID")
+    for _ in $(seq 50); do
+        ip netns exec "$NS_MODEL" ss -Htln "sport = :8000" | grep -q . && return 0
+        sleep 0.1
+    done
+    die "fake_vllm.py did not listen in $NS_MODEL (see $WORK/fake-vllm.log)"
+}
+
+# Waits (bounded) until a small chat POST from the client namespace gets 200 with KEY and CAFILE.
+wait_https() {
+    local key=$1 cafile=$2 code
+    for _ in $(seq 60); do
+        code=$(ip netns exec "$NS_CLIENT" curl -sS -o /dev/null -w '%{http_code}' --max-time 3 \
+            --cacert "$cafile" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+            --data "$SMALL_BODY" "https://gw.test/v1/chat/completions" 2>/dev/null) || true
+        [[ $code == 200 ]] && return 0
+        sleep 0.5
+    done
+    die "POST https://gw.test/v1/chat/completions never returned 200 (last: ${code:-none})"
+}
+
+# --- measurements --------------------------------------------------------------------------------
+# wrk_post KEY → "p50_ms p99_ms requests_per_s non2xx"
+measure_wrk() {
+    local key=$1 out lua=$WORK/post.lua
+    # The body has no quotes that need Lua escaping beyond \" (it is JSON in a Lua string).
+    cat >"$lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$SMALL_BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+EOF
+    out=$(ip netns exec "$NS_CLIENT" timeout $((DURATION + 30)) \
+        wrk -t"$THREADS" -c8 -d"${DURATION}s" --latency -s "$lua" \
+        "https://gw.test/v1/chat/completions" 2>&1) || {
+        log "wrk failed: $out"
+        echo "n/a n/a n/a n/a"
+        return 0
+    }
+    echo "$out" >>"$WORK/wrk.log"
+    wrk_summary <<<"$out"
+}
+
+# measure_sse KEY CAFILE → "p50_ms p99_ms"
+measure_sse() {
+    ip netns exec "$NS_CLIENT" timeout 90 python3 "$HERE/lib/sse_first_chunk.py" gw.test 443 300 \
+        --tls "$2" --sni gw.test --post /v1/chat/completions --body "$STREAM_BODY" \
+        --header "Authorization: Bearer $1" 2>>"$WORK/sse.log" || echo "n/a n/a"
+}
+
+# utime+stime of the PIDs (space-separated) and their direct children (nginx's workers).
+tree_ticks() {
+    local pid kids total=0 t
+    for pid in $1; do
+        kids=$(cat /proc/"$pid"/task/*/children 2>/dev/null || true)
+        for p in $pid $kids; do
+            t=$(proc_cpu_ticks "$p" 2>/dev/null) || t=0
+            total=$((total + ${t%.*}))
+        done
+    done
+    echo "$total"
+}
+
+# CPU of PIDS since ticks T0 over S seconds, % of one core
+cpu_pct() {
+    local pids=$1 t0=$2 secs=$3 t1
+    t1=$(tree_ticks "$pids")
+    awk -v a="$t0" -v b="$t1" -v hz="$(getconf CLK_TCK)" -v s="$secs" \
+        'BEGIN { printf "%.1f\n", (b - a) / hz / s * 100 }'
+}
+
+# measure_path NAME KEY CAFILE "PID…" → R_P50 R_P99 R_RPS R_BAD R_SSE50 R_SSE99 R_CPU (during wrk)
+measure_path() {
+    local name=$1 key=$2 cafile=$3 pid=$4 t0 s0
+    log "$name: wrk POST chat (non-streaming), -t$THREADS -c8 -d${DURATION}s"
+    t0=$(tree_ticks "$pid")
+    s0=$SECONDS
+    read -r R_P50 R_P99 R_RPS R_BAD < <(measure_wrk "$key")
+    R_CPU=$(cpu_pct "$pid" "$t0" $((SECONDS - s0)))
+    log "$name: SSE first event, 300 streaming requests, 1 connection"
+    read -r R_SSE50 R_SSE99 < <(measure_sse "$key" "$cafile")
+    log "$name: p50 $R_P50 ms, p99 $R_P99 ms, $R_RPS req/s ($R_BAD non-2xx), CPU $R_CPU%, SSE first $R_SSE50 ms"
+}
+
+# --- path N: nginx + wireguard-go ----------------------------------------------------------------
+run_nginx() {
+    local key=mg_bench_nginx_static_key_0123456789 d=$WORK/nginx
+    mkdir -p "$d/tmp"
+    # Its own self-signed certificate, same key type as modelgate's (ECDSA P-256).
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=gw.test -addext subjectAltName=DNS:gw.test \
+        -keyout "$d/key.pem" -out "$d/cert.pem" 2>"$d/openssl.log"
+    cat >"$d/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes auto;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    tcp_nodelay on;
+    client_max_body_size 32m;
+    map \$http_authorization \$ok { "Bearer $key" 1; default 0; }
+    upstream model {
+        server $MODEL_ADDR:8000;
+        keepalive 64;
+        # Below the model server's 5 s idle timeout, like modelgate's pool.
+        keepalive_timeout 4s;
+    }
+    server {
+        listen $GW_LISTEN ssl;
+        server_name gw.test;
+        ssl_certificate $d/cert.pem;
+        ssl_certificate_key $d/key.pem;
+        location / {
+            if (\$ok = 0) { return 401; }
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }
+    }
+}
+EOF
+    anchor_up
+    ip netns exec "$NS_EDGE" nginx -c "$d/nginx.conf" -p "$d" >"$d/stdout.log" 2>&1 &
+    local nginx_pid=$!
+    PIDS+=("$nginx_pid")
+    wait_https "$key" "$d/cert.pem"
+    # The edge's work on path N is nginx (master + workers) plus the edge wireguard-go.
+    measure_path "N nginx+wireguard-go" "$key" "$d/cert.pem" "$nginx_pid $ANCHOR_EDGE_PID"
+    N_P50=$R_P50 N_P99=$R_P99 N_RPS=$R_RPS N_BAD=$R_BAD N_SSE50=$R_SSE50 N_SSE99=$R_SSE99
+    N_CPU=$R_CPU
+    stop_pids "$nginx_pid"
+    anchor_down
+}
+
+# --- path M: modelgate ---------------------------------------------------------------------------
+run_modelgate() {
+    local cfg=$WORK/mg/modelgate.toml mg=$WORK/mg
+    mkdir -p "$mg/state"
+    "$MODELGATE_BIN" --config "$cfg" init --public-endpoint "$EDGE_PUBLIC:$LAB_WG_PORT" \
+        --wg-listen "$EDGE_PUBLIC:$LAB_WG_PORT" --tunnel-address 10.99.0.1/24 \
+        --state-dir "$mg/state" --listen "$GW_LISTEN" --self-signed gw.test \
+        --control-socket "$mg/control.sock" >"$mg/init.log" 2>&1 ||
+        die "modelgate init failed: $(tail -3 "$mg/init.log")"
+    "$MODELGATE_BIN" --config "$cfg" peer add corp --allowed-ips "$LAN_NET" >"$mg/corp.conf" ||
+        die "modelgate peer add failed"
+    "$MODELGATE_BIN" --config "$cfg" upstream add vllm --url "http://$MODEL_ADDR:8000" >/dev/null ||
+        die "modelgate upstream add failed"
+    local key
+    key=$("$MODELGATE_BIN" --config "$cfg" key create bench --json | jq -r .secret)
+    ip netns exec "$NS_EDGE" env RUST_LOG=warn "$MODELGATE_BIN" --config "$cfg" run \
+        >"$mg/run.log" 2>&1 &
+    MG_PID=$!
+    PIDS+=("$MG_PID")
+    start_wg "$NS_CORP" "$WG_CORP"
+    local corp_pid=$WG_PID
+    lab_wg_conf "$NS_CORP" "$WG_CORP" "$mg/corp.conf"
+    wait_handshake "$NS_CORP" "$WG_CORP"
+    wait_https "$key" "$mg/state/self-signed.crt"
+
+    measure_path "M modelgate" "$key" "$mg/state/self-signed.crt" "$MG_PID"
+    M_P50=$R_P50 M_P99=$R_P99 M_RPS=$R_RPS M_BAD=$R_BAD M_SSE50=$R_SSE50 M_SSE99=$R_SSE99
+    M_CPU=$R_CPU
+    M_RSS_AFTER_LOAD=$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$MG_PID/status")
+
+    if ((SKIP_HOLD == 0)); then
+        hold_streams "$key" "$mg/state/self-signed.crt"
+    fi
+    kill -0 "$MG_PID" 2>/dev/null || M_NOTE="modelgate exited during the run: $(tail -5 "$mg/run.log" | tr '\n' ' ')"
+    stop_pids "$MG_PID" "$corp_pid"
+}
+
+hold_streams() {
+    local key=$1 cafile=$2 t0 m0 c0 s0 out body
+    body="{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Write slowly.\"}],\"max_tokens\":$HOLD_S,\"stream\":true,\"stream_options\":{\"include_usage\":true},\"fake_token_delay_ms\":1000}"
+    log "M modelgate: holding $STREAMS concurrent SSE streams, $HOLD_S tokens 1 s apart each"
+    t0=$(tree_ticks "$MG_PID")
+    m0=$(tree_ticks "$MODEL_PID")
+    s0=$SECONDS
+    ip netns exec "$NS_CLIENT" env MG_KEY="$key" timeout $((HOLD_S + 240)) python3 \
+        "$HERE/lib/sse_hold.py" gw.test 443 --cafile "$cafile" --sni gw.test \
+        --path /v1/chat/completions --body "$body" --streams "$STREAMS" --ramp-per-s 100 \
+        --deadline-s $((HOLD_S + 180)) >"$WORK/hold.json" 2>"$WORK/hold.err" &
+    local client_pid=$!
+    PIDS+=("$client_pid")
+    # Sample modelgate's RSS and open streams while the client runs (bounded by its timeout).
+    H_RSS_PEAK_SAMPLED=0
+    while kill -0 "$client_pid" 2>/dev/null; do
+        local rss
+        rss=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$MG_PID/status" 2>/dev/null || echo 0)
+        ((rss > H_RSS_PEAK_SAMPLED)) && H_RSS_PEAK_SAMPLED=$rss
+        echo "$((SECONDS - s0)) rss_mib=$rss" >>"$WORK/hold-rss.log"
+        sleep 2
+    done
+    wait "$client_pid" 2>/dev/null || true
+    stop_pids "$client_pid"
+    local secs=$((SECONDS - s0))
+    H_CPU=$(cpu_pct "$MG_PID" "$t0" "$secs")
+    H_MODEL_CPU=$(cpu_pct "$MODEL_PID" "$m0" "$secs")
+    H_HWM=$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$MG_PID/status" 2>/dev/null || echo n/a)
+    H_SECS=$secs
+    out=$(cat "$WORK/hold.json" 2>/dev/null)
+    if [[ -z $out ]]; then
+        H_NOTE="sse_hold.py printed nothing: $(tail -3 "$WORK/hold.err" | tr '\n' ' ')"
+        out='{}'
+    fi
+    H_OK=$(jq -r '.ok // "n/a"' <<<"$out")
+    H_NON200=$(jq -r '.non200 // "n/a"' <<<"$out")
+    H_BROKEN=$(jq -r '.broken // "n/a"' <<<"$out")
+    H_CONNERR=$(jq -r '.connect_errors // "n/a"' <<<"$out")
+    H_FIRST=$(jq -r '.first_event_p50_ms // "n/a"' <<<"$out")
+    H_DUR=$(jq -r '"\(.duration_p50_s // "n/a") / \(.duration_max_s // "n/a")"' <<<"$out")
+    H_ERRORS=$(jq -c '.errors // {}' <<<"$out")
+    H_PEAK_OPEN=$(jq -r '.peak_open // "n/a"' <<<"$out")
+    log "hold: $out; modelgate VmHWM $H_HWM MiB, CPU $H_CPU%, fake vLLM CPU $H_MODEL_CPU% over ${secs}s"
+}
+
+verdict() { # verdict VALUE OP TARGET
+    awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN {
+        if (v == "–" || v == "" || v == "n/a") { print "?"; exit }
+        ok = (op == "<=") ? (v + 0 <= t + 0) : (v + 0 >= t + 0)
+        print ok ? "met" : "MISSED" }'
+}
+
+# --- main ----------------------------------------------------------------------------------------
+M_NOTE="" H_NOTE=""
+log "lab $TAG: building namespaces"
+LAB_OWNER_PID=$$ lab_up "$TAG"
+lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
+start_model
+log "path N: nginx + wireguard-go"
+run_nginx
+log "path M: modelgate ($MODELGATE_BIN)"
+run_modelgate
+
+R_LAT50=$(ratio "$M_P50" "$N_P50")
+R_LAT99=$(ratio "$M_P99" "$N_P99")
+R_RPS=$(ratio "$M_RPS" "$N_RPS")
+R_SSE=$(ratio "$M_SSE50" "$N_SSE50")
+table=$(
+    cat <<EOF
+## Gateway benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))
+
+N = nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (TLS, static Bearer map, proxy_pass, proxy_buffering off, upstream keepalive) over wireguard-go ↔ wireguard-go (TUN);
+M = modelgate $("$MODELGATE_BIN" --version 2>/dev/null | awk '{print $NF}') (TLS, key auth, policy, userspace WireGuard). Same lab, same fake vLLM, same run; clients in the client namespace over HTTPS.
+Small non-streaming chat POSTs: wrk -t$THREADS -c8 -d${DURATION}s --latency (keep-alive). SSE: 300 × time to first event of a streaming chat on one connection.
+
+| metric | N nginx+wireguard-go | M modelgate | M/N | target | verdict |
+|---|---|---|---|---|---|
+| chat POST p50 (ms) | $N_P50 | $M_P50 | $R_LAT50 | ≤ 1.0 | $(verdict "$R_LAT50" "<=" 1.0) |
+| chat POST p99 (ms) | $N_P99 | $M_P99 | $R_LAT99 | ≤ 1.0 | $(verdict "$R_LAT99" "<=" 1.0) |
+| chat POST requests/s | $N_RPS | $M_RPS | $R_RPS | ≥ 1.0 | $(verdict "$R_RPS" ">=" 1.0) |
+| non-2xx responses during wrk | $N_BAD | $M_BAD | | 0 | |
+| SSE first event p50 (ms) | $N_SSE50 | $M_SSE50 | $R_SSE | ≤ 1.0 | $(verdict "$R_SSE" "<=" 1.0) |
+| SSE first event p99 (ms) | $N_SSE99 | $M_SSE99 | $(ratio "$M_SSE99" "$N_SSE99") | | |
+| edge CPU during wrk (% of a core) | $N_CPU | $M_CPU | $(ratio "$M_CPU" "$N_CPU") | | |
+EOF
+    if ((SKIP_HOLD == 0)); then
+        cat <<EOF
+
+### $STREAMS concurrent slow SSE streams through modelgate ($HOLD_S tokens, 1 s apart; ramp 100/s)
+
+| metric | value | target | verdict |
+|---|---|---|---|
+| streams completed with [DONE] | ${H_OK:-n/a} / $STREAMS | all | $( [[ ${H_OK:-} == "$STREAMS" ]] && echo met || echo MISSED) |
+| non-200 / broken / connect errors | ${H_NON200:-n/a} / ${H_BROKEN:-n/a} / ${H_CONNERR:-n/a} | 0 | |
+| errors by kind | \`${H_ERRORS:-}\` | | |
+| peak concurrently open (client side) | ${H_PEAK_OPEN:-n/a} | | |
+| modelgate peak RSS, VmHWM (MiB) | ${H_HWM:-n/a} (sampled VmRSS peak ${H_RSS_PEAK_SAMPLED:-n/a}; after the wrk phase ${M_RSS_AFTER_LOAD:-n/a}) | ≤ 512 | $(verdict "${H_HWM:-n/a}" "<=" 512) |
+| modelgate CPU over the hold (% of a core, ${H_SECS:-?} s) | ${H_CPU:-n/a} | | |
+| fake vLLM CPU over the hold (% of a core) | ${H_MODEL_CPU:-n/a} | | |
+| first event p50 (ms) / stream duration p50 / max (s) | ${H_FIRST:-n/a} / ${H_DUR:-n/a} | | |
+EOF
+    fi
+    [[ -n $M_NOTE ]] && printf '\nM: %s\n' "$M_NOTE"
+    [[ -n $H_NOTE ]] && printf '\nhold: %s\n' "$H_NOTE"
+    true
+)
+echo "$table"
+if [[ -n $OUT ]]; then
+    echo "$table" >"$OUT"
+    log "wrote $OUT"
+fi

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""A vLLM-like OpenAI server for the namespace lab (stdlib only, asyncio: thousands of streams).
+
+    fake_vllm.py ADDR PORT [--models a,b] [--token-delay-ms D] [--log FILE]
+
+GET  /v1/models              {"object":"list","data":[{"id":..,"object":"model","owned_by":"vllm"}]}
+POST /v1/chat/completions    like vLLM's OpenAI server:
+     "stream": true          text/event-stream, chunked: a role chunk, max_tokens content chunks
+                             (default 8) D ms apart, a finish chunk (finish_reason "stop"), a usage
+                             chunk (choices []) when stream_options.include_usage, `data: [DONE]`
+     otherwise               one chat.completion JSON with usage
+     unknown model           404 {"object":"error","type":"NotFoundError",..} like vLLM
+GET  /health                 200
+
+Test-only request field: "fake_token_delay_ms" overrides D for one request (it reaches the model
+because a gateway forwards the body untouched).
+
+--log FILE gets one JSON object per line, flushed at once (tests read it while we run):
+  {"ev":"request","id":N,"t":UNIX_S,"method","path","model","body_bytes","auth":BOOL,
+   "stream":BOOL,"client":IP}
+  {"ev":"disconnect","id":N,"t":UNIX_S,"sent":CONTENT_CHUNKS_SENT}   client left mid-stream
+  {"ev":"done","id":N,"t":UNIX_S,"sent":N}                            stream finished normally
+The log never holds a prompt, only sizes. A disconnect is seen at once (a read of EOF runs
+alongside the stream), not only at the next write.
+
+Nagle is off on every connection and every SSE event is written and drained on its own.
+Keep-alive like uvicorn: an idle connection is closed after 5 s.
+"""
+
+import argparse
+import asyncio
+import json
+import resource
+import socket
+import sys
+import time
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 100
+MAX_BODY = 64 * 1024 * 1024
+MAX_TOKENS = 10_000
+KEEPALIVE_S = 5.0
+
+
+class Log:
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1) if path else None
+        self.n = 0
+
+    def next_id(self):
+        self.n += 1
+        return self.n
+
+    def write(self, **rec):
+        if self.f:
+            rec["t"] = round(time.time(), 6)
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+
+class BadRequest(Exception):
+    pass
+
+
+async def read_request(reader):
+    """(method, path, headers, body) or None at EOF between requests."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), KEEPALIVE_S)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        return None
+    except asyncio.LimitOverrunError:
+        raise BadRequest("headers too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise BadRequest("bad request line")
+    method, path, _ = parts
+    headers = {}
+    for line in lines[1 : 1 + MAX_HEADERS]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while len(body) <= MAX_BODY:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    else:
+        n = int(headers.get("content-length", "0") or 0)
+        if n > MAX_BODY:
+            raise BadRequest("body too large")
+        if n:
+            body = await reader.readexactly(n)
+    return method, path, headers, body
+
+
+def head(status, reason, ctype, length=None, extra=()):
+    h = ["HTTP/1.1 %d %s" % (status, reason), "Content-Type: " + ctype, "Server: fake-vllm"]
+    if length is None:
+        h.append("Transfer-Encoding: chunked")
+    else:
+        h.append("Content-Length: %d" % length)
+    h.extend(extra)
+    return ("\r\n".join(h) + "\r\n\r\n").encode()
+
+
+async def send_json(writer, status, reason, obj):
+    body = json.dumps(obj).encode()
+    writer.write(head(status, reason, "application/json", len(body)) + body)
+    await writer.drain()
+
+
+def chunk(obj):
+    data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Server:
+    def __init__(self, models, delay_ms, log):
+        self.models = models
+        self.delay_ms = delay_ms
+        self.log = log
+        self.open_streams = 0
+
+    async def handle(self, reader, writer):
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = (writer.get_extra_info("peername") or ("?",))[0]
+        try:
+            for _ in range(1_000_000):  # keep-alive requests per connection, bounded
+                try:
+                    req = await read_request(reader)
+                except BadRequest as e:
+                    await send_json(writer, 400, "Bad Request", {"error": str(e)})
+                    return
+                if req is None:
+                    return
+                keep = await self.dispatch(reader, writer, peer, *req)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def dispatch(self, reader, writer, peer, method, path, headers, body):
+        path = path.split("?", 1)[0]
+        rid = self.log.next_id()
+        model, stream, req = None, False, {}
+        if method == "POST":
+            try:
+                req = json.loads(body)
+                model = req.get("model")
+                stream = bool(req.get("stream"))
+            except (ValueError, AttributeError):
+                req = None
+        self.log.write(ev="request", id=rid, method=method, path=path, model=model,
+                       body_bytes=len(body), auth="authorization" in headers,
+                       stream=stream, client=peer)
+        if method == "GET" and path in ("/v1/models", "/models"):
+            await send_json(writer, 200, "OK", {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm",
+                 "root": m, "parent": None, "max_model_len": 131072} for m in self.models]})
+            return True
+        if method == "GET" and path == "/health":
+            writer.write(head(200, "OK", "text/plain", 0))
+            await writer.drain()
+            return True
+        if method != "POST" or path not in ("/v1/chat/completions", "/chat/completions"):
+            await send_json(writer, 404, "Not Found", {"detail": "Not Found"})
+            return True
+        if not isinstance(req, dict):
+            await send_json(writer, 400, "Bad Request", {"object": "error", "message": "bad JSON",
+                                                         "type": "BadRequestError", "code": 400})
+            return True
+        if model not in self.models:
+            await send_json(writer, 404, "Not Found", {
+                "object": "error", "message": "The model `%s` does not exist." % model,
+                "type": "NotFoundError", "param": None, "code": 404})
+            return True
+        n = max(0, min(int(req.get("max_tokens") or req.get("max_completion_tokens") or 8),
+                       MAX_TOKENS))
+        delay = float(req.get("fake_token_delay_ms", self.delay_ms)) / 1000.0
+        prompt_tokens = max(1, len(body) // 4)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                 "total_tokens": prompt_tokens + n}
+        cid = "chatcmpl-fake%d" % rid
+        created = int(time.time())
+        if not stream:
+            if delay:
+                await asyncio.sleep(delay * n)
+            await send_json(writer, 200, "OK", {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant",
+                                                     "content": " ".join(["tok"] * n)},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage})
+            return True
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        return await self.stream(reader, writer, rid, cid, created, model, n, delay,
+                                 usage if include_usage else None)
+
+    async def stream(self, reader, writer, rid, cid, created, model, n, delay, usage):
+        def ev(delta, finish=None):
+            return chunk({"id": cid, "object": "chat.completion.chunk", "created": created,
+                          "model": model, "choices": [{"index": 0, "delta": delta,
+                                                       "logprobs": None,
+                                                       "finish_reason": finish}]})
+
+        # The client sends nothing more while it reads a stream: EOF here means it left.
+        eof = asyncio.ensure_future(reader.read(1))
+        sent = 0
+        self.open_streams += 1
+        try:
+            writer.write(head(200, "OK", "text/event-stream; charset=utf-8")
+                         + ev({"role": "assistant", "content": ""}))
+            await writer.drain()
+            for i in range(n):
+                if delay:
+                    done, _ = await asyncio.wait({eof}, timeout=delay)
+                    if done:
+                        self.log.write(ev="disconnect", id=rid, sent=sent)
+                        return False
+                elif eof.done():
+                    self.log.write(ev="disconnect", id=rid, sent=sent)
+                    return False
+                writer.write(ev({"content": "tok%d " % i}))
+                await writer.drain()
+                sent += 1
+            tail = ev({}, "stop")
+            if usage is not None:
+                tail += chunk({"id": cid, "object": "chat.completion.chunk", "created": created,
+                               "model": model, "choices": [], "usage": usage})
+            writer.write(tail + chunk(b"[DONE]") + b"0\r\n\r\n")
+            await writer.drain()
+            self.log.write(ev="done", id=rid, sent=sent)
+            if eof.done():
+                return False
+            eof.cancel()
+            # A pipelined byte would be lost with the cancelled read: this server answers one
+            # request at a time (as its clients do), so there is none.
+            return True
+        except ConnectionError:
+            self.log.write(ev="disconnect", id=rid, sent=sent)
+            return False
+        finally:
+            self.open_streams -= 1
+            if not eof.done():
+                eof.cancel()
+
+
+async def main_async(args):
+    srv = Server([m for m in args.models.split(",") if m], args.token_delay_ms, Log(args.log))
+    server = await asyncio.start_server(srv.handle, args.addr, args.port, backlog=4096,
+                                        limit=MAX_HEADER_BYTES, reuse_address=True)
+    print("fake vLLM listening on %s:%d models=%s" % (args.addr, args.port, srv.models),
+          flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("addr")
+    p.add_argument("port", type=int)
+    p.add_argument("--models", default="acme-coder,acme-small")
+    p.add_argument("--token-delay-ms", type=float, default=20.0)
+    p.add_argument("--log")
+    args = p.parse_args()
+    # Thousands of concurrent streams need as many descriptors.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
