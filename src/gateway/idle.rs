@@ -7,7 +7,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the real one outside tests), so paused-time tests can drive it.
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -38,7 +41,7 @@ impl Activity {
             if Instant::now() >= deadline {
                 return;
             }
-            tokio::time::sleep_until(deadline.into()).await;
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
