@@ -2,8 +2,10 @@
 //!
 //! Owns "may this principal do this now?" and the parsing of the policy flags of `modelgate key
 //! create` ([`parse`]). Never does I/O and never reads a clock itself: callers pass `now`.
-//! Rate limits, concurrency and budgets are stored here but enforced by the gateway (later).
+//! Rate limits, concurrency and budgets are decided by [`limits::Limiter`]; the gateway wires
+//! it in (later).
 
+pub mod limits;
 pub mod parse;
 
 use std::net::IpAddr;
