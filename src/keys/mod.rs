@@ -1,5 +1,5 @@
-//! API keys: format ([`format`]), keyed hashing and the SQLite store ([`store`]), and the
-//! daemon's in-memory key ring.
+//! API keys: format ([`format`]), keyed hashing and the SQLite store ([`store`]), the usage
+//! ledger in the same database ([`ledger`]), and the daemon's in-memory key ring.
 //!
 //! Owns "which principal does this bearer key belong to?". The daemon authenticates against an
 //! immutable [`KeyRing`] snapshot (no I/O, no lock held while hashing); [`Keys::watch`] swaps in
@@ -7,6 +7,7 @@
 //! key ids and names appear in logs.
 
 pub mod format;
+pub mod ledger;
 pub mod store;
 
 use std::collections::HashMap;

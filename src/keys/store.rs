@@ -51,6 +51,19 @@ const MIGRATIONS: &[&str] = &[
         rotated_at           INTEGER
     ) STRICT;
     CREATE UNIQUE INDEX keys_active_name ON keys(name) WHERE revoked_at IS NULL;",
+    // 2: the usage ledger (see `super::ledger`). `bucket_start` is in ms since the Unix epoch
+    // (UTC), aligned to `bucket_ms` (60_000: a minute row; 86_400_000: a compacted day row).
+    "CREATE TABLE usage (
+        key_id            TEXT NOT NULL,
+        bucket_start      INTEGER NOT NULL,
+        bucket_ms         INTEGER NOT NULL,
+        prompt_tokens     INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        requests          INTEGER NOT NULL,
+        estimated         INTEGER NOT NULL,
+        PRIMARY KEY (key_id, bucket_start, bucket_ms)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX usage_fine ON usage(bucket_ms, bucket_start);",
 ];
 
 /// Everything that can go wrong with the store. Messages name the file and the fix; none
@@ -290,6 +303,15 @@ impl KeyStore {
     /// The database file.
     pub fn db_path(&self) -> &Path {
         &self.db_path
+    }
+
+    /// The connection, for the usage ledger (same file, same migrations).
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(super) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     pub(crate) fn server_secret(&self) -> &ServerSecret {

@@ -567,6 +567,19 @@ pub fn go_duration(d: Duration) -> String {
     out
 }
 
+/// UTC bounds, in ms since the epoch, of the day and month containing `wall`:
+/// `(day_start, day_end, month_start, month_end)` (ends exclusive). Shared with the ledger so
+/// that both agree on what "today" and "this month" are.
+pub fn utc_day_month_bounds(wall: SystemTime) -> (u64, u64, u64, u64) {
+    let (day, month) = periods(wall);
+    (
+        day * DAY_MS,
+        (day + 1) * DAY_MS,
+        month_start_ms(month),
+        month_start_ms(month + 1),
+    )
+}
+
 fn wall_ms(wall: SystemTime) -> u64 {
     wall.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
