@@ -6,8 +6,8 @@
 //! - [`wgkey`]: WireGuard key parsing/formatting with masked private keys.
 //! - [`tunnel`]: WireGuard peers over one UDP socket (boringtun `Tunn`), AllowedIPs routing.
 //! - [`netstack`]: userspace TCP/IP (smoltcp) over the tunnel; `dial` and `listen`.
-//! - [`keys`]: API keys (format, keyed hash, SQLite store, in-memory ring).
-//! - [`policy`]: pure per-key access decisions with an injected clock.
+//! - [`keys`]: API keys (format, keyed hash, SQLite store, usage ledger, in-memory ring).
+//! - [`policy`]: pure per-key access decisions and limits (RPM, TPM, concurrency, budgets) with injected clocks.
 //! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
