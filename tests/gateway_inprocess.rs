@@ -11,13 +11,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use modelgate::demo::model::EchoModel;
+use modelgate::demo::LoopbackPair;
 use modelgate::gateway::upstream::UpstreamSpec;
 use modelgate::gateway::{self, GatewaySettings, GatewayState};
 use modelgate::keys::{KeyRing, Keys};
-use modelgate::netstack::{Netstack, NetstackConfig, TcpTuning};
+use modelgate::netstack::{Netstack, TcpTuning};
 use modelgate::policy::{KeyPolicy, Principal};
-use modelgate::tunnel::PeerSpec;
-use modelgate::wgkey::PrivateKey;
 use tokio::sync::watch;
 
 struct Env {
@@ -63,42 +62,8 @@ fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 }
 
 async fn env_with(corp_up: bool) -> Env {
-    let ka = PrivateKey::generate();
-    let kc = PrivateKey::generate();
-    let appliance = Netstack::start(NetstackConfig {
-        private_key: ka.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.99.0.1/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "corp".into(),
-            public_key: kc.public_key(),
-            allowed_ips: vec!["10.99.0.2/32".parse().unwrap()],
-            keepalive: None,
-            endpoint: None,
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })
-    .unwrap();
-    let corp = Netstack::start(NetstackConfig {
-        private_key: kc,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.99.0.2/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "appliance".into(),
-            public_key: ka.public_key(),
-            allowed_ips: vec!["10.99.0.1/32".parse().unwrap()],
-            keepalive: Some(25),
-            endpoint: if corp_up {
-                Some(appliance.udp_addr())
-            } else {
-                None
-            },
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })
-    .unwrap();
+    let LoopbackPair { appliance, corp } =
+        LoopbackPair::start(&[], corp_up, TcpTuning::default()).unwrap();
     let model = EchoModel::new("echo", Duration::from_millis(30));
     let mut listener = corp.listen(8000).await.unwrap();
     let m = model.clone();

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use modelgate::demo::LoopbackPair;
 use modelgate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
 use modelgate::tunnel::PeerSpec;
 use modelgate::wgkey::PrivateKey;
@@ -14,45 +15,14 @@ struct Pair {
     corp: Netstack,
 }
 
-/// The appliance (10.99.0.1) knows the corp peer's key but not its endpoint; the corp peer
-/// (10.99.0.2, routing 10.20.0.0/24 behind it) dials the appliance, as in production.
+/// The appliance (10.99.0.1) and a corp peer (10.99.0.2) that dials it, as in production.
 async fn pair() -> Pair {
-    let ka = PrivateKey::generate();
-    let kc = PrivateKey::generate();
-    let appliance = Netstack::start(NetstackConfig {
-        private_key: ka.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.99.0.1/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "corp".into(),
-            public_key: kc.public_key(),
-            allowed_ips: vec!["10.99.0.2/32".parse().unwrap()],
-            keepalive: None,
-            endpoint: None,
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })
-    .unwrap();
-    let corp = Netstack::start(NetstackConfig {
-        private_key: kc,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.99.0.2/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "appliance".into(),
-            public_key: ka.public_key(),
-            allowed_ips: vec!["10.99.0.1/32".parse().unwrap()],
-            keepalive: Some(25),
-            endpoint: Some(appliance.udp_addr()),
-        }],
-        mtu: 1420,
-        // 200 simultaneous SYNs in the concurrency test: smoltcp has no SYN queue.
-        tcp: TcpTuning {
-            listen_backlog: 256,
-            ..TcpTuning::default()
-        },
-    })
-    .unwrap();
+    // 200 simultaneous SYNs in the concurrency test: smoltcp has no SYN queue.
+    let tcp = TcpTuning {
+        listen_backlog: 256,
+        ..TcpTuning::default()
+    };
+    let LoopbackPair { appliance, corp } = LoopbackPair::start(&[], true, tcp).unwrap();
     Pair { appliance, corp }
 }
 

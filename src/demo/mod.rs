@@ -22,6 +22,63 @@ use crate::tunnel::PeerSpec;
 use crate::wgkey::PrivateKey;
 use model::EchoModel;
 
+/// An appliance and a corp peer, each a full modelgate netstack, joined by WireGuard over
+/// loopback UDP. The appliance (10.99.0.1/24) knows the corp key but not its endpoint; the corp
+/// peer (10.99.0.2 plus `corp_lan` addresses) dials out to it, as in production. Used by the demo
+/// and by the in-process tests.
+pub struct LoopbackPair {
+    pub appliance: Netstack,
+    pub corp: Netstack,
+}
+
+impl LoopbackPair {
+    /// `corp_lan`: extra corp-side addresses (e.g. `10.20.0.5/24`); their networks are routed to
+    /// the corp peer by the appliance. `corp_dials`: false leaves the corp side without the
+    /// appliance's endpoint, so no handshake ever happens (a tunnel that is down).
+    pub fn start(
+        corp_lan: &[ipnet::IpNet],
+        corp_dials: bool,
+        tcp: TcpTuning,
+    ) -> std::io::Result<LoopbackPair> {
+        let appliance_key = PrivateKey::generate();
+        let corp_key = PrivateKey::generate();
+        let net = |s: &str| s.parse::<ipnet::IpNet>().expect("static address");
+        let mut corp_routes = vec![net("10.99.0.2/32")];
+        corp_routes.extend(corp_lan.iter().map(|n| n.trunc()));
+        let appliance = Netstack::start(NetstackConfig {
+            private_key: appliance_key.clone(),
+            listen: "127.0.0.1:0".parse().expect("static address"),
+            addresses: vec![net("10.99.0.1/24")],
+            peers: vec![PeerSpec {
+                name: "corp".into(),
+                public_key: corp_key.public_key(),
+                allowed_ips: corp_routes,
+                keepalive: None,
+                endpoint: None,
+            }],
+            mtu: 1420,
+            tcp: tcp.clone(),
+        })?;
+        let mut corp_addresses = vec![net("10.99.0.2/24")];
+        corp_addresses.extend_from_slice(corp_lan);
+        let corp = Netstack::start(NetstackConfig {
+            private_key: corp_key,
+            listen: "127.0.0.1:0".parse().expect("static address"),
+            addresses: corp_addresses,
+            peers: vec![PeerSpec {
+                name: "appliance".into(),
+                public_key: appliance_key.public_key(),
+                allowed_ips: vec![net("10.99.0.1/32")],
+                keepalive: Some(25),
+                endpoint: corp_dials.then(|| appliance.udp_addr()),
+            }],
+            mtu: 1420,
+            tcp,
+        })?;
+        Ok(LoopbackPair { appliance, corp })
+    }
+}
+
 /// Options of `modelgate demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -54,37 +111,8 @@ const CORP_LAN_MODEL: &str = "10.20.0.5:8000";
 pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let state_dir = std::env::temp_dir().join(format!("modelgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir)?;
-    let appliance_key = PrivateKey::generate();
-    let corp_key = PrivateKey::generate();
-    let appliance = Netstack::start(NetstackConfig {
-        private_key: appliance_key.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        addresses: vec!["10.99.0.1/24".parse()?],
-        peers: vec![PeerSpec {
-            name: "corp".into(),
-            public_key: corp_key.public_key(),
-            allowed_ips: vec!["10.99.0.2/32".parse()?, "10.20.0.0/24".parse()?],
-            keepalive: None,
-            endpoint: None,
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })?;
-    // The corp side dials out to the appliance, like wg-quick with the file `peer add` prints.
-    let corp = Netstack::start(NetstackConfig {
-        private_key: corp_key,
-        listen: "127.0.0.1:0".parse()?,
-        addresses: vec!["10.99.0.2/24".parse()?, "10.20.0.5/24".parse()?],
-        peers: vec![PeerSpec {
-            name: "appliance".into(),
-            public_key: appliance_key.public_key(),
-            allowed_ips: vec!["10.99.0.1/32".parse()?],
-            keepalive: Some(25),
-            endpoint: Some(appliance.udp_addr()),
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })?;
+    let LoopbackPair { appliance, corp } =
+        LoopbackPair::start(&["10.20.0.5/24".parse()?], true, TcpTuning::default())?;
     let model = EchoModel::new("echo", Duration::from_millis(40));
     let mut listener = corp
         .listen(8000)
