@@ -184,6 +184,12 @@ fn operator_workflow_add_list_refuse_remove() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("already exists"));
 
+    // The peer that carries an upstream cannot be removed from under it.
+    let out = env.mg(&["peer", "remove", "corp", "--yes"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("upstream remove"), "{}", stderr(&out));
+    assert!(env.text().contains("name = \"corp\""));
+
     // Removing needs --yes without a terminal.
     let out = env.mg(&["upstream", "remove", "vllm"]);
     assert_eq!(code(&out), 2);

@@ -455,6 +455,20 @@ fn remove(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
     let _lock = lock(config_path)?;
     let (text, config) = load_text(config_path)?;
     let p = config.peer(name).ok_or_else(|| no_such_peer(name))?;
+    // An upstream reached through this peer would be left with no route (and the config
+    // invalid): say which, and what to do, before asking anything.
+    let dependents: Vec<&str> = config
+        .upstreams
+        .iter()
+        .filter(|u| p.allowed_ips.iter().any(|n| n.contains(&u.addr.ip())))
+        .map(|u| u.name.as_str())
+        .collect();
+    if !dependents.is_empty() {
+        return Err(CliError::runtime(format!(
+            "peer remove {name}: upstream(s) {} are reached through this peer; fix: `modelgate upstream remove NAME` first",
+            dependents.join(", ")
+        )));
+    }
     if !yes {
         if !std::io::stdin().is_terminal() {
             return Err(CliError::usage(format!(
