@@ -43,6 +43,7 @@ const CURSOR_FIXTURE: &str = concat!(
 
 /// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`).
 #[test]
+#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
 fn netns_helper_entry() {
     helper::run_from_env();
 }

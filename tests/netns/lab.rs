@@ -389,6 +389,7 @@ impl Lab {
                 exe.to_str().unwrap(),
                 "netns_helper_entry",
                 "--exact",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
                 "--quiet",
@@ -405,6 +406,7 @@ impl Lab {
             .args([
                 "netns_helper_entry",
                 "--exact",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
                 "--quiet",
