@@ -26,6 +26,10 @@ struct Env {
     good: String,
     limited: String,
     expired: String,
+    /// `max_concurrent: Some(1)`.
+    single: String,
+    /// `rpm: Some(2)`.
+    rpm2: String,
     tls: Arc<rustls::ClientConfig>,
     model: EchoModel,
     corp: Netstack,
@@ -111,7 +115,29 @@ async fn env_with(corp_up: bool) -> Env {
     let good = modelgate::keys::format::generate().expose().to_string();
     let limited = modelgate::keys::format::generate().expose().to_string();
     let expired = modelgate::keys::format::generate().expose().to_string();
+    let single = modelgate::keys::format::generate().expose().to_string();
+    let rpm2 = modelgate::keys::format::generate().expose().to_string();
     let keys = Keys::new(KeyRing::for_tests(vec![
+        (
+            single.clone(),
+            principal(
+                "single",
+                KeyPolicy {
+                    max_concurrent: Some(1),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+        (
+            rpm2.clone(),
+            principal(
+                "rpm2",
+                KeyPolicy {
+                    rpm: Some(2),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
         (good.clone(), principal("good", KeyPolicy::default())),
         (
             limited.clone(),
@@ -168,6 +194,8 @@ async fn env_with(corp_up: bool) -> Env {
         good,
         limited,
         expired,
+        single,
+        rpm2,
         tls: client_tls,
         model,
         corp,
@@ -480,4 +508,111 @@ async fn no_handshake_is_503_with_retry_after_at_once() {
     assert_eq!(r.headers["retry-after"], "5");
     assert!(t.elapsed() < Duration::from_secs(1));
     drop(env.corp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_limit_is_429_before_the_upstream() {
+    let env = env_with(true).await;
+    wait_for_models(&env).await;
+    let before = env.model.stats.requests.load(Ordering::Relaxed);
+    for i in 0..2 {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.rpm2.as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body());
+        assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+        assert_eq!(
+            r.headers["x-ratelimit-remaining-requests"],
+            if i == 0 { "1" } else { "0" }
+        );
+    }
+    assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before + 2);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.rpm2.as_str()),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+    // The refused request never reached the model.
+    assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_slot_is_released_after_a_client_disconnect() {
+    let env = env_with(true).await;
+    wait_for_models(&env).await;
+    let long = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(500)}]
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", env.single))
+        .body(Full::new(Bytes::from(long)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    // While the stream runs, the key's one slot is taken.
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.single.as_str()),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    assert!(r.headers.contains_key("retry-after"));
+
+    drop(body);
+    drop(send);
+    conn_task.abort();
+    let t = Instant::now();
+    loop {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.single.as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "slot still held 1 s after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
