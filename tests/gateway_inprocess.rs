@@ -13,8 +13,10 @@ use hyper_util::rt::TokioIo;
 use modelgate::demo::model::EchoModel;
 use modelgate::gateway::upstream::UpstreamSpec;
 use modelgate::gateway::{self, GatewaySettings, GatewayState};
+use modelgate::keys::ledger::{Ledger, LedgerOptions, LedgerWriter};
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::{Netstack, NetstackConfig, TcpTuning};
+use modelgate::policy::limits::Limiter;
 use modelgate::policy::{KeyPolicy, Principal};
 use modelgate::tunnel::PeerSpec;
 use modelgate::wgkey::PrivateKey;
@@ -67,6 +69,11 @@ fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 }
 
 async fn env_with(corp_up: bool) -> Env {
+    env_full(corp_up, None).await
+}
+
+/// An environment whose gateway records usage with `ledger`.
+async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
     let ka = PrivateKey::generate();
     let kc = PrivateKey::generate();
     let appliance = Netstack::start(NetstackConfig {
@@ -177,7 +184,14 @@ async fn env_with(corp_up: bool) -> Env {
         },
     ];
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state = GatewayState::new(keys, appliance, upstreams, GatewaySettings::default());
+    let state = GatewayState::with_accounting(
+        keys,
+        appliance,
+        upstreams,
+        GatewaySettings::default(),
+        Limiter::new(),
+        ledger,
+    );
     state.spawn_discovery(stop_rx.clone());
     let (server_tls, client_tls) = tls_pair();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -615,4 +629,91 @@ async fn concurrency_slot_is_released_after_a_client_disconnect() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_usage_reaches_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _task) = LedgerWriter::start(
+        Ledger::open(dir.path()).unwrap(),
+        LedgerOptions {
+            flush_every: Duration::from_millis(20),
+            ..LedgerOptions::default()
+        },
+    );
+    let env = env_full(true, Some(writer)).await;
+    wait_for_models(&env).await;
+    let usage = || {
+        Ledger::open(dir.path())
+            .unwrap()
+            .usage("good", SystemTime::now())
+            .unwrap()
+    };
+    let wait_for = |requests: u64| {
+        let usage = &usage;
+        async move {
+            let t = Instant::now();
+            loop {
+                let u = usage();
+                if u.total.requests >= requests {
+                    return u;
+                }
+                assert!(t.elapsed() < Duration::from_secs(2), "ledger: {u:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // A stream with usage: the upstream's counts are recorded as they are.
+    let body = chat("echo", true);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.good.as_str()),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let u = wait_for(1).await;
+    assert_eq!(u.today.completion_tokens, 6, "{u:?}");
+    assert_eq!(u.today.prompt_tokens, (body.len() / 4) as u64, "{u:?}");
+    assert_eq!(u.today.estimated, 0);
+
+    // A stream the client abandons reports no usage: it is recorded as an estimate.
+    let long = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(500)}]
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", env.good))
+        .body(Full::new(Bytes::from(long)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let mut b = resp.into_body();
+    for _ in 0..3 {
+        b.frame().await.unwrap().unwrap();
+    }
+    drop(b);
+    drop(send);
+    conn_task.abort();
+    let u = wait_for(2).await;
+    assert_eq!(u.today.requests, 2);
+    assert_eq!(u.today.estimated, 1, "{u:?}");
+    // A few events made it out, far fewer than the 500 words asked for.
+    assert!(
+        u.today.completion_tokens > 6 && u.today.completion_tokens < 6 + 100,
+        "{u:?}"
+    );
 }
