@@ -425,3 +425,64 @@ async fn watch_peers(ns: Netstack, mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::ledger::UsageEvent;
+    use crate::policy::limits::{Estimate, RefusalKind};
+    use crate::policy::{Budget, BudgetPeriod, KeyPolicy};
+    use std::time::{Instant, SystemTime};
+
+    fn event(at: SystemTime, prompt: u64, completion: u64) -> UsageEvent {
+        UsageEvent {
+            key_id: Arc::from("k1"),
+            at,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            estimated: false,
+        }
+    }
+
+    /// A restart keeps budgets: the limiter starts from the ledger's usage, and what the
+    /// writer records is on disk once its task has finished.
+    #[tokio::test]
+    async fn ledger_seeds_the_limiter_and_its_task_writes_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        Ledger::open(dir.path())
+            .unwrap()
+            .write(&[event(now, 900, 50)])
+            .unwrap();
+        let (mut limiter, writer, task) = start_ledger(dir.path()).unwrap();
+        let policy = KeyPolicy {
+            budget: Some(Budget {
+                tokens: 1000,
+                period: BudgetPeriod::Day,
+            }),
+            ..KeyPolicy::default()
+        };
+        let too_much = Estimate {
+            prompt_tokens: 40,
+            max_tokens: Some(20),
+        };
+        let r = limiter
+            .admit("k1", &policy, too_much, Instant::now(), now)
+            .unwrap_err();
+        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
+        let fits = Estimate {
+            prompt_tokens: 30,
+            max_tokens: Some(10),
+        };
+        let adm = limiter
+            .admit("k1", &policy, fits, Instant::now(), now)
+            .unwrap();
+        limiter.settle(adm, 40, Instant::now(), now);
+        assert!(writer.record(event(now, 30, 10)));
+        drop(writer);
+        task.finished().await;
+        let usage = Ledger::open(dir.path()).unwrap().usage("k1", now).unwrap();
+        assert_eq!(usage.today.tokens(), 990);
+        assert_eq!(usage.today.requests, 2);
+    }
+}
