@@ -521,6 +521,19 @@ async fn no_handshake_is_503_with_retry_after_at_once() {
     assert_eq!(r.status, 503, "{}", r.body());
     assert_eq!(r.headers["retry-after"], "5");
     assert!(t.elapsed() < Duration::from_secs(1));
+    // A request admitted but failed before the model answered gives its slot back: a
+    // `max_concurrent: 1` key gets 503 twice, never 429.
+    for _ in 0..2 {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.single.as_str()),
+            Some(chat("coder", true)),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{}", r.body());
+    }
     drop(env.corp);
 }
 
