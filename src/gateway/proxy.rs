@@ -199,7 +199,7 @@ pub async fn forward(
 type Refusal = (ApiError, Option<Arc<Principal>>, Option<String>);
 
 async fn forward_inner(
-    state: &Arc<GatewayState>,
+    state: &GatewayState,
     client: SocketAddr,
     endpoint: Endpoint,
     req: Request<Body>,
@@ -675,6 +675,20 @@ mod tests {
         assert_eq!(find_usage(json), Some((3, 0)));
         assert_eq!(find_usage(b"data: [DONE]\n\n"), None);
         assert_eq!(find_usage(&[0xff, 0xfe, b'x']), None);
+    }
+
+    #[test]
+    fn admission_estimate_reads_max_tokens_and_counts_bytes() {
+        let raw: indexmap_free::Fields =
+            serde_json::from_str(r#"{"model":"m","max_completion_tokens":64}"#).unwrap();
+        assert_eq!(max_tokens_field(&raw), Some(64));
+        let raw: indexmap_free::Fields =
+            serde_json::from_str(r#"{"model":"m","max_tokens":"lots"}"#).unwrap();
+        assert_eq!(max_tokens_field(&raw), None);
+        let e = estimate(Endpoint::ChatCompletions, &[b'x'; 400], Some(64));
+        assert_eq!((e.prompt_tokens, e.max_tokens), (100, Some(64)));
+        let e = estimate(Endpoint::Embeddings, &[b'x'; 40], None);
+        assert_eq!((e.prompt_tokens, e.max_tokens), (10, Some(0)));
     }
 
     #[test]
