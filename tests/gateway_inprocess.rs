@@ -14,8 +14,10 @@ use modelgate::demo::model::EchoModel;
 use modelgate::demo::LoopbackPair;
 use modelgate::gateway::upstream::UpstreamSpec;
 use modelgate::gateway::{self, GatewaySettings, GatewayState};
+use modelgate::keys::ledger::{Ledger, LedgerOptions, LedgerWriter};
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::{Netstack, TcpTuning};
+use modelgate::policy::limits::Limiter;
 use modelgate::policy::{KeyPolicy, Principal};
 use tokio::sync::watch;
 
@@ -25,6 +27,10 @@ struct Env {
     good: String,
     limited: String,
     expired: String,
+    /// `max_concurrent: Some(1)`.
+    single: String,
+    /// `rpm: Some(2)`.
+    rpm2: String,
     tls: Arc<rustls::ClientConfig>,
     model: EchoModel,
     corp: Netstack,
@@ -62,6 +68,11 @@ fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 }
 
 async fn env_with(corp_up: bool) -> Env {
+    env_full(corp_up, None).await
+}
+
+/// An environment whose gateway records usage with `ledger`.
+async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
     let LoopbackPair { appliance, corp } =
         LoopbackPair::start(&[], corp_up, TcpTuning::default()).unwrap();
     let model = EchoModel::new("echo", Duration::from_millis(30));
@@ -76,7 +87,29 @@ async fn env_with(corp_up: bool) -> Env {
     let good = modelgate::keys::format::generate().expose().to_string();
     let limited = modelgate::keys::format::generate().expose().to_string();
     let expired = modelgate::keys::format::generate().expose().to_string();
+    let single = modelgate::keys::format::generate().expose().to_string();
+    let rpm2 = modelgate::keys::format::generate().expose().to_string();
     let keys = Keys::new(KeyRing::for_tests(vec![
+        (
+            single.clone(),
+            principal(
+                "single",
+                KeyPolicy {
+                    max_concurrent: Some(1),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+        (
+            rpm2.clone(),
+            principal(
+                "rpm2",
+                KeyPolicy {
+                    rpm: Some(2),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
         (good.clone(), principal("good", KeyPolicy::default())),
         (
             limited.clone(),
@@ -116,7 +149,14 @@ async fn env_with(corp_up: bool) -> Env {
         },
     ];
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state = GatewayState::new(keys, appliance, upstreams, GatewaySettings::default());
+    let state = GatewayState::with_accounting(
+        keys,
+        appliance,
+        upstreams,
+        GatewaySettings::default(),
+        Limiter::new(),
+        ledger,
+    );
     state.spawn_discovery(stop_rx.clone());
     let (server_tls, client_tls) = tls_pair();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -133,6 +173,8 @@ async fn env_with(corp_up: bool) -> Env {
         good,
         limited,
         expired,
+        single,
+        rpm2,
         tls: client_tls,
         model,
         corp,
@@ -444,5 +486,212 @@ async fn no_handshake_is_503_with_retry_after_at_once() {
     assert_eq!(r.status, 503, "{}", r.body());
     assert_eq!(r.headers["retry-after"], "5");
     assert!(t.elapsed() < Duration::from_secs(1));
+    // A request admitted but failed before the model answered gives its slot back: a
+    // `max_concurrent: 1` key gets 503 twice, never 429.
+    for _ in 0..2 {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.single.as_str()),
+            Some(chat("coder", true)),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{}", r.body());
+    }
     drop(env.corp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_limit_is_429_before_the_upstream() {
+    let env = env_with(true).await;
+    wait_for_models(&env).await;
+    let before = env.model.stats.requests.load(Ordering::Relaxed);
+    for i in 0..2 {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.rpm2.as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body());
+        assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+        assert_eq!(
+            r.headers["x-ratelimit-remaining-requests"],
+            if i == 0 { "1" } else { "0" }
+        );
+    }
+    assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before + 2);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.rpm2.as_str()),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+    // The refused request never reached the model.
+    assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_slot_is_released_after_a_client_disconnect() {
+    let env = env_with(true).await;
+    wait_for_models(&env).await;
+    let long = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(500)}]
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", env.single))
+        .body(Full::new(Bytes::from(long)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    // While the stream runs, the key's one slot is taken.
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.single.as_str()),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    assert!(r.headers.contains_key("retry-after"));
+
+    drop(body);
+    drop(send);
+    conn_task.abort();
+    let t = Instant::now();
+    loop {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.single.as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "slot still held 1 s after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_usage_reaches_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _task) = LedgerWriter::start(
+        Ledger::open(dir.path()).unwrap(),
+        LedgerOptions {
+            flush_every: Duration::from_millis(20),
+            ..LedgerOptions::default()
+        },
+    );
+    let env = env_full(true, Some(writer)).await;
+    wait_for_models(&env).await;
+    let usage = || {
+        Ledger::open(dir.path())
+            .unwrap()
+            .usage("good", SystemTime::now())
+            .unwrap()
+    };
+    let wait_for = |requests: u64| {
+        let usage = &usage;
+        async move {
+            let t = Instant::now();
+            loop {
+                let u = usage();
+                if u.total.requests >= requests {
+                    return u;
+                }
+                assert!(t.elapsed() < Duration::from_secs(2), "ledger: {u:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // A stream with usage: the upstream's counts are recorded as they are.
+    let body = chat("echo", true);
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.good.as_str()),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let u = wait_for(1).await;
+    assert_eq!(u.today.completion_tokens, 6, "{u:?}");
+    assert_eq!(u.today.prompt_tokens, (body.len() / 4) as u64, "{u:?}");
+    assert_eq!(u.today.estimated, 0);
+
+    // A stream the client abandons reports no usage: it is recorded as an estimate.
+    let long = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(500)}]
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", env.good))
+        .body(Full::new(Bytes::from(long)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let mut b = resp.into_body();
+    for _ in 0..3 {
+        b.frame().await.unwrap().unwrap();
+    }
+    drop(b);
+    drop(send);
+    conn_task.abort();
+    let u = wait_for(2).await;
+    assert_eq!(u.today.requests, 2);
+    assert_eq!(u.today.estimated, 1, "{u:?}");
+    // A few events made it out, far fewer than the 500 words asked for.
+    assert!(
+        u.today.completion_tokens > 6 && u.today.completion_tokens < 6 + 100,
+        "{u:?}"
+    );
 }

@@ -507,3 +507,70 @@ async fn watch_sees_cli_changes_within_a_second() {
         .expect("watch stops when told")
         .unwrap();
 }
+
+#[test]
+fn list_and_show_report_ledger_usage() {
+    use modelgate::keys::ledger::{Ledger, UsageEvent};
+    let env = Env::new();
+    env.ok(&["key", "create", "alice"]);
+    env.ok(&["key", "create", "bob"]);
+    let id = env.json(&["key", "show", "alice", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Fresh keys show zero usage.
+    let bob = env.json(&["key", "show", "bob", "--json"]);
+    assert_eq!(bob["usage_total"]["tokens"], 0);
+    assert_eq!(bob["usage_total"]["requests"], 0);
+
+    let now = SystemTime::now();
+    let mut ledger = Ledger::open(&env.state()).unwrap();
+    let ev = |at, prompt, completion, estimated| UsageEvent {
+        key_id: Arc::from(id.as_str()),
+        at,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        estimated,
+    };
+    // 40 days back is always in an earlier UTC month (months have at most 31 days).
+    ledger
+        .write(&[
+            ev(now, 100, 20, false),
+            ev(now, 10, 0, true),
+            ev(now - Duration::from_secs(40 * 86_400), 1000, 500, false),
+        ])
+        .unwrap();
+    drop(ledger);
+
+    let show = env.json(&["key", "show", "alice", "--json"]);
+    assert_eq!(show["usage_today"]["tokens"], 130);
+    assert_eq!(show["usage_today"]["prompt_tokens"], 110);
+    assert_eq!(show["usage_today"]["completion_tokens"], 20);
+    assert_eq!(show["usage_today"]["requests"], 2);
+    assert_eq!(show["usage_today"]["estimated_requests"], 1);
+    assert_eq!(show["usage_month"]["tokens"], 130);
+    assert_eq!(show["usage_total"]["tokens"], 1630);
+    assert_eq!(show["usage_total"]["requests"], 3);
+
+    let list = env.json(&["key", "list", "--json"]);
+    let alice = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "alice")
+        .unwrap();
+    assert_eq!(alice["usage_total"]["tokens"], 1630);
+
+    let table = env.ok(&["key", "list"]);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.contains("TODAY") && header.contains("MONTH") && header.contains("TOTAL"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("alice")).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[cols.len() - 3..], ["130", "130", "1630"], "{table}");
+    let human = env.ok(&["key", "show", "alice"]);
+    assert!(human.contains("usage today:     130 tokens"), "{human}");
+    assert!(human.contains("usage total:     1630 tokens"), "{human}");
+}

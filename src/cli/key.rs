@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{print_json, rfc3339_utc, CliError};
 use crate::config::Config;
+use crate::keys::ledger::{KeyUsage, Ledger, UsageTotals};
 use crate::keys::store::check_key_name;
 use crate::keys::{CreatedKey, KeyRecord, KeyStore, NewKey, StoreError};
 use crate::policy::parse::{
@@ -222,13 +223,29 @@ fn print_secret(k: &CreatedKey, json: bool, verb: &str) {
     );
 }
 
+/// Each key's usage from the ledger (same database), in the order of `keys`.
+fn usages(
+    store: KeyStore,
+    keys: &[&KeyRecord],
+    now: SystemTime,
+) -> Result<Vec<KeyUsage>, CliError> {
+    let ledger = Ledger::from_store(store).map_err(store_error)?;
+    keys.iter()
+        .map(|k| ledger.usage(&k.id, now).map_err(store_error))
+        .collect()
+}
+
 fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
     let store = open_store(config_path)?;
     let keys = store.list().map_err(store_error)?;
     let now = SystemTime::now();
+    let usage = usages(store, &keys.iter().collect::<Vec<_>>(), now)?;
     if json {
         print_json(&Value::Array(
-            keys.iter().map(|k| record_json(k, now)).collect(),
+            keys.iter()
+                .zip(&usage)
+                .map(|(k, u)| record_json(k, u, now))
+                .collect(),
         ));
         return Ok(());
     }
@@ -238,7 +255,8 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
     }
     let rows: Vec<Vec<String>> = keys
         .iter()
-        .map(|k| {
+        .zip(&usage)
+        .map(|(k, u)| {
             vec![
                 k.name.clone(),
                 k.id.clone(),
@@ -250,11 +268,16 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
                 } else {
                     k.policy.models.join(",")
                 },
+                u.today.tokens().to_string(),
+                u.this_month.tokens().to_string(),
+                u.total.tokens().to_string(),
             ]
         })
         .collect();
     table(
-        &["NAME", "ID", "CREATED", "EXPIRES", "STATUS", "MODELS"],
+        &[
+            "NAME", "ID", "CREATED", "EXPIRES", "STATUS", "MODELS", "TODAY", "MONTH", "TOTAL",
+        ],
         &rows,
     );
     Ok(())
@@ -264,8 +287,9 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
     let store = open_store(config_path)?;
     let k = store.get(name).map_err(store_error)?;
     let now = SystemTime::now();
+    let usage = usages(store, &[&k], now)?.remove(0);
     if json {
-        print_json(&record_json(&k, now));
+        print_json(&record_json(&k, &usage, now));
         return Ok(());
     }
     let p = &k.policy;
@@ -322,6 +346,22 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
             period(b.period)
         ))
     );
+    let line = |t: &UsageTotals| {
+        let mut s = format!(
+            "{} tokens ({} prompt, {} completion) in {} requests",
+            t.tokens(),
+            t.prompt_tokens,
+            t.completion_tokens,
+            t.requests
+        );
+        if t.estimated > 0 {
+            s.push_str(&format!(", {} estimated", t.estimated));
+        }
+        s
+    };
+    println!("usage today:     {}", line(&usage.today));
+    println!("usage month:     {}", line(&usage.this_month));
+    println!("usage total:     {}", line(&usage.total));
     Ok(())
 }
 
@@ -383,7 +423,19 @@ fn policy_json(p: &KeyPolicy) -> Value {
     })
 }
 
-fn record_json(k: &KeyRecord, now: SystemTime) -> Value {
+/// Usage totals for scripts; `estimated_requests` counts requests whose upstream reported no
+/// usage (their tokens are the gateway's estimate).
+fn usage_json(t: &UsageTotals) -> Value {
+    json!({
+        "tokens": t.tokens(),
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "requests": t.requests,
+        "estimated_requests": t.estimated,
+    })
+}
+
+fn record_json(k: &KeyRecord, usage: &KeyUsage, now: SystemTime) -> Value {
     json!({
         "id": k.id,
         "name": k.name,
@@ -394,6 +446,9 @@ fn record_json(k: &KeyRecord, now: SystemTime) -> Value {
         "rotated_at": k.rotated_at.map(rfc3339),
         "previous_valid_until": k.previous_valid_until.map(rfc3339),
         "policy": policy_json(&k.policy),
+        "usage_today": usage_json(&usage.today),
+        "usage_month": usage_json(&usage.this_month),
+        "usage_total": usage_json(&usage.total),
     })
 }
 

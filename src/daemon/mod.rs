@@ -3,8 +3,8 @@
 //!
 //! Owns process lifetime and the debug `--forward` listeners. It never decides policy and never
 //! logs secrets: the private key is read from its 0600 file and handed straight to the tunnel.
-//! (The HTTPS gateway joins here in a later step; until then `--forward` is how an operator
-//! proves the tunnel end to end.)
+//! On shutdown the gateway drains first, then the usage ledger writes what is pending, then
+//! the tunnel stops.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -17,8 +17,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{self, Config, TlsConfig};
 use crate::gateway::upstream::UpstreamSpec;
 use crate::gateway::{self, GatewayState};
+use crate::keys::ledger::{Ledger, LedgerOptions, LedgerTask, LedgerWriter};
 use crate::keys::{KeyRing, KeyStore, Keys};
 use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
+use crate::policy::limits::Limiter;
 use crate::tls::TlsState;
 use crate::tunnel::PeerSpec;
 
@@ -51,6 +53,9 @@ impl FromStr for Forward {
         Ok(Forward { listen, target })
     }
 }
+
+/// How long shutdown waits for the usage ledger's final write once the gateway has drained.
+const LEDGER_FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections one `--forward` serves at once; more wait in the kernel's accept queue.
 const FORWARD_MAX_CONNECTIONS: usize = 1024;
@@ -182,8 +187,11 @@ pub async fn run(
 
     let mut tasks = Vec::new();
     let mut gateway_task = None;
+    let mut ledger_task = None;
     if let Some(tls_cfg) = &config.tls {
-        gateway_task = Some(start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?);
+        let (g, l) = start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?;
+        gateway_task = Some(g);
+        ledger_task = Some(l);
     } else {
         tracing::warn!(
             "no [tls] table in the config: the HTTPS gateway is off (tunnel and --forward only)"
@@ -219,6 +227,20 @@ pub async fn run(
     if let Some(g) = gateway_task {
         let _ = g.await;
     }
+    // The gateway held the only ledger writers; with it gone the ledger task writes what is
+    // pending and ends. Connections still open past the drain timeout may keep a writer
+    // alive, so the wait is bounded too.
+    if let Some(l) = ledger_task {
+        if tokio::time::timeout(LEDGER_FINAL_WRITE_TIMEOUT, l.finished())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?LEDGER_FINAL_WRITE_TIMEOUT,
+                "usage ledger did not finish its final write in time; the last usage may be lost"
+            );
+        }
+    }
     for t in &tasks {
         t.abort();
     }
@@ -227,14 +249,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Binds the HTTPS port and starts the gateway with its key ring, certificate and upstreams.
+/// Binds the HTTPS port and starts the gateway with its key ring, certificate, upstreams,
+/// limiter (seeded with this UTC day's and month's usage) and usage ledger writer.
 async fn start_gateway(
     config: &Config,
     tls_cfg: &TlsConfig,
     netstack: &Netstack,
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, LedgerTask)> {
     let state_dir = config.server.state_dir.clone();
     let tls = Arc::new(TlsState::load(tls_cfg, &state_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -251,7 +274,15 @@ async fn start_gateway(
     if upstreams.is_empty() {
         tracing::warn!("no [[upstream]] configured: every model request will get 404; add one with `modelgate upstream add`");
     }
-    let state = GatewayState::new(keys, netstack.clone(), upstreams, config.gateway.clone());
+    let (limiter, ledger, ledger_task) = start_ledger(&state_dir)?;
+    let state = GatewayState::with_accounting(
+        keys,
+        netstack.clone(),
+        upstreams,
+        config.gateway.clone(),
+        limiter,
+        Some(ledger),
+    );
     tasks.push(state.spawn_discovery(stop.clone()));
     let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
         anyhow::anyhow!(
@@ -264,13 +295,36 @@ async fn start_gateway(
         certificate_expires = ?tls.not_after().map(humantime::format_rfc3339_seconds),
         "HTTPS gateway listening"
     );
-    Ok(tokio::spawn(gateway::serve(
+    let serve = tokio::spawn(gateway::serve(
         listener,
         tls.server_config(),
         gateway::router(state),
         config.gateway.clone(),
         stop.clone(),
-    )))
+    ));
+    Ok((serve, ledger_task))
+}
+
+/// Opens the usage ledger, seeds a limiter with every key's usage in the current UTC day and
+/// month (so budgets survive restarts), and starts the ledger's writer task.
+fn start_ledger(
+    state_dir: &std::path::Path,
+) -> anyhow::Result<(Limiter, LedgerWriter, LedgerTask)> {
+    let ledger = Ledger::open(state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let now = std::time::SystemTime::now();
+    let usage = ledger
+        .period_tokens(now)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut limiter = Limiter::new();
+    for (key_id, today, month) in &usage {
+        limiter.seed_usage(key_id, *today, *month, now);
+    }
+    tracing::info!(
+        keys_with_usage = usage.len(),
+        "usage ledger open; limiter seeded"
+    );
+    let (writer, task) = LedgerWriter::start(ledger, LedgerOptions::default());
+    Ok((limiter, writer, task))
 }
 
 /// SIGHUP re-reads the certificate (keys reload on their own within 1 s).
@@ -369,5 +423,66 @@ async fn watch_peers(ns: Netstack, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::ledger::UsageEvent;
+    use crate::policy::limits::{Estimate, RefusalKind};
+    use crate::policy::{Budget, BudgetPeriod, KeyPolicy};
+    use std::time::{Instant, SystemTime};
+
+    fn event(at: SystemTime, prompt: u64, completion: u64) -> UsageEvent {
+        UsageEvent {
+            key_id: Arc::from("k1"),
+            at,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            estimated: false,
+        }
+    }
+
+    /// A restart keeps budgets: the limiter starts from the ledger's usage, and what the
+    /// writer records is on disk once its task has finished.
+    #[tokio::test]
+    async fn ledger_seeds_the_limiter_and_its_task_writes_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        Ledger::open(dir.path())
+            .unwrap()
+            .write(&[event(now, 900, 50)])
+            .unwrap();
+        let (mut limiter, writer, task) = start_ledger(dir.path()).unwrap();
+        let policy = KeyPolicy {
+            budget: Some(Budget {
+                tokens: 1000,
+                period: BudgetPeriod::Day,
+            }),
+            ..KeyPolicy::default()
+        };
+        let too_much = Estimate {
+            prompt_tokens: 40,
+            max_tokens: Some(20),
+        };
+        let r = limiter
+            .admit("k1", &policy, too_much, Instant::now(), now)
+            .unwrap_err();
+        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
+        let fits = Estimate {
+            prompt_tokens: 30,
+            max_tokens: Some(10),
+        };
+        let adm = limiter
+            .admit("k1", &policy, fits, Instant::now(), now)
+            .unwrap();
+        limiter.settle(adm, 40, Instant::now(), now);
+        assert!(writer.record(event(now, 30, 10)));
+        drop(writer);
+        task.finished().await;
+        let usage = Ledger::open(dir.path()).unwrap().usage("k1", now).unwrap();
+        assert_eq!(usage.today.tokens(), 990);
+        assert_eq!(usage.today.requests, 2);
     }
 }

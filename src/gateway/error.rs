@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::keys::AuthError;
 use crate::netstack::NetError;
+use crate::policy::limits::{go_duration, Refusal as LimitRefusal, RefusalKind};
 use crate::policy::Deny;
 
 /// Every refusal or failure the gateway answers with.
@@ -32,6 +33,15 @@ pub enum ApiError {
     GatewayTimeout,
     /// The gateway is at its connection or capacity limit.
     Overloaded,
+    /// The key's RPM or TPM bucket is empty for now (or only in-flight reservations stand in
+    /// the way of its budget).
+    RateLimited(LimitRefusal),
+    /// The key already has `max_concurrent` requests in flight.
+    TooManyConcurrent(LimitRefusal),
+    /// The request's reservation alone exceeds the key's TPM or budget: waiting cannot help.
+    RequestTooLarge(LimitRefusal),
+    /// The key's day or month token budget cannot cover the request.
+    InsufficientQuota(LimitRefusal),
 }
 
 impl ApiError {
@@ -50,6 +60,16 @@ impl ApiError {
         }
     }
 
+    /// The response to a limiter refusal.
+    pub fn from_limit(r: LimitRefusal) -> ApiError {
+        match r.kind {
+            RefusalKind::RateLimitExceeded => ApiError::RateLimited(r),
+            RefusalKind::TooManyConcurrent => ApiError::TooManyConcurrent(r),
+            RefusalKind::TooLarge => ApiError::RequestTooLarge(r),
+            RefusalKind::InsufficientQuota => ApiError::InsufficientQuota(r),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) | ApiError::MissingKey => StatusCode::UNAUTHORIZED,
@@ -64,6 +84,10 @@ impl ApiError {
             }
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RateLimited(_)
+            | ApiError::TooManyConcurrent(_)
+            | ApiError::RequestTooLarge(_)
+            | ApiError::InsufficientQuota(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -120,6 +144,34 @@ impl ApiError {
                 "server_error",
                 Some("overloaded"),
             ),
+            ApiError::RateLimited(r) => (
+                format!(
+                    "Rate limit reached for this API key. Please try again in {}.",
+                    go_duration(r.retry_after)
+                ),
+                // OpenAI names the dimension that ran out.
+                if r.headers.requests.is_some_and(|t| t.remaining == 0) {
+                    "requests"
+                } else {
+                    "tokens"
+                },
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::TooManyConcurrent(_) => (
+                "Too many requests in flight for this API key. Wait for one to finish and try again.".into(),
+                "requests",
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::RequestTooLarge(_) => (
+                "Request too large for this API key's token limit: send a shorter prompt or a smaller max_tokens.".into(),
+                "tokens",
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::InsufficientQuota(_) => (
+                "You exceeded this API key's token budget. Ask your administrator to raise it, or wait for the next period.".into(),
+                "insufficient_quota",
+                Some("insufficient_quota"),
+            ),
         }
     }
 
@@ -133,11 +185,26 @@ impl ApiError {
     }
 
     /// Seconds a client should wait before retrying, where that helps.
-    fn retry_after(&self) -> Option<u32> {
+    fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::TunnelDown | ApiError::ModelsUnavailable => Some(5),
             ApiError::Overloaded => Some(1),
+            ApiError::RateLimited(r)
+            | ApiError::TooManyConcurrent(r)
+            | ApiError::RequestTooLarge(r)
+            | ApiError::InsufficientQuota(r) => r.retry_after_header(),
             _ => None,
+        }
+    }
+
+    /// The limiter's `x-ratelimit-*` headers, for refusals that carry them.
+    fn rate_headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ApiError::RateLimited(r)
+            | ApiError::TooManyConcurrent(r)
+            | ApiError::RequestTooLarge(r)
+            | ApiError::InsufficientQuota(r) => r.headers.pairs(),
+            _ => Vec::new(),
         }
     }
 
@@ -167,6 +234,11 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        for (name, value) in self.rate_headers() {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        }
         resp
     }
 }
@@ -192,6 +264,56 @@ mod tests {
         let r = ApiError::TunnelDown.into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn limiter_refusals_are_429_with_headers() {
+        use crate::policy::limits::{HeaderTriple, RateHeaders};
+        use std::time::Duration;
+        let r = LimitRefusal {
+            kind: RefusalKind::RateLimitExceeded,
+            retry_after: Duration::from_millis(1500),
+            headers: RateHeaders {
+                requests: Some(HeaderTriple {
+                    limit: 2,
+                    remaining: 0,
+                    reset: Duration::from_secs(30),
+                }),
+                tokens: None,
+            },
+        };
+        let resp = ApiError::from_limit(r).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "2");
+        assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(resp.headers()["x-ratelimit-reset-requests"], "30s");
+        let v: serde_json::Value = serde_json::from_str(&ApiError::from_limit(r).body()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+
+        let large = LimitRefusal {
+            kind: RefusalKind::TooLarge,
+            ..r
+        };
+        let resp = ApiError::from_limit(large).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+
+        let quota = LimitRefusal {
+            kind: RefusalKind::InsufficientQuota,
+            ..r
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&ApiError::from_limit(quota).body()).unwrap();
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        let concurrent = LimitRefusal {
+            kind: RefusalKind::TooManyConcurrent,
+            ..r
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&ApiError::from_limit(concurrent).body()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     }
 
     #[test]

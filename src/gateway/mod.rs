@@ -11,7 +11,7 @@ pub mod proxy;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::routing::{get, options, post};
@@ -22,8 +22,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
 use crate::netstack::Netstack;
+use crate::policy::limits::Limiter;
 use crate::policy::Endpoint;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
@@ -43,20 +45,40 @@ pub struct GatewayState {
     pub routes: Arc<Routes>,
     pub client: UpstreamClient,
     pub settings: GatewaySettings,
+    /// Per-key RPM/TPM/concurrency/budget state. A std `Mutex`: it is held only for one O(1)
+    /// `admit` or `settle` call, never across an `.await`.
+    pub limiter: Arc<Mutex<Limiter>>,
+    /// Where settled usage goes; `None` runs without a ledger (tests, demo).
+    pub ledger: Option<LedgerWriter>,
 }
 
 impl GatewayState {
+    /// A gateway with a fresh limiter and no usage ledger.
     pub fn new(
         keys: Arc<Keys>,
         netstack: Netstack,
         upstreams: Vec<UpstreamSpec>,
         settings: GatewaySettings,
     ) -> Arc<GatewayState> {
+        GatewayState::with_accounting(keys, netstack, upstreams, settings, Limiter::new(), None)
+    }
+
+    /// A gateway with a given limiter (seeded from the ledger) and ledger writer.
+    pub fn with_accounting(
+        keys: Arc<Keys>,
+        netstack: Netstack,
+        upstreams: Vec<UpstreamSpec>,
+        settings: GatewaySettings,
+        limiter: Limiter,
+        ledger: Option<LedgerWriter>,
+    ) -> Arc<GatewayState> {
         Arc::new(GatewayState {
             keys,
             routes: Arc::new(Routes::new(upstreams)),
             client: upstream::client(netstack),
             settings,
+            limiter: Arc::new(Mutex::new(limiter)),
+            ledger,
         })
     }
 

@@ -4,11 +4,16 @@
 //! body is passed through frame by frame (no buffering), SSE keep-alive comments fill silences
 //! at event boundaries, and dropping the client's response drops the upstream connection at
 //! once (the netstack resets it, so the model stops generating).
+//!
+//! Admission: after auth, policy and routing, and before a byte goes upstream, the key's
+//! limiter (`policy::limits`) must say yes. The admission is then owned by a [`Settlement`]
+//! that settles it exactly once, whatever happens: the response body ends, the client goes
+//! away, the upstream fails, or the request never got a response.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,6 +30,8 @@ use tokio::time::Sleep;
 
 use super::error::ApiError;
 use super::{ClientAddr, GatewayState};
+use crate::keys::ledger::{LedgerWriter, UsageEvent};
+use crate::policy::limits::{Admission, Estimate, Limiter};
 use crate::policy::{self, Endpoint, Principal};
 
 /// The `Authorization: Bearer` key, or why there is none.
@@ -264,6 +271,7 @@ async fn forward_inner(
         };
         return Err(refuse(e, Some(model)));
     };
+    let raw_limits = max_tokens_field(&raw);
     // Rewrite the model only for aliases; otherwise forward the client's bytes as they are.
     let out_body = if upstream_model != model {
         let mut raw = raw;
@@ -278,6 +286,29 @@ async fn forward_inner(
         Bytes::from(serde_json::to_vec(&raw).unwrap_or_default())
     } else {
         body.clone()
+    };
+
+    // Admission, the last check before the upstream. Dropping `settlement` on any early
+    // return below releases the slot and the reservation.
+    let est = estimate(endpoint, &body, raw_limits);
+    let admitted = state
+        .limiter
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(
+            &principal.id,
+            &principal.policy,
+            est,
+            Instant::now(),
+            SystemTime::now(),
+        );
+    let admission = admitted.map_err(|r| refuse(ApiError::from_limit(r), Some(model.clone())))?;
+    let rate_headers = admission.headers.pairs();
+    let settlement = Settlement {
+        limiter: state.limiter.clone(),
+        ledger: state.ledger.clone(),
+        admission: Some(admission),
+        estimate: est,
     };
 
     let uri = upstream
@@ -320,6 +351,10 @@ async fn forward_inner(
         // Ask reverse proxies in front of us (and Cursor's) not to buffer the stream.
         builder = builder.header("x-accel-buffering", "no");
     }
+    for (name, value) in rate_headers {
+        builder = builder.header(name, value);
+    }
+
     let audit = Audit {
         started,
         key_id: principal.id.clone(),
@@ -344,11 +379,97 @@ async fn forward_inner(
         timer: None,
         at_boundary: true,
         audit: Some(audit),
+        settlement: Some(settlement),
+        success: status.is_success(),
+        sse,
+        events: 0,
         done: false,
     };
     builder
         .body(Body::new(body))
         .map_err(|_| (ApiError::BadGateway("bad response".into()), None, None))
+}
+
+/// Bytes per prompt token for the admission estimate: OpenAI's rule of thumb (about four
+/// characters of English text per token). Counting the whole JSON body over-counts a little
+/// (field names, quotes), which errs towards refusing early, never towards over-admitting;
+/// settling corrects the charge with the upstream's reported usage.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// The request's `max_tokens`, `max_completion_tokens` (chat) or `max_output_tokens`
+/// (responses), read from the raw top-level fields.
+fn max_tokens_field(raw: &indexmap_free::Fields) -> Option<u64> {
+    ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|f| {
+            raw.get(*f)
+                .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        })
+}
+
+/// What a request is expected to cost before it goes upstream.
+fn estimate(endpoint: Endpoint, body: &[u8], max_tokens: Option<u64>) -> Estimate {
+    Estimate {
+        prompt_tokens: body.len() as u64 / BYTES_PER_TOKEN,
+        // Embeddings generate nothing: reserve no completion tokens for them.
+        max_tokens: if matches!(endpoint, Endpoint::Embeddings) {
+            Some(0)
+        } else {
+            max_tokens
+        },
+    }
+}
+
+/// Owns an [`Admission`] and settles it exactly once: explicitly when the response body ends
+/// ([`ProxyBody`]), or on drop with nothing charged (the request failed before the upstream
+/// answered). Either way the concurrency slot and the unused reservation come back.
+struct Settlement {
+    limiter: Arc<Mutex<Limiter>>,
+    ledger: Option<LedgerWriter>,
+    admission: Option<Admission>,
+    estimate: Estimate,
+}
+
+impl Settlement {
+    /// Settles with `used = (prompt, completion, estimated)`; `None` charges nothing and
+    /// records nothing (no model work was done, as far as we can tell).
+    fn settle(&mut self, used: Option<(u64, u64, bool)>) {
+        let Some(adm) = self.admission.take() else {
+            return;
+        };
+        let key_id: Arc<str> = Arc::from(adm.key_id());
+        let (prompt, completion, estimated) = used.unwrap_or((0, 0, false));
+        let wall = SystemTime::now();
+        self.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settle(adm, prompt.saturating_add(completion), Instant::now(), wall);
+        if let (Some(ledger), Some(_)) = (&self.ledger, used) {
+            let ev = UsageEvent {
+                key_id: key_id.clone(),
+                at: wall,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                estimated,
+            };
+            if !ledger.record(ev) {
+                tracing::warn!(key_id = %key_id, "usage ledger queue full; usage event dropped");
+            }
+        }
+    }
+
+    /// Completion tokens reserved at admission (the cap for an estimate).
+    fn reserved_completion(&self) -> u64 {
+        self.admission.as_ref().map_or(0, |a| {
+            a.reserved().saturating_sub(self.estimate.prompt_tokens)
+        })
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.settle(None);
+    }
 }
 
 mod indexmap_free {
@@ -366,6 +487,13 @@ struct ProxyBody {
     /// The bytes sent so far end at an SSE event boundary (a blank line).
     at_boundary: bool,
     audit: Option<Audit>,
+    /// The request's admission, settled when the body ends or is dropped.
+    settlement: Option<Settlement>,
+    /// The upstream answered 2xx (otherwise a body without usage charges nothing).
+    success: bool,
+    sse: bool,
+    /// SSE events seen (a completion-token estimate when the stream reports no usage).
+    events: u64,
     done: bool,
 }
 
@@ -388,9 +516,36 @@ impl ProxyBody {
         if !data.is_empty() {
             self.at_boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
         }
+        if self.sse {
+            self.events += data.windows(2).filter(|w| w == b"\n\n").count() as u64;
+        }
     }
 
+    /// Settles the admission (with the usage in the tail, or an estimate marked as such) and
+    /// writes the audit line. Runs once; later calls do nothing.
     fn finish(&mut self, outcome: &str) {
+        let usage = self.audit.as_ref().and_then(|a| find_usage(&a.tail));
+        if let Some(mut s) = self.settlement.take() {
+            let used = match usage {
+                Some((p, c)) => Some((p, c, false)),
+                // An error answer without usage: the model generated nothing we can count.
+                None if !self.success => None,
+                None => {
+                    // No usage reported (client left, or no include_usage): one token per SSE
+                    // event (how vLLM and llama.cpp stream), or bytes / 4 for a JSON body,
+                    // never more than was reserved.
+                    let bytes = self.audit.as_ref().map_or(0, |a| a.bytes_out);
+                    let guess = if self.sse {
+                        self.events
+                    } else {
+                        bytes / BYTES_PER_TOKEN
+                    };
+                    let completion = guess.min(s.reserved_completion());
+                    Some((s.estimate.prompt_tokens, completion, true))
+                }
+            };
+            s.settle(used);
+        }
         if let Some(a) = self.audit.take() {
             a.finish(outcome);
         }
@@ -520,6 +675,20 @@ mod tests {
         assert_eq!(find_usage(json), Some((3, 0)));
         assert_eq!(find_usage(b"data: [DONE]\n\n"), None);
         assert_eq!(find_usage(&[0xff, 0xfe, b'x']), None);
+    }
+
+    #[test]
+    fn admission_estimate_reads_max_tokens_and_counts_bytes() {
+        let raw: indexmap_free::Fields =
+            serde_json::from_str(r#"{"model":"m","max_completion_tokens":64}"#).unwrap();
+        assert_eq!(max_tokens_field(&raw), Some(64));
+        let raw: indexmap_free::Fields =
+            serde_json::from_str(r#"{"model":"m","max_tokens":"lots"}"#).unwrap();
+        assert_eq!(max_tokens_field(&raw), None);
+        let e = estimate(Endpoint::ChatCompletions, &[b'x'; 400], Some(64));
+        assert_eq!((e.prompt_tokens, e.max_tokens), (100, Some(64)));
+        let e = estimate(Endpoint::Embeddings, &[b'x'; 40], None);
+        assert_eq!((e.prompt_tokens, e.max_tokens), (10, Some(0)));
     }
 
     #[test]

@@ -263,6 +263,24 @@ impl fmt::Debug for KeyStore {
     }
 }
 
+/// Switches to WAL. SQLite answers `SQLITE_BUSY` to this pragma without calling the busy
+/// handler while another connection is converting the same fresh database (seen with several
+/// processes opening a new store at once), so retry for up to the busy timeout.
+fn set_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl KeyStore {
     /// Opens (creating on first use) `<state_dir>/keys.db` and `<state_dir>/keys.secret`.
     ///
@@ -285,9 +303,7 @@ impl KeyStore {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         // WAL: the daemon's reads never block the CLI's writes and vice versa. SQLite creates the
         // -wal and -shm files with the database file's permissions (0600).
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(sql)?;
+        let mode = set_wal(&conn).map_err(sql)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(db = %db_path.display(), mode, "key store: WAL unavailable; using this journal mode");
         }
