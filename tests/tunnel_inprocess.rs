@@ -100,8 +100,11 @@ async fn dial_through_tunnel_echo_and_bulk() {
             Ok(r) => r.unwrap_or_else(|e| panic!("read failed at {got} bytes: {e}")),
             Err(_) => panic!(
                 "bulk transfer stalled at {got} bytes; appliance {:?}; corp {:?}",
-                p.appliance.stats().await.map(|s| s.connection_detail),
-                p.corp.stats().await.map(|s| s.connection_detail)
+                p.appliance
+                    .stats_detailed()
+                    .await
+                    .map(|s| s.connection_detail),
+                p.corp.stats_detailed().await.map(|s| s.connection_detail)
             ),
         };
         assert!(n > 0, "early EOF at {got}");

@@ -94,7 +94,8 @@ pub struct NetstackStats {
     pub drops: DropCounters,
     pub device: DeviceCounters,
     pub connections: usize,
-    /// One line per open connection (state and queue depths), for debugging stalls.
+    /// One line per open connection (state and queue depths), for debugging stalls; filled
+    /// only by [`Netstack::stats_detailed`] (it formats a line per connection).
     pub connection_detail: Vec<String>,
 }
 
@@ -110,6 +111,7 @@ enum Command {
     },
     Stats {
         reply: oneshot::Sender<NetstackStats>,
+        detail: bool,
     },
 }
 
@@ -270,10 +272,20 @@ impl Netstack {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
+    /// Peer and drop counters (cheap: callers may poll it every second).
     pub async fn stats(&self) -> Result<NetstackStats, NetError> {
+        self.stats_with(false).await
+    }
+
+    /// [`Netstack::stats`] plus one line per open connection (for debugging stalls).
+    pub async fn stats_detailed(&self) -> Result<NetstackStats, NetError> {
+        self.stats_with(true).await
+    }
+
+    async fn stats_with(&self, detail: bool) -> Result<NetstackStats, NetError> {
         let (reply, rx) = oneshot::channel();
         self.cmd
-            .send(Command::Stats { reply })
+            .send(Command::Stats { reply, detail })
             .await
             .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
@@ -521,7 +533,7 @@ impl Driver {
                 let r = self.listen(port);
                 let _ = reply.send(r);
             }
-            Command::Stats { reply } => {
+            Command::Stats { reply, detail } => {
                 let _ = reply.send(NetstackStats {
                     public_key: self.core.public_key(),
                     listen: self.udp_addr,
@@ -529,7 +541,7 @@ impl Driver {
                     drops: self.core.drops(),
                     device: self.counters,
                     connections: self.live,
-                    connection_detail: self.detail(),
+                    connection_detail: if detail { self.detail() } else { Vec::new() },
                 });
             }
         }
