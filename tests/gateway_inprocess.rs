@@ -73,9 +73,25 @@ async fn env_with(corp_up: bool) -> Env {
 
 /// An environment whose gateway records usage with `ledger`.
 async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
+    env_custom(
+        corp_up,
+        ledger,
+        Duration::from_millis(30),
+        GatewaySettings::default(),
+    )
+    .await
+}
+
+/// Full control: the echo model's pause between words and the gateway's settings.
+async fn env_custom(
+    corp_up: bool,
+    ledger: Option<LedgerWriter>,
+    token_delay: Duration,
+    settings: GatewaySettings,
+) -> Env {
     let LoopbackPair { appliance, corp } =
         LoopbackPair::start(&[], corp_up, TcpTuning::default()).unwrap();
-    let model = EchoModel::new("echo", Duration::from_millis(30));
+    let model = EchoModel::new("echo", token_delay);
     let mut listener = corp.listen(8000).await.unwrap();
     let m = model.clone();
     tokio::spawn(async move {
@@ -153,7 +169,7 @@ async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
         keys,
         appliance,
         upstreams,
-        GatewaySettings::default(),
+        settings.clone(),
         Limiter::new(),
         ledger,
     );
@@ -165,7 +181,7 @@ async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
         listener,
         server_tls,
         gateway::router(state),
-        GatewaySettings::default(),
+        settings,
         stop_rx,
     ));
     Env {
@@ -694,4 +710,46 @@ async fn settled_usage_reaches_the_ledger() {
         u.today.completion_tokens > 6 && u.today.completion_tokens < 6 + 100,
         "{u:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_keepalive_comments_fill_silences_between_events() {
+    let settings = GatewaySettings {
+        sse_keepalive: Duration::from_millis(40),
+        ..GatewaySettings::default()
+    };
+    let env = env_custom(true, None, Duration::from_millis(200), settings).await;
+    wait_for_models(&env).await;
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.good.as_str()),
+        Some(chat("echo", true)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let body = r.body();
+    let comments = body.matches(": keep-alive\n\n").count();
+    assert!(comments >= 3, "{comments} keep-alive comments in {body}");
+    // Comments sit only between events: every event is still one intact JSON object.
+    let mut text = String::new();
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        if event.starts_with(':') {
+            continue;
+        }
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("bad event {event:?}"));
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+        if let Some(s) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(s);
+        }
+    }
+    assert_eq!(text, "one two three four five six");
+    assert!(body.ends_with("data: [DONE]\n\n"));
 }

@@ -570,7 +570,12 @@ impl HttpBody for ProxyBody {
                     self.record(&data);
                 }
                 if let Some(k) = self.keepalive {
-                    self.timer = Some(Box::pin(tokio::time::sleep(k)));
+                    // Re-arm the one timer of this body instead of allocating one per frame.
+                    let deadline = tokio::time::Instant::now() + k;
+                    match self.timer.as_mut() {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -592,7 +597,7 @@ impl HttpBody for ProxyBody {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(k)));
                 if timer.as_mut().poll(cx).is_ready() {
-                    self.timer = Some(Box::pin(tokio::time::sleep(k)));
+                    timer.as_mut().reset(tokio::time::Instant::now() + k);
                     if self.at_boundary {
                         // An SSE comment line: clients ignore it, proxies see traffic.
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
