@@ -224,15 +224,7 @@ async fn call(
     key: Option<&str>,
     body: Option<String>,
 ) -> Reply {
-    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = connect(env).await;
     let mut req = Request::builder()
         .method(method)
         .uri(path)
@@ -265,6 +257,61 @@ async fn call(
         status,
         headers,
         chunks,
+    }
+}
+
+/// One HTTPS + HTTP/1.1 connection to the gateway; the task drives the connection.
+async fn connect(
+    env: &Env,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// A 500-word stream of the echo model with `key`, after its first three frames arrived.
+struct LongStream {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    conn: tokio::task::JoinHandle<hyper::Result<()>>,
+    body: hyper::body::Incoming,
+}
+
+impl LongStream {
+    async fn open(env: &Env, key: &str) -> LongStream {
+        let long = serde_json::json!({
+            "model": "echo", "stream": true,
+            "messages": [{"role": "user", "content": "word ".repeat(500)}]
+        })
+        .to_string();
+        let (mut send, conn) = connect(env).await;
+        let req = Request::post("/v1/chat/completions")
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(long)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+        LongStream { send, conn, body }
+    }
+
+    /// The client goes away mid-stream: body, request handle and connection are dropped.
+    fn abandon(self) {
+        drop(self.body);
+        drop(self.send);
+        self.conn.abort();
     }
 }
 
@@ -448,34 +495,9 @@ async fn auth_policy_routing_and_streaming() {
 async fn client_disconnect_cancels_the_upstream() {
     let env = env_with(true).await;
     wait_for_models(&env).await;
-    let long = serde_json::json!({
-        "model": "echo", "stream": true,
-        "messages": [{"role": "user", "content": "word ".repeat(500)}]
-    })
-    .to_string();
-    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn_task = tokio::spawn(conn);
-    let req = Request::post("/v1/chat/completions")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {}", env.good))
-        .body(Full::new(Bytes::from(long)))
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let mut body = resp.into_body();
-    for _ in 0..3 {
-        body.frame().await.unwrap().unwrap();
-    }
+    let stream = LongStream::open(&env, &env.good).await;
     let cancelled_before = env.model.stats.cancelled.load(Ordering::Relaxed);
-    drop(body);
-    drop(send);
-    conn_task.abort();
+    stream.abandon();
     let t = Instant::now();
     while env.model.stats.cancelled.load(Ordering::Relaxed) == cancelled_before {
         assert!(
@@ -562,31 +584,7 @@ async fn rpm_limit_is_429_before_the_upstream() {
 async fn concurrency_slot_is_released_after_a_client_disconnect() {
     let env = env_with(true).await;
     wait_for_models(&env).await;
-    let long = serde_json::json!({
-        "model": "echo", "stream": true,
-        "messages": [{"role": "user", "content": "word ".repeat(500)}]
-    })
-    .to_string();
-    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn_task = tokio::spawn(conn);
-    let req = Request::post("/v1/chat/completions")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {}", env.single))
-        .body(Full::new(Bytes::from(long)))
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    for _ in 0..3 {
-        body.frame().await.unwrap().unwrap();
-    }
+    let stream = LongStream::open(&env, &env.single).await;
     // While the stream runs, the key's one slot is taken.
     let r = call(
         &env,
@@ -600,9 +598,7 @@ async fn concurrency_slot_is_released_after_a_client_disconnect() {
     assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
     assert!(r.headers.contains_key("retry-after"));
 
-    drop(body);
-    drop(send);
-    conn_task.abort();
+    stream.abandon();
     let t = Instant::now();
     loop {
         let r = call(
@@ -675,33 +671,8 @@ async fn settled_usage_reaches_the_ledger() {
     assert_eq!(u.today.estimated, 0);
 
     // A stream the client abandons reports no usage: it is recorded as an estimate.
-    let long = serde_json::json!({
-        "model": "echo", "stream": true,
-        "messages": [{"role": "user", "content": "word ".repeat(500)}]
-    })
-    .to_string();
-    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(env.tls.clone())
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn_task = tokio::spawn(conn);
-    let req = Request::post("/v1/chat/completions")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {}", env.good))
-        .body(Full::new(Bytes::from(long)))
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let mut b = resp.into_body();
-    for _ in 0..3 {
-        b.frame().await.unwrap().unwrap();
-    }
-    drop(b);
-    drop(send);
-    conn_task.abort();
+    let stream = LongStream::open(&env, &env.good).await;
+    stream.abandon();
     let u = wait_for(2).await;
     assert_eq!(u.today.requests, 2);
     assert_eq!(u.today.estimated, 1, "{u:?}");
