@@ -545,6 +545,54 @@ fn validate_tls(errs: &mut ConfigErrors, t: &RawTls, base: &Path) -> Option<TlsC
     (errs.len() == before).then_some(result).flatten()
 }
 
+/// How one kind of table entry (peer, upstream) is named.
+struct NameRule {
+    kind: &'static str,
+    check: fn(&str) -> Result<(), String>,
+    example: &'static str,
+    examples: &'static str,
+}
+
+/// Validates the `name` of entry `i`: present, well-formed and unique among `names` (which
+/// records the first entry using each name). Returns the name when usable.
+fn unique_name<'a>(
+    errs: &mut ConfigErrors,
+    rule: &NameRule,
+    key: String,
+    name: Option<&'a str>,
+    i: usize,
+    names: &mut HashMap<&'a str, usize>,
+) -> Option<String> {
+    let kind = rule.kind;
+    let Some(n) = name else {
+        errs.push(
+            key,
+            "(missing)",
+            format!("every {kind} needs a name"),
+            format!("add name = \"{}\"", rule.example),
+        );
+        return None;
+    };
+    if let Err(problem) = (rule.check)(n) {
+        errs.push(
+            key,
+            q(n),
+            problem,
+            format!("rename it, e.g. {}", rule.examples),
+        );
+        return None;
+    }
+    if let Some(first) = names.insert(n, i) {
+        errs.push(
+            key,
+            q(n),
+            format!("also used by {kind} #{}", first + 1),
+            format!("give each {kind} a unique name"),
+        );
+    }
+    Some(n.to_string())
+}
+
 fn peer_key(i: usize, p: &RawPeer, field: &str) -> String {
     match p.name.as_deref() {
         Some(n) if check_peer_name(n).is_ok() => format!("peer \"{n}\".{field}"),
@@ -569,39 +617,19 @@ fn validate_peers(
         let key = |f: &str| peer_key(i, p, f);
         let before = errs.len();
 
-        let name = match p.name.as_deref() {
-            None => {
-                errs.push(
-                    key("name"),
-                    "(missing)",
-                    "every peer needs a name",
-                    "add name = \"corp\"",
-                );
-                None
-            }
-            Some(n) => match check_peer_name(n) {
-                Err(problem) => {
-                    errs.push(
-                        key("name"),
-                        q(n),
-                        problem,
-                        "rename it, e.g. \"corp\" or \"site-2\"",
-                    );
-                    None
-                }
-                Ok(()) => {
-                    if let Some(first) = names.insert(n, i) {
-                        errs.push(
-                            key("name"),
-                            q(n),
-                            format!("also used by peer #{}", first + 1),
-                            "give each peer a unique name",
-                        );
-                    }
-                    Some(n.to_string())
-                }
+        let name = unique_name(
+            errs,
+            &NameRule {
+                kind: "peer",
+                check: check_peer_name,
+                example: "corp",
+                examples: "\"corp\" or \"site-2\"",
             },
-        };
+            key("name"),
+            p.name.as_deref(),
+            i,
+            &mut names,
+        );
 
         let public_key = match p.public_key.as_deref() {
             None => {
@@ -1097,39 +1125,19 @@ fn validate_upstreams(
         let key = |f: &str| upstream_key(i, u, f);
         let before = errs.len();
 
-        let name = match u.name.as_deref() {
-            None => {
-                errs.push(
-                    key("name"),
-                    "(missing)",
-                    "every upstream needs a name",
-                    "add name = \"vllm\"",
-                );
-                None
-            }
-            Some(n) => match check_upstream_name(n) {
-                Err(problem) => {
-                    errs.push(
-                        key("name"),
-                        q(n),
-                        problem,
-                        "rename it, e.g. \"vllm\" or \"coder-1\"",
-                    );
-                    None
-                }
-                Ok(()) => {
-                    if let Some(first) = names.insert(n, i) {
-                        errs.push(
-                            key("name"),
-                            q(n),
-                            format!("also used by upstream #{}", first + 1),
-                            "give each upstream a unique name",
-                        );
-                    }
-                    Some(n.to_string())
-                }
+        let name = unique_name(
+            errs,
+            &NameRule {
+                kind: "upstream",
+                check: check_upstream_name,
+                example: "vllm",
+                examples: "\"vllm\" or \"coder-1\"",
             },
-        };
+            key("name"),
+            u.name.as_deref(),
+            i,
+            &mut names,
+        );
 
         let url = match u.url.as_deref() {
             None => {
