@@ -495,10 +495,12 @@ impl KeyStore {
         }
     }
 
-    /// Revokes the non-revoked key called `name` (or with id `name`). Takes effect in a running
-    /// daemon within a second.
-    pub fn revoke(&mut self, name: &str) -> Result<KeyRecord, StoreError> {
-        let now = truncate_ms(SystemTime::now());
+    /// Starts a write transaction and finds the live key called `name` (or with id `name`);
+    /// a missing, revoked or expired key is the matching error.
+    fn begin_for_active(
+        &mut self,
+        name: &str,
+    ) -> Result<(rusqlite::Transaction<'_>, String), StoreError> {
         let path = self.db_path.clone();
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -508,10 +510,22 @@ impl KeyStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let id = active_id(&tx, name).map_err(sql)?;
-        let Some(id) = id else {
-            return Err(missing(&tx, name).map_err(sql)?);
+        match active_id(&tx, name).map_err(sql)? {
+            Some(id) => Ok((tx, id)),
+            None => Err(missing(&tx, name).map_err(sql)?),
+        }
+    }
+
+    /// Revokes the non-revoked key called `name` (or with id `name`). Takes effect in a running
+    /// daemon within a second.
+    pub fn revoke(&mut self, name: &str) -> Result<KeyRecord, StoreError> {
+        let now = truncate_ms(SystemTime::now());
+        let path = self.db_path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
         };
+        let (tx, id) = self.begin_for_active(name)?;
         tx.execute(
             "UPDATE keys SET revoked_at = ?2, previous_hash = NULL, previous_valid_until = NULL
              WHERE id = ?1",
@@ -541,14 +555,7 @@ impl KeyStore {
             path: path.clone(),
             source,
         };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let id = active_id(&tx, name).map_err(sql)?;
-        let Some(id) = id else {
-            return Err(missing(&tx, name).map_err(sql)?);
-        };
+        let (tx, id) = self.begin_for_active(name)?;
         let rec = tx
             .query_row(&format!("{SELECT} WHERE id = ?1"), [&id], RawRow::read)
             .map_err(sql)?
