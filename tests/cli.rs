@@ -6,38 +6,17 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/cli_env.rs"]
+mod cli_env;
+use cli_env::{code, mode, stderr, stdout, Env};
+
 use serde_json::Value;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("etc/modelgate.toml")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-    fn mg(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args(args)
-            .env("MODELGATE_CONFIG", self.config())
-            .env_remove("MODELGATE_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
     fn init(&self, endpoint: &str) -> Output {
         let state = self.state();
         let out = self.mg(&[
@@ -53,18 +32,6 @@ impl Env {
     }
 }
 
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-fn mode(p: &Path) -> u32 {
-    fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
 /// The lines of a wg-quick file that are settings (comments carry a timestamp).
 fn settings(text: &str) -> Vec<&str> {
     text.lines().filter(|l| !l.starts_with('#')).collect()

@@ -2,25 +2,22 @@
 //! the library's `KeyRing::load` authenticates what it printed, and a watching daemon-side
 //! `Keys` sees CLI changes within a second. Also exit codes, error lines and file modes.
 
+#[path = "common/cli_env.rs"]
+mod cli_env;
+use cli_env::{code, mode, stderr, stdout, Env};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use modelgate::keys::{AuthError, KeyRing, KeyStore, Keys};
 use serde_json::Value;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
+    /// A directory with `modelgate init` done.
+    fn initialised() -> Env {
+        let env = Env::new();
         let state = env.state();
         let cfg = env.config();
         let out = env.mg(&[
@@ -35,60 +32,18 @@ impl Env {
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         env
     }
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("etc/modelgate.toml")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-    fn mg(&self, args: &[&str]) -> Output {
-        self.mg_env(args, &[])
-    }
-    fn mg_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_modelgate"));
-        c.args(args)
-            .env("MODELGATE_CONFIG", self.config())
-            .env_remove("MODELGATE_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-    /// Runs a command that must succeed; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.mg(args);
-        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
-        stdout(&out)
-    }
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
     fn ring(&self) -> KeyRing {
         KeyRing::load(&KeyStore::open(&self.state()).unwrap()).unwrap()
     }
 }
 
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-fn mode(p: &Path) -> u32 {
-    fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
 fn secs(v: &Value) -> SystemTime {
     humantime::parse_rfc3339(v.as_str().unwrap()).unwrap()
 }
 
 #[test]
 fn create_list_show_authenticate_revoke() {
-    let env = Env::new();
+    let env = Env::initialised();
     let out = env.mg(&[
         "key",
         "create",
@@ -221,7 +176,7 @@ fn expires_within_ms(env: &Env, id: &str) -> SystemTime {
 
 #[test]
 fn create_json_shape() {
-    let env = Env::new();
+    let env = Env::initialised();
     let v = env.json(&["key", "create", "bot", "--json", "--models", "m"]);
     for field in ["id", "name", "secret", "created_at", "expires_at", "policy"] {
         assert!(v.get(field).is_some(), "{field} missing: {v}");
@@ -235,7 +190,7 @@ fn create_json_shape() {
 
 #[test]
 fn rotate_with_and_without_grace() {
-    let env = Env::new();
+    let env = Env::initialised();
     let old = env.json(&["key", "create", "ci", "--json"]);
     let old = old["secret"].as_str().unwrap().to_string();
 
@@ -284,7 +239,7 @@ fn truncate_s(t: SystemTime) -> SystemTime {
 
 #[test]
 fn expiry() {
-    let env = Env::new();
+    let env = Env::initialised();
     let v = env.json(&["key", "create", "temp", "--expires", "1h", "--json"]);
     let secret = v["secret"].as_str().unwrap();
     let ring = env.ring();
@@ -321,7 +276,7 @@ fn expiry() {
 
 #[test]
 fn file_modes() {
-    let env = Env::new();
+    let env = Env::initialised();
     env.ok(&["key", "create", "a"]);
     assert_eq!(mode(&env.state().join("keys.db")), 0o600);
     assert_eq!(mode(&env.state().join("keys.secret")), 0o600);
@@ -347,7 +302,7 @@ fn file_modes() {
 
 #[test]
 fn wrong_checksum_is_malformed() {
-    let env = Env::new();
+    let env = Env::initialised();
     let v = env.json(&["key", "create", "a", "--json"]);
     let secret = v["secret"].as_str().unwrap();
     let ring = env.ring();
@@ -366,7 +321,7 @@ fn wrong_checksum_is_malformed() {
 
 #[test]
 fn errors_and_exit_codes() {
-    let env = Env::new();
+    let env = Env::initialised();
     env.ok(&["key", "create", "dup"]);
     let out = env.mg(&["key", "create", "dup"]);
     assert_eq!(code(&out), 1);
@@ -414,7 +369,7 @@ fn errors_and_exit_codes() {
 
 #[test]
 fn secret_never_logged() {
-    let env = Env::new();
+    let env = Env::initialised();
     let out = env.mg_env(
         &["key", "create", "a", "--json"],
         &[("MODELGATE_LOG", "trace")],
@@ -438,7 +393,7 @@ fn secret_never_logged() {
 /// A change made by the CLI (another process) reaches a watching `Keys` within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_cli_changes_within_a_second() {
-    let env = Env::new();
+    let env = Env::initialised();
     let keys = Keys::new(KeyRing::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(keys.clone().watch(env.state(), stop_rx));
@@ -511,7 +466,7 @@ async fn watch_sees_cli_changes_within_a_second() {
 #[test]
 fn list_and_show_report_ledger_usage() {
     use modelgate::keys::ledger::{Ledger, UsageEvent};
-    let env = Env::new();
+    let env = Env::initialised();
     env.ok(&["key", "create", "alice"]);
     env.ok(&["key", "create", "bob"]);
     let id = env.json(&["key", "show", "alice", "--json"])["id"]

@@ -4,40 +4,14 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+
+#[path = "common/cli_env.rs"]
+mod cli_env;
+use cli_env::{code, stderr, Env};
 
 use serde_json::{json, Value};
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("etc/modelgate.toml")
-    }
-    fn mg(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("MODELGATE_CONFIG", self.config())
-            .env_remove("MODELGATE_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.mg(args);
-        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
-        stdout(&out)
-    }
     /// init + one corp peer routing 10.20.0.0/24, plus an operator comment.
     fn with_corp_peer() -> Env {
         let env = Env::new();
@@ -58,16 +32,6 @@ impl Env {
     fn text(&self) -> String {
         fs::read_to_string(self.config()).unwrap()
     }
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
