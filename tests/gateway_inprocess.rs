@@ -155,6 +155,7 @@ async fn env_custom(
             base_path: "/v1".into(),
             api_key: Some("upstream-secret".into()),
             models: vec![],
+            max_concurrent: None,
         },
         UpstreamSpec {
             name: "aliased".into(),
@@ -162,6 +163,7 @@ async fn env_custom(
             base_path: "/v1".into(),
             api_key: None,
             models: vec![("coder".into(), "echo".into())],
+            max_concurrent: None,
         },
     ];
     let (stop_tx, stop_rx) = watch::channel(false);

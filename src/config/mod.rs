@@ -96,6 +96,14 @@ pub struct GatewayConfig {
     pub sse_keepalive: Duration,
     /// On SIGTERM, how long in-flight requests may take before they are cut.
     pub drain_timeout: Duration,
+    /// Longest wait for a slot at a saturated upstream (`[[upstream]] max_concurrent`); then 503
+    /// with `Retry-After`.
+    pub queue_timeout: Duration,
+    /// Most requests waiting for a slot at one saturated upstream; more get 503 at once.
+    pub max_queued: usize,
+    /// Completion tokens reserved for a request that sets no `max_tokens` (admission estimate
+    /// against TPM and budgets; settled to the real count afterwards).
+    pub default_max_tokens: u32,
 }
 
 /// Default `[gateway]` values (also documented in `config/modelgate.toml`).
@@ -113,6 +121,9 @@ impl Default for GatewayConfig {
             upstream_response_timeout: Duration::from_secs(600),
             sse_keepalive: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(30),
+            queue_timeout: Duration::from_secs(30),
+            max_queued: 1024,
+            default_max_tokens: 4096,
         }
     }
 }

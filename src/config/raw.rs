@@ -128,6 +128,12 @@ pub struct RawGateway {
     pub sse_keepalive: Option<String>,
     /// On SIGTERM, in-flight requests get this long to finish (default "30s").
     pub drain_timeout: Option<String>,
+    /// Longest wait for a slot at a saturated upstream (default "30s").
+    pub queue_timeout: Option<String>,
+    /// Most requests waiting at one saturated upstream (default 1024).
+    pub max_queued: Option<i64>,
+    /// Completion tokens reserved when a request sets no max_tokens (default 4096).
+    pub default_max_tokens: Option<i64>,
 }
 
 /// One `[[upstream]]`: an OpenAI-compatible model server reached through the tunnel.

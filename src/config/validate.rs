@@ -953,6 +953,30 @@ fn validate_gateway(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig {
             g.drain_timeout.as_deref(),
             d.drain_timeout,
         ),
+        queue_timeout: duration(
+            errs,
+            "gateway.queue_timeout",
+            g.queue_timeout.as_deref(),
+            d.queue_timeout,
+        ),
+        max_queued: bounded(
+            errs,
+            "gateway.max_queued",
+            g.max_queued,
+            d.max_queued,
+            0,
+            1_000_000,
+            " (0 refuses at once when the upstream is saturated)",
+        ),
+        default_max_tokens: bounded(
+            errs,
+            "gateway.default_max_tokens",
+            g.default_max_tokens,
+            d.default_max_tokens as usize,
+            1,
+            10_000_000,
+            " tokens",
+        ) as u32,
     }
 }
 

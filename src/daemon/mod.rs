@@ -130,6 +130,7 @@ pub fn upstream_specs(config: &Config) -> anyhow::Result<Vec<UpstreamSpec>> {
                     .iter()
                     .map(|m| (m.public.clone(), m.upstream.clone()))
                     .collect(),
+                max_concurrent: u.max_concurrent,
             })
         })
         .collect()

@@ -137,6 +137,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
             base_path: "/v1".into(),
             api_key: None,
             models: vec![],
+            max_concurrent: None,
         }],
         GatewaySettings::default(),
     );

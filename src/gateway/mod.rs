@@ -6,7 +6,9 @@
 //! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
 
 pub mod error;
+pub mod fair;
 mod idle;
+pub mod meter;
 pub mod proxy;
 pub mod upstream;
 
@@ -25,7 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
 use crate::netstack::Netstack;
-use crate::policy::limits::Limiter;
+use crate::policy::limits::{Limiter, LimiterConfig};
 use crate::policy::Endpoint;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
@@ -69,12 +71,19 @@ impl GatewayState {
         netstack: Netstack,
         upstreams: Vec<UpstreamSpec>,
         settings: GatewaySettings,
-        limiter: Limiter,
+        mut limiter: Limiter,
         ledger: Option<LedgerWriter>,
     ) -> Arc<GatewayState> {
+        limiter.configure(LimiterConfig {
+            default_max_tokens: settings.default_max_tokens,
+        });
         Arc::new(GatewayState {
             keys,
-            routes: Arc::new(Routes::new(upstreams)),
+            routes: Arc::new(Routes::with_queues(
+                upstreams,
+                settings.max_queued,
+                settings.queue_timeout,
+            )),
             client: upstream::client(netstack),
             settings,
             limiter: Arc::new(Mutex::new(limiter)),

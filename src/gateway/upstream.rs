@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::error::ApiError;
+use super::fair::{FairConfig, FairQueue};
 use crate::netstack::{NetError, Netstack, TunnelStream};
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
@@ -37,19 +38,40 @@ pub struct UpstreamSpec {
     pub api_key: Option<String>,
     /// Static routes: (public model name, upstream model id). Empty: discover.
     pub models: Vec<(String, String)>,
+    /// Most requests in flight to this server (`None`: no limit, no queue).
+    pub max_concurrent: Option<u32>,
 }
 
 /// A model server and what we know about it.
 #[derive(Debug)]
 pub struct Upstream {
     pub spec: UpstreamSpec,
+    /// Concurrency slots and the round-robin wait queue, when `max_concurrent` is set.
+    pub queue: Option<Arc<FairQueue>>,
     discovered: RwLock<Vec<String>>,
     reachable: AtomicBool,
 }
 
 impl Upstream {
     pub fn new(spec: UpstreamSpec) -> Arc<Upstream> {
+        Upstream::with_queue(spec, 1024, Duration::from_secs(30))
+    }
+
+    /// An upstream whose queue (if `max_concurrent` is set) holds at most `max_queued`
+    /// waiters for at most `queue_timeout` each.
+    pub fn with_queue(
+        spec: UpstreamSpec,
+        max_queued: usize,
+        queue_timeout: Duration,
+    ) -> Arc<Upstream> {
         Arc::new(Upstream {
+            queue: spec.max_concurrent.map(|n| {
+                FairQueue::new(FairConfig {
+                    capacity: n as usize,
+                    max_queued,
+                    timeout: queue_timeout,
+                })
+            }),
             spec,
             discovered: RwLock::new(Vec::new()),
             reachable: AtomicBool::new(false),
@@ -89,6 +111,16 @@ impl Routes {
     pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
         Routes {
             upstreams: specs.into_iter().map(Upstream::new).collect(),
+        }
+    }
+
+    /// Routes whose upstream queues use the gateway's queue settings.
+    pub fn with_queues(specs: Vec<UpstreamSpec>, max_queued: usize, timeout: Duration) -> Routes {
+        Routes {
+            upstreams: specs
+                .into_iter()
+                .map(|s| Upstream::with_queue(s, max_queued, timeout))
+                .collect(),
         }
     }
 
