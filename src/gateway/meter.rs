@@ -255,9 +255,15 @@ impl Meter {
     }
 
     /// The events that end a stream the gateway cuts: a final chunk per choice with
-    /// `finish_reason: "length"`, then (if the client asked for usage) a usage chunk with the
-    /// tokens counted so far and `prompt_tokens` as given, then `data: [DONE]`.
-    pub fn cut_tail(&self, client_wants_usage: bool, prompt_tokens: u64) -> Bytes {
+    /// `finish_reason: "length"`, then (if the client asked for usage) a usage chunk with
+    /// `prompt_tokens` and `completion_tokens` as given (the tokens the client received), then
+    /// `data: [DONE]`.
+    pub fn cut_tail(
+        &self,
+        client_wants_usage: bool,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Bytes {
         let id = self.id.as_deref().unwrap_or("modelgate-cut");
         let created = self.created.unwrap_or(0);
         let model = self.model.as_deref().unwrap_or("");
@@ -290,8 +296,8 @@ impl Meter {
             let mut u = head(serde_json::json!([]));
             u["usage"] = serde_json::json!({
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": self.tokens,
-                "total_tokens": prompt_tokens + self.tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
             });
             out.push_str(&format!("data: {u}\n\n"));
         }
@@ -390,7 +396,7 @@ mod tests {
         let mut m = Meter::new(StreamKind::Chat, false);
         m.push(chunk("a").as_bytes());
         m.push(chunk("b").as_bytes());
-        let tail = m.cut_tail(true, 40);
+        let tail = m.cut_tail(true, 40, m.tokens);
         let text = std::str::from_utf8(&tail).unwrap();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 3);
@@ -405,12 +411,12 @@ mod tests {
         assert_eq!(usage["usage"]["total_tokens"], 42);
         assert_eq!(events[2], "data: [DONE]");
         // Without include_usage: no usage chunk.
-        let t = m.cut_tail(false, 40);
+        let t = m.cut_tail(false, 40, 2);
         assert_eq!(
             std::str::from_utf8(&t).unwrap().matches("data: ").count(),
             2
         );
-        let c = Meter::new(StreamKind::Completion, false).cut_tail(false, 0);
+        let c = Meter::new(StreamKind::Completion, false).cut_tail(false, 0, 0);
         assert!(std::str::from_utf8(&c)
             .unwrap()
             .contains("\"text_completion\""));

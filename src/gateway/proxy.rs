@@ -678,7 +678,10 @@ impl ProxyBody {
                     .as_ref()
                     .map_or(0, |s| s.estimate.prompt_tokens);
                 if let Some(m) = &self.meter {
-                    out.extend_from_slice(&m.cut_tail(self.client_wants_usage, prompt));
+                    // The usage the client sees counts what it received; the event that
+                    // overdrew the limit is charged (the model made it) but not delivered.
+                    let delivered = m.tokens.saturating_sub(ev.tokens);
+                    out.extend_from_slice(&m.cut_tail(self.client_wants_usage, prompt, delivered));
                 }
                 self.cut = true;
                 // Dropping the upstream body resets its connection: the model stops.
