@@ -7,6 +7,7 @@
 //! upstreams' API key files (only their mode, never their content, at load time).
 
 pub mod edit;
+mod policies;
 pub mod raw;
 mod validate;
 
@@ -64,6 +65,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Model servers inside the tunnel (`[[upstream]]`), in file order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Named key policies (`[[policy]]`), by name.
+    pub policies: crate::policy::Policies,
 }
 
 /// Capacities and timeouts of the public HTTPS gateway (`[gateway]`). Every one is bounded so a

@@ -178,6 +178,7 @@ pub fn validate(
         &base,
         secret_file,
     );
+    let policies = super::policies::validate_policies(&mut errs, &raw.policies);
 
     if !errs.is_empty() {
         return Err(errs);
@@ -213,6 +214,7 @@ pub fn validate(
         peers,
         gateway,
         upstreams,
+        policies,
     })
 }
 
@@ -546,16 +548,16 @@ fn validate_tls(errs: &mut ConfigErrors, t: &RawTls, base: &Path) -> Option<TlsC
 }
 
 /// How one kind of table entry (peer, upstream) is named.
-struct NameRule {
-    kind: &'static str,
-    check: fn(&str) -> Result<(), String>,
-    example: &'static str,
-    examples: &'static str,
+pub(super) struct NameRule {
+    pub kind: &'static str,
+    pub check: fn(&str) -> Result<(), String>,
+    pub example: &'static str,
+    pub examples: &'static str,
 }
 
 /// Validates the `name` of entry `i`: present, well-formed and unique among `names` (which
 /// records the first entry using each name). Returns the name when usable.
-fn unique_name<'a>(
+pub(super) fn unique_name<'a>(
     errs: &mut ConfigErrors,
     rule: &NameRule,
     key: String,

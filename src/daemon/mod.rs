@@ -262,9 +262,9 @@ async fn start_gateway(
     let state_dir = config.server.state_dir.clone();
     let tls = Arc::new(TlsState::load(tls_cfg, &state_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ring = KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = KeyRing::load(&store, &config.policies).map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(store);
-    let keys = Keys::new(ring);
+    let keys = Keys::with_policies(ring, config.policies.clone());
     tasks.push(tokio::spawn(
         keys.clone().watch(state_dir.clone(), stop.clone()),
     ));
@@ -463,8 +463,9 @@ mod tests {
             }),
             ..KeyPolicy::default()
         };
+        // 50 tokens are left: a 50-token prompt leaves no room for one completion token.
         let too_much = Estimate {
-            prompt_tokens: 40,
+            prompt_tokens: 50,
             max_tokens: Some(20),
         };
         let r = limiter

@@ -186,7 +186,8 @@ fn demo_keys(state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)>
             policy: crate::policy::KeyPolicy::default(),
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ring = crate::keys::KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = crate::keys::KeyRing::load(&store, &Default::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((Keys::new(ring), created.secret.expose().to_string()))
 }
 
