@@ -5,10 +5,14 @@
 //! at event boundaries, and dropping the client's response drops the upstream connection at
 //! once (the netstack resets it, so the model stops generating).
 //!
-//! Admission: after auth, policy and routing, and before a byte goes upstream, the key's
-//! limiter (`policy::limits`) must say yes. The admission is then owned by a [`Settlement`]
-//! that settles it exactly once, whatever happens: the response body ends, the client goes
-//! away, the upstream fails, or the request never got a response.
+//! Order: auth → access policy (expiry, source network, endpoint, model) → the key's limiter
+//! (`policy::limits`: RPM, TPM, concurrency, budget) → route → the upstream's fair-share queue
+//! (`fair`) → upstream. The limiter comes before routing so that a key out of budget is told
+//! `insufficient_quota` even while the model is unreachable (a refusal with a reason beats a
+//! 503 the client would retry forever); a request refused later (unknown model, tunnel down)
+//! has still used one request of its RPM, as with OpenAI. The admission is owned by a
+//! [`Settlement`] that settles it exactly once, whatever happens: the response body ends, the
+//! client goes away, the upstream fails, or the request never got a response.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -262,6 +266,31 @@ async fn forward_inner(
     ) {
         return Err(refuse(ApiError::Forbidden(d), Some(model)));
     }
+    // Admission: the key's limits, budget and concurrency, before routing, so that a key out
+    // of budget hears `insufficient_quota` even while the model is unreachable. Dropping
+    // `settlement` on any early return below releases the slot and the reservation.
+    let raw_limits = max_tokens_field(&raw);
+    let est = estimate(endpoint, &body, raw_limits);
+    let admitted = state
+        .limiter
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(
+            &principal.id,
+            &principal.policy,
+            est,
+            Instant::now(),
+            SystemTime::now(),
+        );
+    let admission = admitted.map_err(|r| refuse(ApiError::from_limit(r), Some(model.clone())))?;
+    let rate_headers = admission.headers.pairs();
+    let metered = admission.metered();
+    let settlement = Settlement {
+        limiter: state.limiter.clone(),
+        ledger: state.ledger.clone(),
+        admission: Some(admission),
+        estimate: est,
+    };
     let Some((upstream, upstream_model)) = state.routes.route(&model) else {
         // Before the first successful discovery we cannot tell "no such model" from "cannot
         // reach the server that has it": say unavailable (503, retry), not 404.
@@ -272,7 +301,6 @@ async fn forward_inner(
         };
         return Err(refuse(e, Some(model)));
     };
-    let raw_limits = max_tokens_field(&raw);
     // Streams of chat/completions and completions are metered event by event. The upstream is
     // always asked for the final usage chunk; when the client did not ask for it, the gateway
     // strips it again, so the client gets exactly what it asked for.
@@ -319,29 +347,6 @@ async fn forward_inner(
         body.clone()
     };
 
-    // Admission, the last check before the upstream. Dropping `settlement` on any early
-    // return below releases the slot and the reservation.
-    let est = estimate(endpoint, &body, raw_limits);
-    let admitted = state
-        .limiter
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(
-            &principal.id,
-            &principal.policy,
-            est,
-            Instant::now(),
-            SystemTime::now(),
-        );
-    let admission = admitted.map_err(|r| refuse(ApiError::from_limit(r), Some(model.clone())))?;
-    let rate_headers = admission.headers.pairs();
-    let metered = admission.metered();
-    let settlement = Settlement {
-        limiter: state.limiter.clone(),
-        ledger: state.ledger.clone(),
-        admission: Some(admission),
-        estimate: est,
-    };
     // A saturated model server: wait for a slot, round-robin across keys. The key's own
     // admission (concurrency, reservation) is held meanwhile and returned if the wait fails.
     let slot = match &upstream.queue {
