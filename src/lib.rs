@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod fsutil;
@@ -22,6 +23,7 @@ pub mod gateway;
 pub mod keys;
 pub mod netstack;
 pub mod policy;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
 pub mod wgkey;

@@ -118,6 +118,7 @@ struct Audit {
     ttfb: Option<Duration>,
     /// Tail of the response, where usage sits (last SSE chunk or end of the JSON).
     tail: Vec<u8>,
+    flight: crate::telemetry::Flight,
 }
 
 const AUDIT_TAIL: usize = 4096;
@@ -125,6 +126,8 @@ const AUDIT_TAIL: usize = 4096;
 impl Audit {
     fn finish(&self, outcome: &str) {
         let usage = find_usage(&self.tail);
+        let elapsed = self.started.elapsed();
+        (self.flight).finish(&self.model, self.status, usage, self.ttfb, elapsed);
         tracing::info!(
             target: "audit",
             key_id = %self.key_id,
@@ -179,6 +182,14 @@ pub async fn forward(
     match forward_inner(&state, client, endpoint, req, started).await {
         Ok(r) => r,
         Err((e, principal, model)) => {
+            let (key, status) = (principal.as_ref().map(|p| p.id.as_str()), e.status());
+            crate::telemetry::record_refusal(
+                &state,
+                key,
+                model.as_deref(),
+                status.as_u16(),
+                started.elapsed(),
+            );
             // Refusals are logged like any request, with what we know.
             tracing::info!(
                 target: "audit",
@@ -271,6 +282,7 @@ async fn forward_inner(
         };
         return Err(refuse(e, Some(model)));
     };
+    let flight = crate::telemetry::Flight::start(&state.metrics, &principal, &upstream);
     let raw_limits = max_tokens_field(&raw);
     // Rewrite the model only for aliases; otherwise forward the client's bytes as they are.
     let out_body = if upstream_model != model {
@@ -368,6 +380,7 @@ async fn forward_inner(
         bytes_out: 0,
         ttfb: None,
         tail: Vec::new(),
+        flight,
     };
     let body = ProxyBody {
         inner: resp.into_body(),

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use super::error::ApiError;
 use crate::netstack::{NetError, Netstack, TunnelStream};
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSpec {
     pub name: String,
     pub addr: SocketAddr,
@@ -45,6 +45,8 @@ pub struct Upstream {
     pub spec: UpstreamSpec,
     discovered: RwLock<Vec<String>>,
     reachable: AtomicBool,
+    /// Requests routed here whose response has not ended (`telemetry::Flight`).
+    pub(crate) in_flight: AtomicU64,
 }
 
 impl Upstream {
@@ -53,7 +55,13 @@ impl Upstream {
             spec,
             discovered: RwLock::new(Vec::new()),
             reachable: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
         })
+    }
+
+    /// Requests routed here whose response has not ended yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn reachable(&self) -> bool {
@@ -89,6 +97,24 @@ impl Routes {
     pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
         Routes {
             upstreams: specs.into_iter().map(Upstream::new).collect(),
+        }
+    }
+
+    /// The routes of a reloaded config: an upstream whose spec did not change is carried over
+    /// (the same `Arc`, so its discovered models, health and in-flight count go on); the others
+    /// start fresh. In-flight requests keep the `Arc<Upstream>` they were routed to either way.
+    pub fn reconfigured(&self, specs: Vec<UpstreamSpec>) -> Routes {
+        Routes {
+            upstreams: specs
+                .into_iter()
+                .map(|spec| {
+                    self.upstreams
+                        .iter()
+                        .find(|u| u.spec == spec)
+                        .cloned()
+                        .unwrap_or_else(|| Upstream::new(spec))
+                })
+                .collect(),
         }
     }
 
@@ -252,9 +278,23 @@ pub async fn discover_loop(
     routes: Arc<Routes>,
     client: UpstreamClient,
     every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let never = Arc::new(tokio::sync::Notify::new());
+    discover_live(move || routes.clone(), client, every, never, stop).await
+}
+
+/// [`discover_loop`] over whatever routes `current` returns at the start of each round (they
+/// change on a config reload); `changed` starts a round at once.
+pub async fn discover_live(
+    current: impl Fn() -> Arc<Routes>,
+    client: UpstreamClient,
+    every: Duration,
+    changed: Arc<tokio::sync::Notify>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
+        let routes = current();
         let mut all_known = true;
         for u in routes.upstreams() {
             let ok = refresh(u, &client).await;
@@ -268,8 +308,10 @@ pub async fn discover_loop(
         } else {
             Duration::from_secs(2)
         };
+        drop(routes);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = changed.notified() => {}
             _ = stop.changed() => return,
         }
     }
