@@ -187,6 +187,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     check_forwards(&config, &opts.forwards).map_err(anyhow::Error::msg)?;
     let ns_cfg = netstack_config(&config)?;
+    // The control socket first: a second daemon on the same config is told so plainly here,
+    // before it trips over the first one's ports.
+    let control_path = config.server.control_socket.clone();
+    let (control, guard) =
+        crate::control::server::bind(&control_path).map_err(anyhow::Error::msg)?;
     let netstack = Netstack::start(ns_cfg).map_err(|e| {
         anyhow::anyhow!(
             "cannot bind the WireGuard UDP socket {}: {e}; fix: free the port or change [wireguard] listen / --wg-listen",
@@ -238,7 +243,6 @@ pub async fn run(
     tasks.push(tokio::spawn(watch_peers(netstack.clone(), stop.clone())));
 
     let metrics_listen = config.server.metrics_listen;
-    let control_path = config.server.control_socket.clone();
     let live = Arc::new(Live::new(
         config,
         netstack.clone(),
@@ -266,8 +270,6 @@ pub async fn run(
         stop.clone(),
     )));
 
-    let (control, guard) =
-        crate::control::server::bind(&control_path).map_err(anyhow::Error::msg)?;
     tracing::info!(socket = %control_path.display(), "control socket listening");
     tasks.push(tokio::spawn(crate::control::server::serve(
         control,
