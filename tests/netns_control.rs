@@ -610,11 +610,13 @@ fn status_and_metrics_follow_the_corp_peer_and_requests() {
     assert!((0.0..130.0).contains(&age), "{line}");
 }
 
-/// 100 streams are in flight while the config gains an upstream (with a new model name) and a
-/// peer, and `modelgate reload` applies it: all 100 streams complete with `[DONE]`, the new
-/// model answers, the new peer is listed, and the corp peer's WireGuard session is the same
-/// (its handshake time did not move, on both sides). Then a broken config is refused (exit 64
-/// with the reason) and requests keep working on the previous config.
+/// 100 streams are in flight through upstream `vllm` while the config gains an upstream `vllm2`
+/// (with a new model name) and a peer and loses `vllm` itself, and `modelgate reload` applies
+/// it: all 100 streams complete with `[DONE]` (they keep the upstream they started on), the new
+/// model answers, the removed upstream's model is gone, the new peer is listed, and the corp
+/// peer's WireGuard session is the same (its handshake time did not move, on both sides). Then
+/// a broken config is refused (exit 64 with the reason) and requests keep working on the
+/// previous config.
 #[test]
 fn reload_under_100_streams_drops_none_and_applies_changes() {
     if lab::skip_unless_root("reload_under_100_streams_drops_none_and_applies_changes") {
@@ -645,6 +647,7 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
     ]);
     c.app
         .cli(&["peer", "add", "lab2", "--allowed-ips", "10.30.0.0/24"]);
+    c.app.cli(&["upstream", "remove", "vllm", "--yes"]);
     let (code, _) = c.chat(&secret, "newmodel");
     assert_eq!(code, 404, "the new model must not exist before the reload");
     let t = Instant::now();
@@ -654,6 +657,7 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
     assert!(r.status.success(), "{}", text(&r.stderr));
     assert!(out.contains("upstream added: vllm2"), "{out}");
     assert!(out.contains("peer added: lab2"), "{out}");
+    assert!(out.contains("upstream removed: vllm\n"), "{out}");
     assert!(
         !out.contains("corp"),
         "the corp peer must be untouched: {out}"
@@ -661,6 +665,11 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
 
     let (code, body) = c.chat(&secret, "newmodel");
     assert_eq!(code, 200, "{body}");
+    let (code, body) = c.chat(&secret, MODEL);
+    assert_eq!(
+        code, 404,
+        "the removed upstream's model still answers: {body}"
+    );
     let s = c.status();
     assert!(
         hold.is_running(),
@@ -676,14 +685,13 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
             .any(|p| p["name"] == "lab2"),
         "{s}"
     );
-    assert!(
-        s["upstreams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|u| u["name"] == "vllm2"),
-        "{s}"
-    );
+    let names: Vec<&str> = s["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(names, ["vllm2"], "{s}");
     assert_eq!(
         peer(&s, "corp")["latest_handshake_unix"].as_u64().unwrap(),
         corp_hs,

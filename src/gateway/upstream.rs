@@ -373,3 +373,57 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, port: u16, models: &[&str]) -> UpstreamSpec {
+        UpstreamSpec {
+            name: name.into(),
+            addr: SocketAddr::from(([10, 20, 0, 5], port)),
+            base_path: "/v1".into(),
+            api_key: None,
+            models: models
+                .iter()
+                .map(|m| (m.to_string(), m.to_string()))
+                .collect(),
+        }
+    }
+
+    /// A reload keeps the `Arc` (and with it discovery state and in-flight count) of an
+    /// unchanged upstream, starts a changed one fresh, and drops a removed one from the table
+    /// while requests that hold it keep it.
+    #[test]
+    fn reconfigured_routes_carry_unchanged_upstreams_over() {
+        let old = Routes::new(vec![spec("a", 8000, &[]), spec("b", 8001, &["m"])]);
+        let a = old.upstreams()[0].clone();
+        *a.discovered.write().unwrap() = vec!["disc".into()];
+        a.reachable.store(true, Ordering::Relaxed);
+        let held_b = old.route("m").unwrap().0;
+
+        let new = old.reconfigured(vec![spec("a", 8000, &[]), spec("c", 8002, &["m2"])]);
+        assert!(
+            Arc::ptr_eq(&new.upstreams()[0], &a),
+            "unchanged upstream carried over"
+        );
+        assert_eq!(new.route("disc").unwrap().0.spec.name, "a");
+        assert!(
+            new.route("m").is_none(),
+            "removed upstream no longer routed"
+        );
+        assert_eq!(new.route("m2").unwrap().1, "m2");
+        assert_eq!(
+            held_b.spec.name, "b",
+            "a request in flight keeps its upstream"
+        );
+
+        let changed = new.reconfigured(vec![spec("a", 9000, &[]), spec("c", 8002, &["m2"])]);
+        assert!(
+            !Arc::ptr_eq(&changed.upstreams()[0], &a),
+            "changed upstream starts fresh"
+        );
+        assert!(changed.upstreams()[0].discovered().is_empty());
+        assert!(Arc::ptr_eq(&changed.upstreams()[1], &new.upstreams()[1]));
+    }
+}
