@@ -10,7 +10,9 @@
 //! - [`policy`]: pure per-key access decisions and limits (RPM, TPM, concurrency, budgets) with injected clocks.
 //! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
-//! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
+//! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
+//! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
+//! - [`telemetry`]: request metrics and the Prometheus listener.
 #![forbid(unsafe_code)]
 
 pub mod cli;

@@ -138,7 +138,10 @@ impl Live {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            config: cfg.path.display().to_string(),
+            config: std::path::absolute(&cfg.path)
+                .unwrap_or(cfg.path.clone())
+                .display()
+                .to_string(),
             interface: InterfaceStatus {
                 public_key: self.netstack.public_key().to_string(),
                 listen: udp.to_string(),

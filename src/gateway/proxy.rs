@@ -127,7 +127,8 @@ impl Audit {
     fn finish(&self, outcome: &str) {
         let usage = find_usage(&self.tail);
         let elapsed = self.started.elapsed();
-        (self.flight).finish(&self.model, self.status, usage, self.ttfb, elapsed);
+        self.flight
+            .finish(&self.model, self.status, usage, self.ttfb, elapsed);
         tracing::info!(
             target: "audit",
             key_id = %self.key_id,
@@ -182,14 +183,7 @@ pub async fn forward(
     match forward_inner(&state, client, endpoint, req, started).await {
         Ok(r) => r,
         Err((e, principal, model)) => {
-            let (key, status) = (principal.as_ref().map(|p| p.id.as_str()), e.status());
-            crate::telemetry::record_refusal(
-                &state,
-                key,
-                model.as_deref(),
-                status.as_u16(),
-                started.elapsed(),
-            );
+            crate::telemetry::record_refusal(&state, principal.as_deref(), &model, &e, started);
             // Refusals are logged like any request, with what we know.
             tracing::info!(
                 target: "audit",

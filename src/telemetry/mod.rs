@@ -25,8 +25,9 @@ use std::fmt::Write as _;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::gateway::error::ApiError;
 use crate::gateway::upstream::Upstream;
 use crate::gateway::GatewayState;
 use crate::policy::Principal;
@@ -233,7 +234,7 @@ impl Metrics {
         header(
             out,
             "modelgate_requests_total",
-            "Requests answered, by API key id, public model and HTTP status (model \"-\" when none was routed).",
+            "Requests to the model endpoints (POST /v1/...), by API key id, public model and HTTP status (model \"-\" when none was routed).",
             "counter",
         );
         for line in self.requests.sorted(|(key, model, status), c| {
@@ -363,16 +364,20 @@ impl Drop for Flight {
 /// the series without bound.
 pub fn record_refusal(
     state: &GatewayState,
-    key_id: Option<&str>,
-    model: Option<&str>,
-    status: u16,
-    duration: Duration,
+    principal: Option<&Principal>,
+    model: &Option<String>,
+    error: &ApiError,
+    started: Instant,
 ) {
     let model = model
+        .as_deref()
         .filter(|m| state.routes.route(m).is_some())
         .unwrap_or("-");
-    state.metrics.request(key_id.unwrap_or("-"), model, status);
-    state.metrics.duration.observe(duration);
+    let key_id = principal.map_or("-", |p| p.id.as_str());
+    state
+        .metrics
+        .request(key_id, model, error.status().as_u16());
+    state.metrics.duration.observe(started.elapsed());
 }
 
 /// What a scrape reads from the live daemon besides [`Metrics`].
