@@ -124,12 +124,16 @@ struct Audit {
     ttfb: Option<Duration>,
     /// Tail of the response, where usage sits (last SSE chunk or end of the JSON).
     tail: Vec<u8>,
+    flight: crate::telemetry::Flight,
 }
 
 const AUDIT_TAIL: usize = 4096;
 
 impl Audit {
     fn finish(&self, outcome: &str, usage: Option<(u64, u64)>) {
+        let elapsed = self.started.elapsed();
+        self.flight
+            .finish(&self.model, self.status, usage, self.ttfb, elapsed);
         tracing::info!(
             target: "audit",
             key_id = %self.key_id,
@@ -184,6 +188,7 @@ pub async fn forward(
     match forward_inner(&state, client, endpoint, req, started).await {
         Ok(r) => r,
         Err((e, principal, model)) => {
+            crate::telemetry::record_refusal(&state, principal.as_deref(), &model, &e, started);
             // Refusals are logged like any request, with what we know.
             tracing::info!(
                 target: "audit",
@@ -301,6 +306,7 @@ async fn forward_inner(
         };
         return Err(refuse(e, Some(model)));
     };
+    let flight = crate::telemetry::Flight::start(&state.metrics, &principal, &upstream);
     // Streams of chat/completions and completions are metered event by event. The upstream is
     // always asked for the final usage chunk; when the client did not ask for it, the gateway
     // strips it again, so the client gets exactly what it asked for.
@@ -418,6 +424,7 @@ async fn forward_inner(
         bytes_out: 0,
         ttfb: None,
         tail: Vec::new(),
+        flight,
     };
     // Only successful streams are metered (an error body is JSON, not events).
     let meter = stream_kind
