@@ -145,7 +145,18 @@ pub fn render(s: &StatusReport) -> String {
             u.models.join(", ")
         };
         let _ = writeln!(o, "  models: {models}");
-        let _ = writeln!(o, "  in flight: {}", u.in_flight);
+        match u.max_concurrent {
+            Some(max) => {
+                let _ = writeln!(
+                    o,
+                    "  in flight: {} of {max} ({} waiting)",
+                    u.in_flight, u.queued
+                );
+            }
+            None => {
+                let _ = writeln!(o, "  in flight: {}", u.in_flight);
+            }
+        }
     }
     o.push('\n');
     match &s.https {
@@ -216,6 +227,8 @@ mod tests {
                 reachable: true,
                 models: vec!["a".into(), "b".into()],
                 in_flight: 3,
+                max_concurrent: Some(8),
+                queued: 2,
             }],
             https: Some(HttpsStatus {
                 listen: "0.0.0.0:443".into(),
@@ -234,7 +247,7 @@ mod tests {
         for want in [
             "interface: modelgate (pid 42, up 7 s)\n  public key: APPKEY=\n  listening port: 51820\n",
             "peer: PEERKEY= (corp)\n  endpoint: 192.0.2.10:40000\n  allowed ips: 10.99.0.2/32, 10.20.0.0/24\n  latest handshake: 12 seconds ago\n  transfer: 2.00 KiB received, 10 B sent\n  persistent keepalive: every 25 seconds\n",
-            "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3\n",
+            "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3 of 8 (2 waiting)\n",
             "https: 0.0.0.0:443\n  certificate expires: 2027-01-01T00:00:00Z (33 days left)\n",
             "active streams:\n  abc (alice): 3\n",
         ] {

@@ -83,6 +83,12 @@ pub struct UpstreamStatus {
     pub models: Vec<String>,
     /// Requests routed to it whose response has not ended.
     pub in_flight: u64,
+    /// Its `max_concurrent` (fair-share capacity); `null` when unlimited.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Requests waiting for one of its slots (round-robin across keys).
+    #[serde(default)]
+    pub queued: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -122,6 +122,8 @@ impl Live {
                             u.spec.models.iter().map(|(p, _)| p.clone()).collect()
                         },
                         in_flight: u.in_flight(),
+                        max_concurrent: u.spec.max_concurrent,
+                        queued: u.queue.as_ref().map_or(0, |q| q.load().1 as u64),
                     })
                     .collect();
                 let not_after = g.tls.not_after();

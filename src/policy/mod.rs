@@ -215,15 +215,27 @@ pub fn model_allowed(pol: &KeyPolicy, model: &str) -> bool {
 
 /// `*` matches any run (also empty), `?` one character; everything else literally.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    // Model names are ASCII in practice: match bytes without allocating (this runs for every
+    // request and every glob of the key). Anything else is matched by characters.
+    if pattern.is_ascii() && text.is_ascii() {
+        glob(pattern.as_bytes(), text.as_bytes(), b'*', b'?')
+    } else {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        glob(&p, &t, '*', '?')
+    }
+}
+
+/// Iterative wildcard matching with one backtrack point (linear for a single `*`, O(p·t) at
+/// worst), no recursion.
+fn glob<T: PartialEq + Copy>(p: &[T], t: &[T], any_run: T, any_one: T) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == any_one || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == any_run {
             star = Some(pi);
             mark = ti;
             pi += 1;
@@ -235,7 +247,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == any_run {
         pi += 1;
     }
     pi == p.len()
