@@ -11,12 +11,14 @@
 //! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
+//! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod firewall;
 pub mod fsutil;
 pub mod gateway;
 pub mod keys;
