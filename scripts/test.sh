@@ -14,7 +14,8 @@ install_deps() {
   local need=()
   for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
               iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3 \
-              systemd-analyze:systemd man:man-db strip:binutils setpriv:util-linux; do
+              systemd-analyze:systemd man:man-db strip:binutils setpriv:util-linux \
+              systemd-nspawn:systemd-container debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then
