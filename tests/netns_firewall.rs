@@ -693,6 +693,14 @@ fn firewall_errors_say_what_to_do() {
         text.contains("ip6 saddr 2001:db8::/48 tcp dport 22 accept"),
         "{text}"
     );
+    // An empty variable (a firewall.env that opens no SSH) is no network, not an error.
+    let out = run(&[("MODELGATE_SSH_FROM", "")], false, &["firewall", "print"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("dport 22"));
 }
 
 /// The helper commands, run inside a namespace. Each prints `HELPER …` lines.

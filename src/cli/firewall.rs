@@ -38,9 +38,9 @@ pub struct RulesArgs {
         value_name = "CIDR",
         env = "MODELGATE_SSH_FROM",
         value_delimiter = ',',
-        value_parser = firewall::parse_ssh_from
+        value_parser = ssh_from_arg
     )]
-    pub ssh_from: Vec<IpNet>,
+    pub ssh_from: Vec<Option<IpNet>>,
     /// TCP port of SSH for --ssh-from.
     #[arg(long, value_name = "PORT", env = "MODELGATE_SSH_PORT", default_value_t = DEFAULT_SSH_PORT,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -127,6 +127,15 @@ pub fn execute(config_path: &Path, cmd: FirewallCommand) -> Result<(), CliError>
     }
 }
 
+/// An empty value (`MODELGATE_SSH_FROM=` in firewall.env) means no network, not an error: a
+/// firewall unit that fails to start would leave the host without its firewall.
+fn ssh_from_arg(s: &str) -> Result<Option<IpNet>, String> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    firewall::parse_ssh_from(s).map(Some)
+}
+
 fn runtime(e: firewall::NftError) -> CliError {
     CliError::runtime(e.to_string())
 }
@@ -135,7 +144,7 @@ fn spec(config_path: &Path, a: &RulesArgs) -> Result<FirewallSpec, CliError> {
     let config = Config::load(config_path)?;
     Ok(FirewallSpec::from_config(
         &config,
-        a.ssh_from.clone(),
+        a.ssh_from.iter().flatten().copied().collect(),
         a.ssh_port,
     ))
 }

@@ -54,3 +54,26 @@ fn count_pages(dir: &Path) -> std::io::Result<usize> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "1"))
         .count())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_is_hidden_and_pages_cover_every_verb() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("firewall"), "{help}");
+        assert!(!help.contains("generate"), "generate is hidden:\n{help}");
+        let dir = tempfile::tempdir().unwrap();
+        let n = write_man_pages(dir.path()).unwrap();
+        let exists = |p: &str| dir.path().join(p).is_file();
+        assert!(exists("modelgate.1") && exists("modelgate-firewall-apply.1"));
+        assert!(!exists("modelgate-generate.1"));
+        assert!(n >= 20, "{n} pages");
+        let top = std::fs::read_to_string(dir.path().join("modelgate.1")).unwrap();
+        assert!(
+            top.contains("modelgate\\-firewall(1)"),
+            "subcommands are cross-referenced"
+        );
+    }
+}
