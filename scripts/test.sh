@@ -13,7 +13,9 @@ install_deps() {
   [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
   local need=()
   for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
-              iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3; do
+              iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3 \
+              systemd-analyze:systemd man:man-db strip:binutils setpriv:util-linux \
+              systemd-nspawn:systemd-container debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -36,8 +38,19 @@ install_python() {
   fi
 }
 
+install_cargo_deb() {
+  # tests/packaging.rs builds the .deb with cargo-deb (not in Debian's archive). A few minutes
+  # once per machine; MODELGATE_SKIP_DEB=1 skips it and that test.
+  [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
+  [ "${MODELGATE_SKIP_DEB:-0}" = 1 ] && return 0
+  command -v cargo-deb >/dev/null 2>&1 && return 0
+  log "cargo install cargo-deb --locked"
+  cargo install cargo-deb --locked --quiet
+}
+
 install_deps
 install_python
+install_cargo_deb
 
 log "cargo fmt --check"
 cargo fmt --check

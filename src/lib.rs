@@ -13,6 +13,7 @@
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
 //! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
 //! - [`telemetry`]: request metrics and the Prometheus listener.
+//! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod firewall;
 pub mod fsutil;
 pub mod gateway;
 pub mod keys;

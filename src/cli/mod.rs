@@ -6,6 +6,8 @@
 //! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
 
 pub mod demo;
+pub mod firewall;
+pub mod generate;
 pub mod init;
 pub mod key;
 pub mod peer;
@@ -67,6 +69,12 @@ pub enum Command {
     Reload(reload::ReloadArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
     Demo(demo::DemoArgs),
+    /// Host firewall: nftables table inet modelgate, default drop inbound (print needs no root).
+    #[command(subcommand)]
+    Firewall(firewall::FirewallCommand),
+    /// Man pages and shell completions from these definitions (packaging; hidden).
+    #[command(subcommand, hide = true)]
+    Generate(generate::GenerateCommand),
 }
 
 impl Command {
@@ -134,6 +142,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Status(args) => status::execute(&cli.config, args),
         Command::Reload(args) => reload::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
+        Command::Firewall(cmd) => firewall::execute(&cli.config, cmd),
+        Command::Generate(cmd) => generate::execute(cmd),
     }
 }
 
