@@ -187,6 +187,11 @@ pub async fn serve(
                     return;
                 }
             };
+            // An ACME TLS-ALPN-01 validation (RFC 8737 §3): done once the handshake is; never HTTP.
+            if crate::tls::acme::is_acme_alpn(tls.get_ref().1.alpn_protocol()) {
+                tracing::info!(%peer, "ACME tls-alpn-01 validation handshake served");
+                return;
+            }
             let svc = TowerToHyperService::new(app);
             let activity = Arc::new(idle::Activity::new());
             let io = idle::IdleIo::new(tls, activity.clone());
