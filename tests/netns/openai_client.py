@@ -14,13 +14,15 @@ COMMAND
   disconnect --model M --after N      stream, read N content chunks, close → {"closed_at": UNIX_S}
   raw-post --path P --body-file F     POST F's bytes as they are (stdlib http.client, not the SDK:
                                       the exact Cursor body) → {"status","events","times_ms",
-                                      "done","usage","content_type"}
+                                      "done","usage","content_type","peer_cert_sha256"}
 
-Prints one JSON line on stdout. Retries are off (max_retries=0), timeouts bounded (30 s), so an
+Prints one JSON line on stdout. Retries are off (max_retries=0), timeouts bounded (--timeout,
+default 30 s), so an
 error surfaces as the SDK's typed exception (AuthenticationError, NotFoundError, ...).
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -39,7 +41,7 @@ def sdk(args):
         base_url=args.base,
         api_key=os.environ.get("MG_KEY", "none"),
         max_retries=0,
-        timeout=TIMEOUT_S,
+        timeout=args.timeout,
         http_client=openai.DefaultHttpxClient(verify=args.cert),
     )
 
@@ -124,15 +126,16 @@ def cmd_raw_post(args):
     with open(args.body_file, "rb") as f:
         body = f.read()
     conn = http.client.HTTPSConnection(url.hostname, url.port or 443, context=ctx,
-                                       timeout=TIMEOUT_S)
+                                       timeout=args.timeout)
     t0 = time.perf_counter()
     conn.request("POST", url.path.rstrip("/") + args.path, body=body, headers={
         "Authorization": "Bearer " + os.environ.get("MG_KEY", ""),
         "Content-Type": "application/json", "Accept": "text/event-stream",
         "User-Agent": "cursor-shaped-test"})
     resp = conn.getresponse()
+    peer = hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()
     times, buf, done, usage, events = [], b"", False, False, 0
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         data = resp.read1(65536)
         if not data:
@@ -151,13 +154,14 @@ def cmd_raw_post(args):
                 usage = True
     return {"status": resp.status, "events": events, "times_ms": times, "done": done,
             "usage": usage, "content_type": resp.getheader("content-type"),
-            "body_bytes": len(body)}
+            "body_bytes": len(body), "peer_cert_sha256": peer}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True)
     p.add_argument("--cert", required=True)
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("models")
     for name in ("chat", "error", "disconnect"):
