@@ -128,6 +128,12 @@ pub struct RawGateway {
     pub sse_keepalive: Option<String>,
     /// On SIGTERM, in-flight requests get this long to finish (default "30s").
     pub drain_timeout: Option<String>,
+    /// Translate Responses-API bodies sent to /chat/completions (default true).
+    pub compat_responses_translation: Option<bool>,
+    /// Normalise `content: []` in assistant and tool turns (default true).
+    pub compat_empty_content: Option<bool>,
+    /// Map an upstream context-length 400 to `context_length_exceeded` (default true).
+    pub compat_context_length_error: Option<bool>,
 }
 
 /// One `[[upstream]]`: an OpenAI-compatible model server reached through the tunnel.

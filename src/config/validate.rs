@@ -953,6 +953,16 @@ fn validate_gateway(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig {
             g.drain_timeout.as_deref(),
             d.drain_timeout,
         ),
+        // Booleans need no range check: TOML's types already refused anything else.
+        compat: CompatConfig {
+            responses_translation: g
+                .compat_responses_translation
+                .unwrap_or(d.compat.responses_translation),
+            empty_content: g.compat_empty_content.unwrap_or(d.compat.empty_content),
+            context_length_error: g
+                .compat_context_length_error
+                .unwrap_or(d.compat.context_length_error),
+        },
     }
 }
 

@@ -5,6 +5,7 @@
 //! connection's own task, never in the accept loop; a connection permit is taken before
 //! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
 
+pub mod compat;
 pub mod error;
 mod idle;
 pub mod proxy;
