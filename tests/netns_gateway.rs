@@ -327,12 +327,20 @@ fn cursor_shaped_request_streams_incrementally() {
     let posts = gw.model_posts();
     assert_eq!(posts.len(), 1, "{posts:?}");
     assert_eq!(posts[0]["path"], "/v1/chat/completions");
+    // The whole body, with Cursor's `content: []` tool-call turns normalised (compat).
+    let expected = modelgate::gateway::compat::translate(
+        &out.stdout,
+        &modelgate::config::CompatConfig::default(),
+    )
+    .unwrap()
+    .map_or(size, |b| b.len());
     assert_eq!(
         posts[0]["body_bytes"].as_u64(),
-        Some(size as u64),
+        Some(expected as u64),
         "the model did not receive the full body: {}",
         posts[0]
     );
+    assert_eq!(posts[0]["empty_content"], 0, "{}", posts[0]);
     assert_eq!(posts[0]["stream"], true);
     assert_eq!(posts[0]["auth"], false);
 }
