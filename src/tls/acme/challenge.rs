@@ -90,7 +90,7 @@ impl Challenges {
 
     /// Number of challenges in progress (tests).
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn in_progress(&self) -> usize {
         self.certs
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -194,8 +194,8 @@ mod tests {
         let ck = certificate("gw.example.com", &[1; 32], &provider).unwrap();
         {
             let _a = ch.offer("GW.example.com", ck);
-            assert_eq!(ch.len(), 1);
+            assert_eq!(ch.in_progress(), 1);
         }
-        assert_eq!(ch.len(), 0);
+        assert_eq!(ch.in_progress(), 0);
     }
 }
