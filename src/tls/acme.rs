@@ -688,6 +688,69 @@ mod tests {
             .is_err());
     }
 
+    /// The CA cannot be reached: the failure is recorded for `status`, retried after the
+    /// first backoff step, and the placeholder stays in service.
+    #[tokio::test]
+    async fn unreachable_ca_is_retried_with_backoff_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = Arc::new(
+            TlsState::load(
+                &TlsConfig::Acme {
+                    domain: "gw.example.com".into(),
+                    email: Some("ops@example.com".into()),
+                    // Port 1 on loopback: refused at once.
+                    directory: Some("https://127.0.0.1:1/directory".into()),
+                    ca_root: None,
+                },
+                dir.path(),
+            )
+            .unwrap(),
+        );
+        let before = tls.not_after();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(tls.clone().watch(stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let st = tls.acme_status().unwrap();
+            if st.failures > 0 {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "no failure recorded: {st:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(st.failures, 1);
+        assert!(!st.issued);
+        assert!(st.last_error.is_some(), "{st:?}");
+        let retry = st
+            .next_renewal
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(
+            retry > Duration::from_secs(5) && retry <= schedule::FIRST_RETRY,
+            "{retry:?}"
+        );
+        assert_eq!(tls.not_after(), before, "the placeholder was replaced");
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the ACME task did not stop")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_bad_ca_root_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let missing = dir.path().join("nope.pem");
+        let e = http::client(Some(&missing), &provider).err().unwrap();
+        assert!(e.contains("tls.acme_ca_root") && e.contains("fix:"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let e = http::client(Some(&empty), &provider).err().unwrap();
+        assert!(e.contains("no -----BEGIN CERTIFICATE-----"), "{e}");
+    }
+
     #[test]
     fn stored_account_round_trips() {
         // The account file format: directory + instant-acme's credentials (opaque JSON).

@@ -219,12 +219,16 @@ mod tests {
             "::1".to_string(),
         ])
         .unwrap();
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
         params.not_after = rcgen::date_time_ymd(2031, 7, 4);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x02, 0xff]));
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let info = parse_leaf(cert.der()).unwrap();
-        // 2031-07-04T00:00:00Z
+        // 2025-01-01T00:00:00Z and 2031-07-04T00:00:00Z
+        assert_eq!(secs(info.not_before), 1_735_689_600);
         assert_eq!(secs(info.not_after), 1_940_889_600);
+        assert_eq!(info.serial, [0x01, 0x02, 0xff]);
         assert_eq!(info.dns_names, ["gw.example.com", "localhost"]);
         assert_eq!(
             info.ips,
