@@ -286,7 +286,11 @@ impl Acme {
             let took = started.elapsed();
             match result {
                 Ok(info) => {
+                    // A certificate already due at issuance (a CA issuing very short ones, or a
+                    // clock far off) must not make us ask again in a tight loop.
+                    let floor = SystemTime::now() + schedule::FIRST_RETRY;
                     self.update(|s| {
+                        s.next_renewal = s.next_renewal.map(|n| n.max(floor));
                         s.last_issued = Some(SystemTime::now());
                         s.last_issue_duration = Some(took);
                         s.last_error = None;
