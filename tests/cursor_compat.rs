@@ -449,6 +449,18 @@ async fn responses_shaped_body_at_chat_completions() {
     if !have_python_and_fixture("responses_shaped_body_at_chat_completions") {
         return;
     }
+    // The cost of the translation itself, on Cursor's default ~400 KB history.
+    let big = fixture("responses", 400, Some(GPT_MODEL));
+    let t = Instant::now();
+    let out = modelgate::gateway::compat::translate(&big, &CompatConfig::default())
+        .unwrap()
+        .expect("translated");
+    eprintln!(
+        "translate(): {} KB Responses body → {} KB Chat body in {:?} (this build's profile)",
+        big.len() / 1024,
+        out.len() / 1024,
+        t.elapsed()
+    );
     let env = Env::up(CompatConfig::default(), &["--tool-calls"]).await;
     let body = fixture("responses", 60, Some(GPT_MODEL));
     let t = Instant::now();

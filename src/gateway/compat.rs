@@ -441,9 +441,10 @@ fn response_format(f: &Value) -> Option<Value> {
 /// Normalises assistant and tool turns with `content: []` and assistant `tool_calls: []`.
 /// `Ok(None)` when no message needed it; only the affected messages are re-encoded.
 fn normalise_messages(messages: &RawValue) -> Result<Option<Box<RawValue>>, ApiError> {
-    // Fast path: no empty list anywhere (whitespace-tolerant check done per message below).
+    // Fast path: no `[` followed (after whitespace) by `]` anywhere, so no empty list. A match
+    // inside a string only costs the slow path, which then finds nothing to change.
     let text = messages.get();
-    if !text.contains('[') || !text.contains(']') {
+    if !has_empty_list(text) {
         return Ok(None);
     }
     let Ok(list) = serde_json::from_str::<Vec<Box<RawValue>>>(text) else {
@@ -466,6 +467,18 @@ fn normalise_messages(messages: &RawValue) -> Result<Option<Box<RawValue>>, ApiE
     serde_json::value::to_raw_value(&out)
         .map(Some)
         .map_err(|e| bad(format!("cannot re-encode messages: {e}")))
+}
+
+/// True when `text` contains `[` followed by optional whitespace and `]`.
+fn has_empty_list(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'['
+            && b[i + 1..]
+                .iter()
+                .find(|c| !c.is_ascii_whitespace())
+                .is_some_and(|&c| c == b']')
+    })
 }
 
 fn is_empty_list(v: &RawValue) -> bool {

@@ -260,6 +260,15 @@ fn empty_content_lists_are_normalised_per_role() {
 }
 
 #[test]
+fn empty_list_scan() {
+    assert!(has_empty_list("[]"));
+    assert!(has_empty_list("{\"content\": [ \n ]}"));
+    assert!(!has_empty_list(r#"[{"content":"x"}, [1]]"#));
+    assert!(!has_empty_list("[ "));
+    assert!(!has_empty_list(""));
+}
+
+#[test]
 fn switches_turn_each_part_off() {
     let off = CompatConfig {
         responses_translation: false,
