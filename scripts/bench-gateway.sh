@@ -22,8 +22,14 @@
 #      modelgate process (/proc/PID/status VmHWM), its CPU over the hold (% of one core), and the
 #      CPU of the fake vLLM and the client for context
 #
+#   4. --limits: requests/s of the same wrk load with a key without limits (off) and a key with
+#      every per-key limit set high enough never to refuse (on: --rpm, --tpm, --max-concurrent,
+#      --budget, so each request runs the whole limiter and settles into the usage ledger),
+#      alternating off/on/off/on in one run; prints on/off (target >= 0.95). With --limits the
+#      nginx path, the SSE and the hold phases are skipped.
+#
 # Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
-#               [--streams N] [--hold S] [--skip-hold]
+#               [--streams N] [--hold S] [--skip-hold] [--limits]
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
 # Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
 # namespaces. Everything started is stopped by PID; BENCH_KEEP=1 keeps the work directory.
@@ -41,6 +47,7 @@ THREADS=2
 STREAMS=2000
 HOLD_S=60
 SKIP_HOLD=0
+LIMITS=0
 DEFAULT_BIN=$ROOT/target/release/modelgate
 if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
     DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
@@ -55,6 +62,7 @@ while (($#)); do
         --streams) STREAMS=$2; shift 2 ;;
         --hold) HOLD_S=$2; shift 2 ;;
         --skip-hold) SKIP_HOLD=1; shift ;;
+        --limits) LIMITS=1; SKIP_HOLD=1; shift ;;
         -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -247,6 +255,29 @@ run_modelgate() {
     wait_handshake "$NS_CORP" "$WG_CORP"
     wait_https "$key" "$mg/state/self-signed.crt"
 
+    if ((LIMITS)); then
+        local limited
+        limited=$("$MODELGATE_BIN" --config "$cfg" key create bench-limited --json \
+            --rpm 4000000000 --tpm 4000000000 --max-concurrent 100000 \
+            --budget 1000000000000000/day | jq -r .secret)
+        # Keys reach the daemon within 1 s; the first request of the new key proves it.
+        wait_https "$limited" "$mg/state/self-signed.crt"
+        local off=() on=() i
+        for i in 1 2; do
+            log "limits off (round $i): wrk -t$THREADS -c8 -d${DURATION}s"
+            read -r _ _ R_RPS R_BAD < <(measure_wrk "$key")
+            off+=("$R_RPS")
+            log "limits on (round $i): wrk -t$THREADS -c8 -d${DURATION}s"
+            read -r _ _ R_RPS R_BADL < <(measure_wrk "$limited")
+            on+=("$R_RPS")
+            log "round $i: off ${off[-1]} req/s ($R_BAD non-2xx), on ${on[-1]} req/s ($R_BADL non-2xx)"
+        done
+        L_OFF=$(awk -v a="${off[0]}" -v b="${off[1]}" 'BEGIN { printf "%.0f", (a + b) / 2 }')
+        L_ON=$(awk -v a="${on[0]}" -v b="${on[1]}" 'BEGIN { printf "%.0f", (a + b) / 2 }')
+        L_ROUNDS="off ${off[*]} / on ${on[*]}"
+        stop_pids "$MG_PID" "$corp_pid"
+        return 0
+    fi
     measure_path "M modelgate" "$key" "$mg/state/self-signed.crt" "$MG_PID"
     M_P50=$R_P50 M_P99=$R_P99 M_RPS=$R_RPS M_BAD=$R_BAD M_SSE50=$R_SSE50 M_SSE99=$R_SSE99
     M_CPU=$R_CPU
@@ -317,6 +348,25 @@ log "lab $TAG: building namespaces"
 LAB_OWNER_PID=$$ lab_up "$TAG"
 lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
 start_model
+if ((LIMITS)); then
+    log "path M: modelgate ($MODELGATE_BIN), limits off vs on"
+    run_modelgate
+    R=$(ratio "$L_ON" "$L_OFF")
+    table=$(
+        cat <<EOF
+## Gateway with per-key limits on vs off ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))
+
+Small non-streaming chat POSTs through modelgate, wrk -t$THREADS -c8 -d${DURATION}s, alternating a key without limits and a key with RPM, TPM, max-concurrent and a budget (never refusing), two rounds each (req/s per round: $L_ROUNDS).
+
+| metric | limits off | limits on | on/off | target | verdict |
+|---|---|---|---|---|---|
+| requests/s (mean of 2 rounds) | $L_OFF | $L_ON | $R | ≥ 0.95 | $(verdict "$R" ">=" 0.95) |
+EOF
+    )
+    echo "$table"
+    [[ -z $OUT ]] || { echo "$table" >"$OUT"; log "wrote $OUT"; }
+    exit 0
+fi
 log "path N: nginx + wireguard-go"
 run_nginx
 log "path M: modelgate ($MODELGATE_BIN)"

@@ -10,11 +10,14 @@
 //! - [`policy`]: pure per-key access decisions and limits (RPM, TPM, concurrency, budgets) with injected clocks.
 //! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
-//! - [`daemon`]: `modelgate run`: wires the planes together until shutdown.
+//! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
+//! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
+//! - [`telemetry`]: request metrics and the Prometheus listener.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod fsutil;
@@ -22,6 +25,7 @@ pub mod gateway;
 pub mod keys;
 pub mod netstack;
 pub mod policy;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
 pub mod wgkey;

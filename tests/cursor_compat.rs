@@ -169,6 +169,7 @@ impl Env {
                 (CHAT_MODEL.into(), CHAT_MODEL.into()),
                 (GPT_MODEL.into(), GPT_MODEL.into()),
             ],
+            max_concurrent: None,
         }];
         let settings = GatewaySettings {
             compat,

@@ -18,8 +18,11 @@ use modelgate::keys::ledger::{Ledger, LedgerOptions, LedgerWriter};
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::{Netstack, TcpTuning};
 use modelgate::policy::limits::Limiter;
-use modelgate::policy::{KeyPolicy, Principal};
+use modelgate::policy::{Budget, BudgetPeriod, KeyPolicy, Principal};
 use tokio::sync::watch;
+
+/// Tokens of the `budget` key's day budget and of the `tpm` key's TPM.
+const BUDGET: u64 = 400;
 
 struct Env {
     addr: SocketAddr,
@@ -31,6 +34,12 @@ struct Env {
     single: String,
     /// `rpm: Some(2)`.
     rpm2: String,
+    /// A day budget of [`BUDGET`] tokens.
+    budget: String,
+    /// A TPM limit of [`BUDGET`] tokens.
+    tpm: String,
+    /// Three unlimited keys for the fair-share test.
+    fair: [String; 3],
     tls: Arc<rustls::ClientConfig>,
     model: EchoModel,
     corp: Netstack,
@@ -82,13 +91,43 @@ async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
     .await
 }
 
-/// Full control: the echo model's pause between words and the gateway's settings.
 async fn env_custom(
     corp_up: bool,
     ledger: Option<LedgerWriter>,
     token_delay: Duration,
     settings: GatewaySettings,
 ) -> Env {
+    env_opts(Opts {
+        corp_up,
+        ledger,
+        token_delay,
+        settings,
+        max_concurrent: None,
+    })
+    .await
+}
+
+/// Everything an environment can vary.
+struct Opts {
+    corp_up: bool,
+    ledger: Option<LedgerWriter>,
+    /// The echo model's pause between words.
+    token_delay: Duration,
+    settings: GatewaySettings,
+    /// `max_concurrent` of both upstreams (fair-share queue).
+    max_concurrent: Option<u32>,
+}
+
+/// Full control: the echo model's pause between words, the gateway's settings, the upstream
+/// concurrency cap.
+async fn env_opts(o: Opts) -> Env {
+    let Opts {
+        corp_up,
+        ledger,
+        token_delay,
+        settings,
+        max_concurrent,
+    } = o;
     let LoopbackPair { appliance, corp } =
         LoopbackPair::start(&[], corp_up, TcpTuning::default()).unwrap();
     let model = EchoModel::new("echo", token_delay);
@@ -105,7 +144,38 @@ async fn env_custom(
     let expired = modelgate::keys::format::generate().expose().to_string();
     let single = modelgate::keys::format::generate().expose().to_string();
     let rpm2 = modelgate::keys::format::generate().expose().to_string();
-    let keys = Keys::new(KeyRing::for_tests(vec![
+    let gen = || modelgate::keys::format::generate().expose().to_string();
+    let (budget, tpm) = (gen(), gen());
+    let fair = [gen(), gen(), gen()];
+    let mut ring = vec![
+        (
+            budget.clone(),
+            principal(
+                "budget",
+                KeyPolicy {
+                    budget: Some(Budget {
+                        tokens: BUDGET,
+                        period: BudgetPeriod::Day,
+                    }),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+        (
+            tpm.clone(),
+            principal(
+                "tpm",
+                KeyPolicy {
+                    tpm: Some(BUDGET as u32),
+                    ..KeyPolicy::default()
+                },
+            ),
+        ),
+    ];
+    for (k, name) in fair.iter().zip(["fair-a", "fair-b", "fair-c"]) {
+        ring.push((k.clone(), principal(name, KeyPolicy::default())));
+    }
+    ring.extend([
         (
             single.clone(),
             principal(
@@ -147,7 +217,8 @@ async fn env_custom(
                 },
             ),
         ),
-    ]));
+    ]);
+    let keys = Keys::new(KeyRing::for_tests(ring));
     let upstreams = vec![
         UpstreamSpec {
             name: "discovered".into(),
@@ -155,6 +226,7 @@ async fn env_custom(
             base_path: "/v1".into(),
             api_key: Some("upstream-secret".into()),
             models: vec![],
+            max_concurrent,
         },
         UpstreamSpec {
             name: "aliased".into(),
@@ -162,6 +234,7 @@ async fn env_custom(
             base_path: "/v1".into(),
             api_key: None,
             models: vec![("coder".into(), "echo".into())],
+            max_concurrent,
         },
     ];
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,6 +264,9 @@ async fn env_custom(
         expired,
         single,
         rpm2,
+        budget,
+        tpm,
+        fair,
         tls: client_tls,
         model,
         corp,
@@ -723,4 +799,336 @@ async fn sse_keepalive_comments_fill_silences_between_events() {
     }
     assert_eq!(text, "one two three four five six");
     assert!(body.ends_with("data: [DONE]\n\n"));
+}
+
+/// The events of an SSE body as JSON values (comments skipped), and whether it ended with
+/// `[DONE]`.
+fn sse_events(body: &str) -> (Vec<serde_json::Value>, bool) {
+    let mut out = Vec::new();
+    let mut done = false;
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        if event.starts_with(':') {
+            continue;
+        }
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("bad event {event:?}"));
+        assert!(!done, "event after [DONE]: {data}");
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        out.push(serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}")));
+    }
+    (out, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_asked_upstream_and_stripped_when_the_client_did_not_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _task) = LedgerWriter::start(
+        Ledger::open(dir.path()).unwrap(),
+        LedgerOptions {
+            flush_every: Duration::from_millis(20),
+            ..LedgerOptions::default()
+        },
+    );
+    let env = env_full(true, Some(writer)).await;
+    wait_for_models(&env).await;
+    let body = serde_json::json!({
+        "model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "one two three four"}]
+    })
+    .to_string();
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.good.as_str()),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (events, done) = sse_events(&r.body());
+    assert!(done);
+    // The model was asked for usage...
+    assert_eq!(env.model.stats.usage_requested.load(Ordering::Relaxed), 1);
+    // ...but the client, who did not ask, sees no usage chunk: role, 4 words, finish.
+    assert_eq!(events.len(), 6, "{}", r.body());
+    assert!(
+        events.iter().all(|e| e.get("usage").is_none()),
+        "{}",
+        r.body()
+    );
+    // And the ledger has the model's own numbers, not an estimate.
+    let t = Instant::now();
+    let u = loop {
+        let u = Ledger::open(dir.path())
+            .unwrap()
+            .usage("good", SystemTime::now())
+            .unwrap();
+        if u.total.requests >= 1 {
+            break u;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "ledger: {u:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The gateway added `"stream_options":{"include_usage":true}` (40 bytes) to the body the
+    // model counted.
+    let upstream_len = body.len() + r#","stream_options":{"include_usage":true}"#.len();
+    assert_eq!(
+        (
+            u.today.prompt_tokens,
+            u.today.completion_tokens,
+            u.today.estimated
+        ),
+        ((upstream_len / 4) as u64, 4, 0),
+        "{u:?}"
+    );
+
+    // A client that asks gets the usage chunk as the model sent it.
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.good.as_str()),
+        Some(chat("echo", true)),
+    )
+    .await;
+    let (events, _) = sse_events(&r.body());
+    let last = events.last().unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 6, "{}", r.body());
+    assert_eq!(env.model.stats.usage_requested.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_or_tpm_running_out_mid_stream_ends_the_stream_cleanly() {
+    let env = env_custom(
+        true,
+        None,
+        Duration::from_millis(2),
+        GatewaySettings::default(),
+    )
+    .await;
+    wait_for_models(&env).await;
+    // 200 words: the prompt estimate (body bytes / 4) fits in BUDGET, the completion does not.
+    let body = serde_json::json!({
+        "model": "echo", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "word ".repeat(200)}]
+    })
+    .to_string();
+    let prompt = (body.len() / 4) as u64;
+    assert!(prompt < BUDGET && prompt + 200 > BUDGET);
+    for (key, next_code) in [
+        (env.budget.clone(), "insufficient_quota"),
+        (env.tpm.clone(), "rate_limit_exceeded"),
+    ] {
+        let cancelled = env.model.stats.cancelled.load(Ordering::Relaxed);
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(key.as_str()),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body());
+        let (events, done) = sse_events(&r.body());
+        assert!(done, "the stream ends with [DONE]: {}", r.body());
+        let words = events
+            .iter()
+            .filter(|e| e["choices"][0]["delta"]["content"].as_str().map(str::trim) == Some("word"))
+            .count() as u64;
+        // Exactly what was left after the prompt estimate: not one token more. (The TPM bucket
+        // also refills while the stream runs, BUDGET tokens per minute.)
+        let left = BUDGET - prompt;
+        let refill = if key == env.tpm {
+            let secs = r.chunks.last().unwrap().0.as_secs_f64();
+            (BUDGET as f64 * secs / 60.0).ceil() as u64
+        } else {
+            0
+        };
+        assert!(
+            (left..=left + refill).contains(&words),
+            "{words} words, {left} left, refill {refill}: {}",
+            r.body()
+        );
+        let n = events.len();
+        assert_eq!(events[n - 2]["choices"][0]["finish_reason"], "length");
+        assert_eq!(events[n - 1]["choices"], serde_json::json!([]));
+        assert_eq!(events[n - 1]["usage"]["completion_tokens"], words);
+        assert_eq!(events[n - 1]["id"], events[0]["id"]);
+        // The upstream stream was cut, so the model stopped generating.
+        let t = Instant::now();
+        while env.model.stats.cancelled.load(Ordering::Relaxed) == cancelled {
+            assert!(t.elapsed() < Duration::from_secs(2), "model not cancelled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The next request finds the budget (or the TPM bucket) empty.
+        let requests = env.model.stats.requests.load(Ordering::Relaxed);
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(key.as_str()),
+            Some(chat("echo", true)),
+        )
+        .await;
+        assert_eq!(r.status, 429, "{}", r.body());
+        assert_eq!(r.json()["error"]["code"], next_code);
+        assert!(r.headers.contains_key("retry-after"));
+        assert_eq!(env.model.stats.requests.load(Ordering::Relaxed), requests);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_upstream_is_shared_round_robin_across_keys() {
+    // Capacity 2; key A runs 20 clients in a loop, keys B and C 2 each (10× fewer).
+    let env = Arc::new(
+        env_opts(Opts {
+            corp_up: true,
+            ledger: None,
+            token_delay: Duration::from_millis(20),
+            settings: GatewaySettings::default(),
+            max_concurrent: Some(2),
+        })
+        .await,
+    );
+    wait_for_models(&env).await;
+    let start = Instant::now();
+    let (from, to) = (Duration::from_secs(1), Duration::from_secs(5));
+    let mut tasks = Vec::new();
+    for (i, clients) in [20usize, 2, 2].into_iter().enumerate() {
+        for _ in 0..clients {
+            let env = env.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = env.fair[i].clone();
+                let mut done_in_window = 0u64;
+                // Bounded: at most 1000 requests or until the window closes.
+                for _ in 0..1000 {
+                    if start.elapsed() >= to {
+                        break;
+                    }
+                    // Streams: each holds its upstream slot for ~6 × 20 ms.
+                    let r = call(
+                        &env,
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(key.as_str()),
+                        Some(chat("echo", true)),
+                    )
+                    .await;
+                    assert_eq!(r.status, 200, "{}", r.body());
+                    assert!(r.body().ends_with("data: [DONE]\n\n"));
+                    let at = start.elapsed();
+                    if at >= from && at < to {
+                        done_in_window += 1;
+                    }
+                }
+                (i, done_in_window)
+            }));
+        }
+    }
+    let mut per_key = [0u64; 3];
+    for t in tasks {
+        let (i, n) = t.await.unwrap();
+        per_key[i] += n;
+    }
+    let total: u64 = per_key.iter().sum();
+    let shares: Vec<f64> = per_key.iter().map(|&n| n as f64 / total as f64).collect();
+    println!(
+        "fair share over {:?}: completions A={} B={} C={} of {total}; shares A={:.3} B={:.3} C={:.3} (A ran 20 clients, B and C 2 each)",
+        to - from,
+        per_key[0], per_key[1], per_key[2], shares[0], shares[1], shares[2]
+    );
+    assert!(total >= 30, "too few completions to judge: {per_key:?}");
+    // Round-robin gives each waiting key one slot per round: B and C get a third each, less at
+    // most two requests cut by the window's edges.
+    for k in [1, 2] {
+        assert!(
+            per_key[k] + 2 >= total / 3,
+            "key {k} got {} of {total}: {per_key:?}",
+            per_key[k]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_slow_queue_is_503_with_retry_after() {
+    let env = env_opts(Opts {
+        corp_up: true,
+        ledger: None,
+        token_delay: Duration::from_millis(30),
+        settings: GatewaySettings {
+            queue_timeout: Duration::from_millis(300),
+            max_queued: 1,
+            ..GatewaySettings::default()
+        },
+        max_concurrent: Some(1),
+    })
+    .await;
+    wait_for_models(&env).await;
+    let requests = env.model.stats.requests.load(Ordering::Relaxed);
+    let hold = LongStream::open(&env, &env.fair[0]).await;
+    // One waiter fits in the queue and times out after 300 ms.
+    let env = Arc::new(env);
+    let e = env.clone();
+    let waiter = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = call(
+            &e,
+            "POST",
+            "/v1/chat/completions",
+            Some(e.fair[1].as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The queue (1) is full: the next request is refused at once.
+    let t = Instant::now();
+    let r = call(
+        &env,
+        "POST",
+        "/v1/chat/completions",
+        Some(env.fair[2].as_str()),
+        Some(chat("echo", false)),
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.status, 503, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "model_overloaded");
+    assert_eq!(r.headers["retry-after"], "5");
+    let (r, waited) = waiter.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body());
+    assert_eq!(r.json()["error"]["code"], "model_overloaded");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    // Neither refused request reached the model; the held stream did.
+    assert_eq!(
+        env.model.stats.requests.load(Ordering::Relaxed),
+        requests + 1
+    );
+    hold.abandon();
+    // The slot comes back when the stream goes away.
+    let t = Instant::now();
+    loop {
+        let r = call(
+            &env,
+            "POST",
+            "/v1/chat/completions",
+            Some(env.fair[1].as_str()),
+            Some(chat("echo", false)),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "slot not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -33,7 +33,8 @@ impl Env {
         env
     }
     fn ring(&self) -> KeyRing {
-        KeyRing::load(&KeyStore::open(&self.state()).unwrap()).unwrap()
+        let config = modelgate::config::Config::load(&self.config()).unwrap();
+        KeyRing::load(&KeyStore::open(&self.state()).unwrap(), &config.policies).unwrap()
     }
 }
 
@@ -528,4 +529,80 @@ fn list_and_show_report_ledger_usage() {
     let human = env.ok(&["key", "show", "alice"]);
     assert!(human.contains("usage today:     130 tokens"), "{human}");
     assert!(human.contains("usage total:     1630 tokens"), "{human}");
+}
+
+#[test]
+fn named_policies_are_shared_and_overridden_per_key() {
+    let env = Env::initialised();
+    let cfg = env.config();
+    let mut text = fs::read_to_string(&cfg).unwrap();
+    text.push_str(
+        "\n[[policy]]\nname = \"developers\"\nmodels = [\"coder*\"]\nrpm = 60\ntpm = 100000\nbudget = \"2000000/month\"\n",
+    );
+    fs::write(&cfg, text).unwrap();
+
+    // An unknown policy name is a usage error naming the defined ones.
+    let out = env.mg(&["key", "create", "x", "--policy", "nope"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--policy nope") && stderr(&out).contains("developers"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = env.mg(&[
+        "key",
+        "create",
+        "bob",
+        "--policy",
+        "developers",
+        "--rpm",
+        "120",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let secret = stdout(&out).trim().to_string();
+    let show = env.json(&["key", "show", "bob", "--json"]);
+    let p = &show["policy"];
+    assert_eq!(p["name"], "developers");
+    // The key's own --rpm wins; everything else comes from the policy.
+    assert_eq!(p["rpm"], 120);
+    assert_eq!(p["tpm"], 100000);
+    assert_eq!(p["models"], serde_json::json!(["coder*"]));
+    assert_eq!(p["budget"]["tokens"], 2000000);
+    assert_eq!(show["policy_defined"], true);
+    let human = stdout(&env.mg(&["key", "show", "bob"]));
+    assert!(human.contains("policy:          developers"), "{human}");
+    let list = stdout(&env.mg(&["key", "list"]));
+    assert!(
+        list.contains("developers") && list.contains("coder*"),
+        "{list}"
+    );
+
+    // The gateway's ring resolves the same way.
+    let principal = env.ring().authenticate(&secret, SystemTime::now()).unwrap();
+    assert_eq!(principal.policy.rpm, Some(120));
+    assert_eq!(principal.policy.tpm, Some(100000));
+    assert!(!principal.policy.missing_policy);
+
+    // A policy removed from the config fails closed: the key authenticates but is refused.
+    let text = fs::read_to_string(&cfg).unwrap();
+    let cut = text.find("\n[[policy]]").unwrap();
+    fs::write(&cfg, &text[..cut]).unwrap();
+    let principal = env.ring().authenticate(&secret, SystemTime::now()).unwrap();
+    assert!(principal.policy.missing_policy);
+    let denied = modelgate::policy::check_access(
+        &principal,
+        modelgate::policy::Endpoint::ChatCompletions,
+        Some("coder"),
+        "127.0.0.1".parse().unwrap(),
+        SystemTime::now(),
+    );
+    assert!(
+        matches!(denied, Err(modelgate::policy::Deny::UnknownPolicy(ref n)) if n == "developers"),
+        "{denied:?}"
+    );
+    let show = env.json(&["key", "show", "bob", "--json"]);
+    assert_eq!(show["policy_defined"], false);
+    let human = stdout(&env.mg(&["key", "show", "bob"]));
+    assert!(human.contains("NOT DEFINED"), "{human}");
 }

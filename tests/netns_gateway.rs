@@ -526,3 +526,345 @@ fn tunnel_down_static_route_answers_503() {
 fn tunnel_down_discovered_models_answer_503() {
     assert_tunnel_down_answers_503(&[], "tunnel_down_discovered_models_answer_503");
 }
+
+/// One `curl` POST from the client namespace (the key is read from a file, never argv):
+/// `(status, lower-cased headers, body)`.
+fn curl_post(gw: &Gateway, key: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    let dir = gw.lab.dir.path();
+    let n = CURL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (hdr_in, body_in, hdr_out, body_out) = (
+        dir.join(format!("curl{n}.auth")),
+        dir.join(format!("curl{n}.json")),
+        dir.join(format!("curl{n}.headers")),
+        dir.join(format!("curl{n}.body")),
+    );
+    std::fs::write(&hdr_in, format!("Authorization: Bearer {key}\n")).unwrap();
+    std::fs::write(&body_in, body).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let cert = gw.cert();
+    let out = gw.lab.exec(
+        &gw.lab.client,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            &p(&cert),
+            "-H",
+            &format!("@{}", p(&hdr_in)),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", p(&body_in)),
+            "-D",
+            &p(&hdr_out),
+            "-o",
+            &p(&body_out),
+            "-w",
+            "%{http_code}",
+            &format!("{BASE_V1}/chat/completions"),
+        ],
+    );
+    let status: u16 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl: {}", String::from_utf8_lossy(&out.stderr)));
+    let headers = std::fs::read_to_string(&hdr_out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = std::fs::read_to_string(&body_out).unwrap_or_default();
+    (status, headers, body)
+}
+
+static CURL_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn small_chat(max_tokens: u32) -> String {
+    serde_json::json!({
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hi"}]
+    })
+    .to_string()
+}
+
+/// Per-key limits through the whole path (curl and the SDK in the client namespace, the real
+/// daemon, wireguard-go, the fake model): RPM and TPM exhaustion, the concurrency cap, a
+/// disallowed source network and an expired key are refused with OpenAI's status, code,
+/// `Retry-After` and `x-ratelimit-*` headers, and none of the refused requests reaches the model.
+#[test]
+fn key_limits_refuse_before_the_model_with_openai_headers() {
+    let Some(py) = python_or_skip("key_limits_refuse_before_the_model_with_openai_headers") else {
+        return;
+    };
+    let gw = Gateway::up(py, "0");
+    let rpm = gw.key("rpm2", &["--rpm", "2"]);
+    let tpm = gw.key("tpm100", &["--tpm", "100"]);
+    let conc = gw.key("one-at-a-time", &["--max-concurrent", "1"]);
+    let far = gw.key("elsewhere", &["--allow-cidr", "198.51.100.0/24"]);
+    let here = gw.key("client-net", &["--allow-cidr", "192.0.2.10"]);
+    let expiring = gw.key("expiring", &["--expires", "1s"]);
+    let expiry_start = Instant::now();
+
+    // RPM 2: two pass with the request headers counting down, the third is 429.
+    for remaining in ["1", "0"] {
+        let (status, h, body) = curl_post(&gw, &rpm, &small_chat(4));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(header(&h, "x-ratelimit-limit-requests"), Some("2"));
+        assert_eq!(
+            header(&h, "x-ratelimit-remaining-requests"),
+            Some(remaining)
+        );
+        assert!(header(&h, "x-ratelimit-reset-requests").is_some(), "{h:?}");
+    }
+    let before = gw.model_posts().len();
+    let (status, h, body) = curl_post(&gw, &rpm, &small_chat(4));
+    assert_eq!(status, 429, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded", "{body}");
+    let retry: u64 = header(&h, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(header(&h, "x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(gw.model_posts().len(), before, "a 429 reached the model");
+
+    // TPM 100: the first request reserves prompt + max_tokens (40) and settles to the model's
+    // usage; the second finds too few tokens left and waits in 429 with the token headers.
+    let (status, h, body) = curl_post(&gw, &tpm, &small_chat(40));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&h, "x-ratelimit-limit-tokens"), Some("100"));
+    let before = gw.model_posts().len();
+    let (status, h, body) = curl_post(&gw, &tpm, &small_chat(40));
+    assert_eq!(status, 429, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(e["error"]["type"], "tokens", "{body}");
+    let remaining: u64 = header(&h, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining < 100, "{h:?}");
+    assert!(header(&h, "x-ratelimit-reset-tokens").is_some(), "{h:?}");
+    assert!(header(&h, "retry-after").is_some(), "{h:?}");
+    assert_eq!(gw.model_posts().len(), before, "a 429 reached the model");
+
+    // Concurrency 1: while one slow stream runs, a second request is refused.
+    let held = gw.lab.spawn(
+        "held-stream",
+        Some(&gw.lab.client),
+        &[
+            gw.py.to_str().unwrap(),
+            manifest_path("tests/netns/openai_client.py")
+                .to_str()
+                .unwrap(),
+            "--base",
+            BASE_V1,
+            "--cert",
+            gw.cert().to_str().unwrap(),
+            "chat",
+            "--model",
+            MODEL,
+            "--stream",
+            "--max-tokens",
+            "30",
+            "--delay-ms",
+            "100",
+        ],
+        &[("MG_KEY", conc.as_str())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = gw.model_posts().len();
+    while gw.model_posts().len() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the held stream never reached the model"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (status, h, body) = curl_post(&gw, &conc, &small_chat(4));
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate_limit_exceeded"), "{body}");
+    assert!(header(&h, "retry-after").is_some(), "{h:?}");
+    assert_eq!(
+        gw.model_posts().len(),
+        started + 1,
+        "the refused request reached the model"
+    );
+    drop(held);
+
+    // Source networks: the client is 192.0.2.10 (its TCP address; no header can change it).
+    let before = gw.model_posts().len();
+    let e = gw.sdk(&far, &["error", "--model", MODEL]);
+    assert_eq!(e["class"], "PermissionDeniedError", "{e}");
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(403), Some("permission_denied"))
+    );
+    assert_eq!(gw.model_posts().len(), before, "a 403 reached the model");
+    let ok = gw.sdk(&here, &["chat", "--model", MODEL]);
+    assert_eq!(ok["finish_reason"], "stop", "{ok}");
+
+    // An expired key is 401.
+    thread::sleep(Duration::from_millis(1500).saturating_sub(expiry_start.elapsed()));
+    let before = gw.model_posts().len();
+    let e = gw.sdk(&expiring, &["error", "--model", MODEL]);
+    assert_eq!(e["class"], "AuthenticationError", "{e}");
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(401), Some("invalid_api_key"))
+    );
+    assert_eq!(gw.model_posts().len(), before, "a 401 reached the model");
+}
+
+/// `(request id, body_bytes)` of each POST and `sent` of each finished or cut stream, from the
+/// fake model's log: the model's own count of what it served.
+fn model_tokens(log: &[Value]) -> Vec<(u64, u64, Option<u64>)> {
+    let mut out: Vec<(u64, u64, Option<u64>)> = log
+        .iter()
+        .filter(|r| r["ev"] == "request" && r["method"] == "POST")
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["body_bytes"].as_u64().unwrap(),
+                None,
+            )
+        })
+        .collect();
+    for r in log
+        .iter()
+        .filter(|r| r["ev"] == "done" || r["ev"] == "disconnect")
+    {
+        let id = r["id"].as_u64().unwrap();
+        if let Some(e) = out.iter_mut().find(|e| e.0 == id) {
+            e.2 = r["sent"].as_u64();
+        }
+    }
+    out
+}
+
+/// fake_vllm.py's own prompt count for a body (`max(1, bytes // 4)`).
+fn fake_prompt_tokens(body_bytes: u64) -> u64 {
+    (body_bytes / 4).max(1)
+}
+
+/// A day budget runs out in the middle of a stream: the SDK sees a final chunk with
+/// `finish_reason: "length"`, the usage, and the end of the stream; the model's stream is cut
+/// (it logs a disconnect); the next request is 429 `insufficient_quota` and never reaches it.
+#[test]
+fn budget_runs_out_mid_stream_and_ends_it_cleanly() {
+    let Some(py) = python_or_skip("budget_runs_out_mid_stream_and_ends_it_cleanly") else {
+        return;
+    };
+    let gw = Gateway::up(py, "5");
+    let key = gw.key("budgeted", &["--budget", "100/day"]);
+    let r = gw.sdk(
+        &key,
+        &["chat", "--model", MODEL, "--stream", "--max-tokens", "500"],
+    );
+    assert_eq!(r["finish_reason"], "length", "{r}");
+    let posts = gw.model_posts();
+    let body_bytes = posts.last().unwrap()["body_bytes"].as_u64().unwrap();
+    // The gateway's prompt estimate is the client's body / 4 (the SDK asked for usage itself,
+    // so the model got the same bytes).
+    let left = 100 - body_bytes / 4;
+    let words = r["content"].as_str().unwrap().split_whitespace().count() as u64;
+    assert_eq!(words, left, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], left, "{r}");
+    let id = posts.last().unwrap()["id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = gw.model_log();
+        if let Some(end) = log.iter().find(|e| e["id"] == id && e["ev"] != "request") {
+            assert_eq!(
+                end["ev"], "disconnect",
+                "the model's stream was not cut: {end}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the model never saw its stream end"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = gw.model_posts().len();
+    let e = gw.sdk(&key, &["error", "--model", MODEL]);
+    assert_eq!(e["class"], "RateLimitError", "{e}");
+    assert_eq!(e["code"], "insufficient_quota", "{e}");
+    assert!(e["retry_after"].as_str().is_some(), "{e}");
+    assert_eq!(gw.model_posts().len(), before);
+}
+
+/// The ledger against the model's own count, across a `kill -9`: requests that ended more than
+/// a second before the kill are all in the ledger, exactly as the model counted them; the one
+/// that ended just before the kill is either recorded whole or lost (the documented bound: the
+/// last second). After the restart the budget still holds: the exhausted key is refused with
+/// `insufficient_quota` before anything reaches the model.
+#[test]
+fn budget_and_ledger_survive_kill_9_and_match_the_models_count() {
+    let Some(py) = python_or_skip("budget_and_ledger_survive_kill_9_and_match_the_models_count")
+    else {
+        return;
+    };
+    let mut gw = Gateway::up(py, "0");
+    // Each request: prompt estimate ≈ 38 tokens + max_tokens 20; four fit in 230, a fifth not.
+    let metered = gw.key("metered", &["--budget", "230/day"]);
+    let last = gw.key("last", &[]);
+    let first_post = gw.model_posts().len();
+    for i in 0..4 {
+        let r = gw.sdk(
+            &metered,
+            &["chat", "--model", MODEL, "--stream", "--max-tokens", "20"],
+        );
+        assert_eq!(r["finish_reason"], "stop", "request {i}: {r}");
+    }
+    let e = gw.sdk(&metered, &["error", "--model", MODEL, "--max-tokens", "20"]);
+    assert_eq!(e["code"], "insufficient_quota", "{e}");
+    // More than the ledger's flush interval (250 ms) plus a write: these four are durable.
+    thread::sleep(Duration::from_millis(1200));
+    let r = gw.sdk(
+        &last,
+        &["chat", "--model", MODEL, "--stream", "--max-tokens", "20"],
+    );
+    assert_eq!(r["finish_reason"], "stop", "{r}");
+    gw.mg.kill9();
+
+    let counts = model_tokens(&gw.model_log());
+    let counts = &counts[counts.len() - 5..];
+    assert_eq!(counts.len() + first_post, gw.model_posts().len());
+    let served = |c: &(u64, u64, Option<u64>)| fake_prompt_tokens(c.1) + c.2.expect("stream end");
+    let model_metered: u64 = counts[..4].iter().map(served).sum();
+    let model_last = served(&counts[4]);
+    let usage = |name: &str| {
+        let v: Value = serde_json::from_str(&gw.app.cli(&["key", "show", name, "--json"])).unwrap();
+        v["usage_today"]["tokens"].as_u64().unwrap()
+    };
+    let ledger_metered = usage("metered");
+    let ledger_last = usage("last");
+    eprintln!(
+        "after kill -9: ledger metered={ledger_metered} (model {model_metered}), last={ledger_last} (model {model_last})"
+    );
+    assert_eq!(
+        ledger_metered, model_metered,
+        "usage older than 1 s was lost"
+    );
+    assert!(
+        ledger_last == model_last || ledger_last == 0,
+        "the last request is recorded whole or not at all: {ledger_last} vs {model_last}"
+    );
+
+    // Restart: the budget is seeded from the ledger; the key stays refused, at once (the
+    // tunnel need not be up for a refusal).
+    gw.mg = gw.app.run_gateway(&gw.lab);
+    let before = gw.model_posts().len();
+    let e = gw.sdk(&metered, &["error", "--model", MODEL, "--max-tokens", "20"]);
+    assert_eq!(e["class"], "RateLimitError", "{e}");
+    assert_eq!(e["code"], "insufficient_quota", "{e}");
+    assert_eq!(gw.model_posts().len(), before);
+}

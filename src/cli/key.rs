@@ -68,6 +68,11 @@ pub struct CreateArgs {
     /// responses, models. Default: all.
     #[arg(long, value_name = "E,E", value_parser = endpoints_arg)]
     pub endpoints: Option<List<Endpoint>>,
+    /// Build on the named policy `[[policy]] name = NAME` of the config: the key gets its
+    /// models, endpoints, limits, budget and sources, and the flags above override single
+    /// fields. Editing the policy in the config (and reloading) changes every key using it.
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
     /// Print {"id","name","secret","created_at","expires_at","policy"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -140,8 +145,14 @@ pub fn execute(config_path: &Path, cmd: KeyCommand) -> Result<(), CliError> {
 }
 
 fn open_store(config_path: &Path) -> Result<KeyStore, CliError> {
+    Ok(open_with_config(config_path)?.1)
+}
+
+/// The config (for its named policies) and the key store it points at.
+fn open_with_config(config_path: &Path) -> Result<(Config, KeyStore), CliError> {
     let config = Config::load(config_path)?;
-    KeyStore::open(&config.server.state_dir).map_err(store_error)
+    let store = KeyStore::open(&config.server.state_dir).map_err(store_error)?;
+    Ok((config, store))
 }
 
 fn store_error(e: StoreError) -> CliError {
@@ -170,8 +181,20 @@ fn create(config_path: &Path, a: CreateArgs) -> Result<(), CliError> {
         tpm: a.tpm,
         max_concurrent: a.max_concurrent,
         budget: a.budget,
+        policy: a.policy,
+        missing_policy: false,
     };
-    let mut store = open_store(config_path)?;
+    let (config, mut store) = open_with_config(config_path)?;
+    if let Some(name) = &policy.policy {
+        if !config.policies.contains_key(name) {
+            let defined: Vec<&str> = config.policies.keys().map(String::as_str).collect();
+            return Err(CliError::usage(format!(
+                "--policy {name}: {} defines no [[policy]] named {name:?} (defined: {}); fix: add one, e.g.\n  [[policy]]\n  name = \"{name}\"\n  rpm = 60\nor pick a defined name",
+                config.path.display(),
+                if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
+            )));
+        }
+    }
     let created = store
         .create(NewKey {
             name: a.name,
@@ -236,7 +259,7 @@ fn usages(
 }
 
 fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
-    let store = open_store(config_path)?;
+    let (config, store) = open_with_config(config_path)?;
     let keys = store.list().map_err(store_error)?;
     let now = SystemTime::now();
     let usage = usages(store, &keys.iter().collect::<Vec<_>>(), now)?;
@@ -244,7 +267,7 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
         print_json(&Value::Array(
             keys.iter()
                 .zip(&usage)
-                .map(|(k, u)| record_json(k, u, now))
+                .map(|(k, u)| record_json(k, u, now, &config))
                 .collect(),
         ));
         return Ok(());
@@ -263,10 +286,14 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
                 rfc3339(k.created_at),
                 k.expires_at.map_or("never".into(), rfc3339),
                 k.status(now).as_str().into(),
-                if k.policy.models.is_empty() {
-                    "*".into()
-                } else {
-                    k.policy.models.join(",")
+                k.policy.policy.clone().unwrap_or_else(|| "-".into()),
+                {
+                    let p = k.policy.resolve(&config.policies);
+                    if p.models.is_empty() {
+                        "*".into()
+                    } else {
+                        p.models.join(",")
+                    }
                 },
                 u.today.tokens().to_string(),
                 u.this_month.tokens().to_string(),
@@ -276,7 +303,8 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
         .collect();
     table(
         &[
-            "NAME", "ID", "CREATED", "EXPIRES", "STATUS", "MODELS", "TODAY", "MONTH", "TOTAL",
+            "NAME", "ID", "CREATED", "EXPIRES", "STATUS", "POLICY", "MODELS", "TODAY", "MONTH",
+            "TOTAL",
         ],
         &rows,
     );
@@ -284,15 +312,16 @@ fn list(config_path: &Path, json: bool) -> Result<(), CliError> {
 }
 
 fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
-    let store = open_store(config_path)?;
+    let (config, store) = open_with_config(config_path)?;
     let k = store.get(name).map_err(store_error)?;
     let now = SystemTime::now();
     let usage = usages(store, &[&k], now)?.remove(0);
     if json {
-        print_json(&record_json(&k, &usage, now));
+        print_json(&record_json(&k, &usage, now, &config));
         return Ok(());
     }
-    let p = &k.policy;
+    // What the gateway enforces: the key's own settings over its named policy.
+    let p = &k.policy.resolve(&config.policies);
     let or_all = |v: Vec<String>| {
         if v.is_empty() {
             "all".to_string()
@@ -317,6 +346,14 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
     }
     if let Some(t) = k.previous_valid_until {
         println!("old secret until {}", rfc3339(t));
+    }
+    match (&p.policy, p.missing_policy) {
+        (Some(n), false) => println!("policy:          {n} (fields set on the key override it)"),
+        (Some(n), true) => println!(
+            "policy:          {n} — NOT DEFINED in {}: every request is refused; fix: add [[policy]] name = \"{n}\"",
+            config.path.display()
+        ),
+        (None, _) => println!("policy:          none (the key's own settings)"),
     }
     println!("models:          {}", or_all(p.models.clone()));
     println!(
@@ -410,9 +447,11 @@ fn period(p: BudgetPeriod) -> &'static str {
     }
 }
 
-/// The policy as shown to operators and scripts (expiry is a top-level field).
+/// The policy as shown to operators and scripts (expiry is a top-level field). `name` is the
+/// named policy the key builds on (null: none); `list`/`show` print the effective policy.
 fn policy_json(p: &KeyPolicy) -> Value {
     json!({
+        "name": p.policy,
         "models": p.models,
         "endpoints": p.endpoints.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
         "allow_cidrs": p.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -435,7 +474,8 @@ fn usage_json(t: &UsageTotals) -> Value {
     })
 }
 
-fn record_json(k: &KeyRecord, usage: &KeyUsage, now: SystemTime) -> Value {
+fn record_json(k: &KeyRecord, usage: &KeyUsage, now: SystemTime, config: &Config) -> Value {
+    let effective = k.policy.resolve(&config.policies);
     json!({
         "id": k.id,
         "name": k.name,
@@ -445,7 +485,8 @@ fn record_json(k: &KeyRecord, usage: &KeyUsage, now: SystemTime) -> Value {
         "revoked_at": k.revoked_at.map(rfc3339),
         "rotated_at": k.rotated_at.map(rfc3339),
         "previous_valid_until": k.previous_valid_until.map(rfc3339),
-        "policy": policy_json(&k.policy),
+        "policy": policy_json(&effective),
+        "policy_defined": !effective.missing_policy,
         "usage_today": usage_json(&usage.today),
         "usage_month": usage_json(&usage.this_month),
         "usage_total": usage_json(&usage.total),

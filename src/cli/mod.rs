@@ -9,7 +9,9 @@ pub mod demo;
 pub mod init;
 pub mod key;
 pub mod peer;
+pub mod reload;
 pub mod run;
+pub mod status;
 pub mod upstream;
 pub mod wgquick;
 
@@ -57,8 +59,12 @@ pub enum Command {
     /// Manage the model servers inside the tunnel and their model routes.
     #[command(subcommand)]
     Upstream(upstream::UpstreamCommand),
-    /// Run the daemon in the foreground until SIGTERM/SIGINT.
+    /// Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
     Run(run::RunArgs),
+    /// Show the running daemon's interface, peers, upstreams, listener and streams (like wg show).
+    Status(status::StatusArgs),
+    /// Make the running daemon re-read its config; prints what changed (exit 64 if refused).
+    Reload(reload::ReloadArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
     Demo(demo::DemoArgs),
 }
@@ -125,6 +131,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Key(cmd) => key::execute(&cli.config, cmd),
         Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
+        Command::Status(args) => status::execute(&cli.config, args),
+        Command::Reload(args) => reload::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
     }
 }

@@ -7,6 +7,7 @@
 //! upstreams' API key files (only their mode, never their content, at load time).
 
 pub mod edit;
+mod policies;
 pub mod raw;
 mod validate;
 
@@ -64,6 +65,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Model servers inside the tunnel (`[[upstream]]`), in file order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Named key policies (`[[policy]]`), by name.
+    pub policies: crate::policy::Policies,
 }
 
 /// Capacities and timeouts of the public HTTPS gateway (`[gateway]`). Every one is bounded so a
@@ -96,6 +99,14 @@ pub struct GatewayConfig {
     pub sse_keepalive: Duration,
     /// On SIGTERM, how long in-flight requests may take before they are cut.
     pub drain_timeout: Duration,
+    /// Longest wait for a slot at a saturated upstream (`[[upstream]] max_concurrent`); then 503
+    /// with `Retry-After`.
+    pub queue_timeout: Duration,
+    /// Most requests waiting for a slot at one saturated upstream; more get 503 at once.
+    pub max_queued: usize,
+    /// Completion tokens reserved for a request that sets no `max_tokens` (admission estimate
+    /// against TPM and budgets; settled to the real count afterwards).
+    pub default_max_tokens: u32,
     /// Cursor compatibility switches (`compat_*`), all on by default.
     pub compat: CompatConfig,
 }
@@ -141,6 +152,9 @@ impl Default for GatewayConfig {
             upstream_response_timeout: Duration::from_secs(600),
             sse_keepalive: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(30),
+            queue_timeout: Duration::from_secs(30),
+            max_queued: 1024,
+            default_max_tokens: 4096,
             compat: CompatConfig::default(),
         }
     }

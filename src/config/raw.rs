@@ -27,6 +27,32 @@ pub struct RawConfig {
     /// Model servers behind the peers, `[[upstream]]` tables.
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<RawUpstream>,
+    /// Named key policies, `[[policy]]` tables.
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<RawPolicy>,
+}
+
+/// One `[[policy]]`: limits that keys created with `--policy NAME` share. Every field is
+/// optional and written like the matching `key create` flag.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Unique name, `[a-z0-9][a-z0-9-]{0,31}`.
+    pub name: Option<String>,
+    /// Model names or globs (`--models`).
+    pub models: Option<Vec<String>>,
+    /// Endpoints (`--endpoints`): chat_completions, completions, embeddings, responses, models.
+    pub endpoints: Option<Vec<String>>,
+    /// Requests per minute (`--rpm`).
+    pub rpm: Option<i64>,
+    /// Tokens per minute (`--tpm`).
+    pub tpm: Option<i64>,
+    /// Concurrent requests (`--max-concurrent`).
+    pub max_concurrent: Option<i64>,
+    /// `"N/day"` or `"N/month"` (`--budget`).
+    pub budget: Option<String>,
+    /// Client networks (`--allow-cidr`).
+    pub allow_cidrs: Option<Vec<String>>,
 }
 
 /// `[server]`.
@@ -128,6 +154,12 @@ pub struct RawGateway {
     pub sse_keepalive: Option<String>,
     /// On SIGTERM, in-flight requests get this long to finish (default "30s").
     pub drain_timeout: Option<String>,
+    /// Longest wait for a slot at a saturated upstream (default "30s").
+    pub queue_timeout: Option<String>,
+    /// Most requests waiting at one saturated upstream (default 1024).
+    pub max_queued: Option<i64>,
+    /// Completion tokens reserved when a request sets no max_tokens (default 4096).
+    pub default_max_tokens: Option<i64>,
     /// Translate Responses-API bodies sent to /chat/completions (default true).
     pub compat_responses_translation: Option<bool>,
     /// Normalise `content: []` in assistant and tool turns (default true).

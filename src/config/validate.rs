@@ -178,6 +178,7 @@ pub fn validate(
         &base,
         secret_file,
     );
+    let policies = super::policies::validate_policies(&mut errs, &raw.policies);
 
     if !errs.is_empty() {
         return Err(errs);
@@ -213,6 +214,7 @@ pub fn validate(
         peers,
         gateway,
         upstreams,
+        policies,
     })
 }
 
@@ -546,16 +548,16 @@ fn validate_tls(errs: &mut ConfigErrors, t: &RawTls, base: &Path) -> Option<TlsC
 }
 
 /// How one kind of table entry (peer, upstream) is named.
-struct NameRule {
-    kind: &'static str,
-    check: fn(&str) -> Result<(), String>,
-    example: &'static str,
-    examples: &'static str,
+pub(super) struct NameRule {
+    pub kind: &'static str,
+    pub check: fn(&str) -> Result<(), String>,
+    pub example: &'static str,
+    pub examples: &'static str,
 }
 
 /// Validates the `name` of entry `i`: present, well-formed and unique among `names` (which
 /// records the first entry using each name). Returns the name when usable.
-fn unique_name<'a>(
+pub(super) fn unique_name<'a>(
     errs: &mut ConfigErrors,
     rule: &NameRule,
     key: String,
@@ -953,6 +955,30 @@ fn validate_gateway(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig {
             g.drain_timeout.as_deref(),
             d.drain_timeout,
         ),
+        queue_timeout: duration(
+            errs,
+            "gateway.queue_timeout",
+            g.queue_timeout.as_deref(),
+            d.queue_timeout,
+        ),
+        max_queued: bounded(
+            errs,
+            "gateway.max_queued",
+            g.max_queued,
+            d.max_queued,
+            0,
+            1_000_000,
+            " (0 refuses at once when the upstream is saturated)",
+        ),
+        default_max_tokens: bounded(
+            errs,
+            "gateway.default_max_tokens",
+            g.default_max_tokens,
+            d.default_max_tokens as usize,
+            1,
+            10_000_000,
+            " tokens",
+        ) as u32,
         // Booleans need no range check: TOML's types already refused anything else.
         compat: CompatConfig {
             responses_translation: g

@@ -1,10 +1,19 @@
 //! `modelgate run`: starts the tunnel and netstack from a validated [`Config`] and keeps them
 //! running until SIGTERM or SIGINT, then stops cleanly.
 //!
-//! Owns process lifetime and the debug `--forward` listeners. It never decides policy and never
-//! logs secrets: the private key is read from its 0600 file and handed straight to the tunnel.
-//! On shutdown the gateway drains first, then the usage ledger writes what is pending, then
-//! the tunnel stops.
+//! Owns process lifetime: the HTTPS gateway, the metrics listener (`telemetry`), the control
+//! socket (`control`, served by [`live::Live`]), config reloads (SIGHUP or `modelgate reload`),
+//! systemd readiness ([`notify`]) and the debug `--forward` listeners. It never decides policy
+//! and never logs secrets: the private key is read from its 0600 file and handed straight to the
+//! tunnel.
+//!
+//! Stop (SIGTERM/SIGINT): `STOPPING=1`; the HTTPS listener closes at once (new connections are
+//! refused) and in-flight requests get `gateway.drain_timeout` to finish; then the metrics and
+//! control listeners close (the socket file is removed), the usage ledger writes what is
+//! pending, and the tunnel stops.
+
+mod live;
+pub mod notify;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -16,13 +25,15 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::{self, Config, TlsConfig};
 use crate::gateway::upstream::UpstreamSpec;
-use crate::gateway::{self, GatewayState};
+use crate::gateway::{self, GatewayHandle, GatewayState};
 use crate::keys::ledger::{Ledger, LedgerOptions, LedgerTask, LedgerWriter};
 use crate::keys::{KeyRing, KeyStore, Keys};
 use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
 use crate::policy::limits::Limiter;
+use crate::telemetry::Metrics;
 use crate::tls::TlsState;
 use crate::tunnel::PeerSpec;
+use live::{GatewayParts, Live};
 
 /// Options of `modelgate run` that are not part of the config file.
 #[derive(Debug, Clone, Default)]
@@ -88,23 +99,28 @@ pub fn netstack_config(config: &Config) -> anyhow::Result<NetstackConfig> {
         private_key,
         listen: config.wireguard.listen,
         addresses: vec![config.wireguard.address],
-        peers: config
-            .peers
-            .iter()
-            .map(|p| PeerSpec {
-                name: p.name.clone(),
-                public_key: p.public_key,
-                allowed_ips: p.allowed_ips.clone(),
-                keepalive: p.keepalive,
-                endpoint: p.endpoint,
-            })
-            .collect(),
+        peers: peer_specs(config),
         mtu: config.wireguard.mtu,
         tcp: TcpTuning {
             connect_timeout: config.gateway.upstream_connect_timeout,
             ..TcpTuning::default()
         },
     })
+}
+
+/// The tunnel's view of `[[peer]]`.
+pub fn peer_specs(config: &Config) -> Vec<PeerSpec> {
+    config
+        .peers
+        .iter()
+        .map(|p| PeerSpec {
+            name: p.name.clone(),
+            public_key: p.public_key,
+            allowed_ips: p.allowed_ips.clone(),
+            keepalive: p.keepalive,
+            endpoint: p.endpoint,
+        })
+        .collect()
 }
 
 /// The gateway's view of `[[upstream]]`, with each API key read from its 0600 file.
@@ -130,6 +146,7 @@ pub fn upstream_specs(config: &Config) -> anyhow::Result<Vec<UpstreamSpec>> {
                     .iter()
                     .map(|m| (m.public.clone(), m.upstream.clone()))
                     .collect(),
+                max_concurrent: u.max_concurrent,
             })
         })
         .collect()
@@ -171,6 +188,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     check_forwards(&config, &opts.forwards).map_err(anyhow::Error::msg)?;
     let ns_cfg = netstack_config(&config)?;
+    // The control socket first: a second daemon on the same config is told so plainly here,
+    // before it trips over the first one's ports.
+    let control_path = config.server.control_socket.clone();
+    let (control, guard) =
+        crate::control::server::bind(&control_path).map_err(anyhow::Error::msg)?;
     let netstack = Netstack::start(ns_cfg).map_err(|e| {
         anyhow::anyhow!(
             "cannot bind the WireGuard UDP socket {}: {e}; fix: free the port or change [wireguard] listen / --wg-listen",
@@ -188,14 +210,19 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut gateway_task = None;
     let mut ledger_task = None;
+    let mut parts = None;
+    let metrics;
     if let Some(tls_cfg) = &config.tls {
-        let (g, l) = start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?;
-        gateway_task = Some(g);
-        ledger_task = Some(l);
+        let started = start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?;
+        gateway_task = Some(started.serve);
+        ledger_task = Some(started.ledger);
+        metrics = started.parts.handle.load().metrics.clone();
+        parts = Some(started.parts);
     } else {
         tracing::warn!(
             "no [tls] table in the config: the HTTPS gateway is off (tunnel and --forward only)"
         );
+        metrics = Arc::new(Metrics::new());
     }
     for f in &opts.forwards {
         let listener = TcpListener::bind(f.listen).await.map_err(|e| {
@@ -216,17 +243,66 @@ pub async fn run(
     }
     tasks.push(tokio::spawn(watch_peers(netstack.clone(), stop.clone())));
 
+    let metrics_listen = config.server.metrics_listen;
+    let live = Arc::new(Live::new(
+        config,
+        netstack.clone(),
+        parts,
+        metrics,
+        opts.forwards.clone(),
+    ));
+
+    let metrics_listener = TcpListener::bind(metrics_listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {metrics_listen} (metrics): {e}; fix: free the port or change [server] metrics_listen"
+        )
+    })?;
+    let metrics_addr = metrics_listener.local_addr().ok();
+    *live.metrics_addr.lock().unwrap_or_else(|p| p.into_inner()) = metrics_addr;
+    tracing::info!(listen = ?metrics_addr, "metrics listening (GET /metrics)");
+    let scrape_live = live.clone();
+    let render: crate::telemetry::server::Renderer = Arc::new(move || {
+        let l = scrape_live.clone();
+        Box::pin(async move { l.scrape().await })
+    });
+    tasks.push(tokio::spawn(crate::telemetry::server::serve(
+        metrics_listener,
+        render,
+        stop.clone(),
+    )));
+
+    tracing::info!(socket = %control_path.display(), "control socket listening");
+    tasks.push(tokio::spawn(crate::control::server::serve(
+        control,
+        guard,
+        live.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(reload_on_sighup(live.clone(), stop.clone())));
+
+    notify::notify_logged(&format!("READY=1\nSTATUS={}", live.status_line()));
+
     // Wait for the stop signal (or the sender going away).
     while !*stop.borrow() {
         if stop.changed().await.is_err() {
             break;
         }
     }
+    notify::notify_logged("STOPPING=1\nSTATUS=draining in-flight requests");
     // The gateway drains in-flight requests (bounded by drain_timeout) while the tunnel is
     // still up; only then does the netstack stop.
     if let Some(g) = gateway_task {
         let _ = g.await;
     }
+    // Everything else ends now (the control socket file is removed as its task ends). The
+    // gateway snapshot (and with it a ledger writer) must be gone before the ledger can end.
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(live);
     // The gateway held the only ledger writers; with it gone the ledger task writes what is
     // pending and ends. Connections still open past the drain timeout may keep a writer
     // alive, so the wait is bounded too.
@@ -241,12 +317,16 @@ pub async fn run(
             );
         }
     }
-    for t in &tasks {
-        t.abort();
-    }
     netstack.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What [`start_gateway`] leaves running.
+struct StartedGateway {
+    serve: tokio::task::JoinHandle<()>,
+    ledger: LedgerTask,
+    parts: GatewayParts,
 }
 
 /// Binds the HTTPS port and starts the gateway with its key ring, certificate, upstreams,
@@ -257,18 +337,17 @@ async fn start_gateway(
     netstack: &Netstack,
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, LedgerTask)> {
+) -> anyhow::Result<StartedGateway> {
     let state_dir = config.server.state_dir.clone();
     let tls = Arc::new(TlsState::load(tls_cfg, &state_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ring = KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = KeyRing::load(&store, &config.policies).map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(store);
-    let keys = Keys::new(ring);
+    let keys = Keys::with_policies(ring, config.policies.clone());
     tasks.push(tokio::spawn(
         keys.clone().watch(state_dir.clone(), stop.clone()),
     ));
     tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
-    tasks.push(tokio::spawn(reload_on_sighup(tls.clone(), stop.clone())));
 
     let upstreams = upstream_specs(config)?;
     if upstreams.is_empty() {
@@ -276,33 +355,46 @@ async fn start_gateway(
     }
     let (limiter, ledger, ledger_task) = start_ledger(&state_dir)?;
     let state = GatewayState::with_accounting(
-        keys,
+        keys.clone(),
         netstack.clone(),
         upstreams,
         config.gateway.clone(),
         limiter,
         Some(ledger),
     );
-    tasks.push(state.spawn_discovery(stop.clone()));
+    let handle = GatewayHandle::new(state);
+    tasks.push(handle.spawn_discovery(stop.clone()));
     let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on {} (HTTPS): {e}; fix: free the port, or change [server] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
             config.server.listen
         )
     })?;
+    let https = listener.local_addr().unwrap_or(config.server.listen);
     tracing::info!(
-        listen = %config.server.listen,
+        listen = %https,
         certificate_expires = ?tls.not_after().map(humantime::format_rfc3339_seconds),
         "HTTPS gateway listening"
     );
-    let serve = tokio::spawn(gateway::serve(
+    let live_settings = handle.clone();
+    let serve = tokio::spawn(gateway::serve_live(
         listener,
         tls.server_config(),
-        gateway::router(state),
+        gateway::router_live(handle.clone()),
         config.gateway.clone(),
+        move || live_settings.load().settings.clone(),
         stop.clone(),
     ));
-    Ok((serve, ledger_task))
+    Ok(StartedGateway {
+        serve,
+        ledger: ledger_task,
+        parts: GatewayParts {
+            handle,
+            tls,
+            keys,
+            https,
+        },
+    })
 }
 
 /// Opens the usage ledger, seeds a limiter with every key's usage in the current UTC day and
@@ -327,19 +419,20 @@ fn start_ledger(
     Ok((limiter, writer, task))
 }
 
-/// SIGHUP re-reads the certificate (keys reload on their own within 1 s).
-async fn reload_on_sighup(tls: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
+/// SIGHUP reloads the configuration like `modelgate reload` (the result goes to the log).
+/// Installed before `READY=1`, so an early SIGHUP never kills the daemon.
+async fn reload_on_sighup(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install the SIGHUP handler; reload by restarting");
+        tracing::warn!("cannot install the SIGHUP handler; reload with `modelgate reload`");
         return;
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => match tls.reload() {
-                Ok(()) => tracing::info!(expires = ?tls.not_after().map(humantime::format_rfc3339_seconds), "SIGHUP: certificate reloaded"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; still serving the previous one"),
-            },
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                let _ = live.reload().await;
+            }
             _ = stop.changed() => return,
         }
     }
@@ -404,20 +497,24 @@ async fn forward_one(mut client: TcpStream, from: SocketAddr, target: SocketAddr
     }
 }
 
-/// Logs peer endpoint changes and handshakes, the events an operator looks for first.
+/// Logs peer endpoint changes, the event an operator looks for first (keyed by public key, so
+/// a reload that changes the peer set does not confuse it).
 async fn watch_peers(ns: Netstack, mut stop: watch::Receiver<bool>) {
-    let mut known: Vec<Option<SocketAddr>> = Vec::new();
+    let mut known: std::collections::HashMap<[u8; 32], Option<SocketAddr>> =
+        std::collections::HashMap::new();
     loop {
         if let Ok(stats) = ns.stats().await {
-            known.resize(stats.peers.len(), None);
-            for (i, p) in stats.peers.iter().enumerate() {
-                if p.endpoint != known[i] {
+            let mut next = std::collections::HashMap::with_capacity(stats.peers.len());
+            for p in &stats.peers {
+                let before = known.get(&p.public_key.0).copied().flatten();
+                if p.endpoint != before {
                     if let Some(ep) = p.endpoint {
                         tracing::info!(peer = %p.name, endpoint = %ep, "peer endpoint learned");
                     }
-                    known[i] = p.endpoint;
                 }
+                next.insert(p.public_key.0, p.endpoint);
             }
+            known = next;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -462,8 +559,9 @@ mod tests {
             }),
             ..KeyPolicy::default()
         };
+        // 50 tokens are left: a 50-token prompt leaves no room for one completion token.
         let too_much = Estimate {
-            prompt_tokens: 40,
+            prompt_tokens: 50,
             max_tokens: Some(20),
         };
         let r = limiter

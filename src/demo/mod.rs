@@ -137,6 +137,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
             base_path: "/v1".into(),
             api_key: None,
             models: vec![],
+            max_concurrent: None,
         }],
         GatewaySettings::default(),
     );
@@ -185,7 +186,8 @@ fn demo_keys(state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)>
             policy: crate::policy::KeyPolicy::default(),
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ring = crate::keys::KeyRing::load(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ring = crate::keys::KeyRing::load(&store, &Default::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((Keys::new(ring), created.secret.expose().to_string()))
 }
 

@@ -29,6 +29,8 @@ pub struct ModelStats {
     pub cancelled: AtomicU64,
     /// Streams that ran to `[DONE]`.
     pub completed: AtomicU64,
+    /// Streaming requests that asked for the final usage chunk (`stream_options.include_usage`).
+    pub usage_requested: AtomicU64,
     /// The `Authorization` header of the last generation request (to prove the client's key
     /// never travels upstream).
     pub last_authorization: std::sync::Mutex<Option<String>>,
@@ -127,6 +129,9 @@ impl EchoModel {
         let include_usage = v["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);
+        if stream && include_usage {
+            self.stats.usage_requested.fetch_add(1, Ordering::Relaxed);
+        }
         let id = format!(
             "chatcmpl-echo-{}",
             self.stats.requests.load(Ordering::Relaxed)

@@ -9,6 +9,10 @@ use crate::netstack::NetError;
 use crate::policy::limits::{go_duration, Refusal as LimitRefusal, RefusalKind};
 use crate::policy::Deny;
 
+/// `Retry-After` for [`ApiError::ModelBusy`]: a slot frees when some stream ends, typically
+/// within seconds; longer than the 1 s of a full gateway so retries do not feed the queue.
+pub const MODEL_BUSY_RETRY_SECS: u64 = 5;
+
 /// Every refusal or failure the gateway answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
@@ -35,6 +39,11 @@ pub enum ApiError {
     GatewayTimeout,
     /// The gateway is at its connection or capacity limit.
     Overloaded,
+    /// The model server is at its `max_concurrent` and the request could not get a slot: the
+    /// wait queue was full (`queue_full`) or the wait timed out.
+    ModelBusy {
+        queue_full: bool,
+    },
     /// The key's RPM or TPM bucket is empty for now (or only in-flight reservations stand in
     /// the way of its budget).
     RateLimited(LimitRefusal),
@@ -81,9 +90,10 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::ContextLengthExceeded(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TunnelDown | ApiError::ModelsUnavailable | ApiError::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::TunnelDown
+            | ApiError::ModelsUnavailable
+            | ApiError::Overloaded
+            | ApiError::ModelBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RateLimited(_)
@@ -151,6 +161,15 @@ impl ApiError {
                 "server_error",
                 Some("overloaded"),
             ),
+            ApiError::ModelBusy { queue_full } => (
+                if *queue_full {
+                    "The model is at capacity and its wait queue is full. Try again shortly.".into()
+                } else {
+                    "The model is at capacity: no slot came free in time. Try again shortly.".into()
+                },
+                "server_error",
+                Some("model_overloaded"),
+            ),
             ApiError::RateLimited(r) => (
                 format!(
                     "Rate limit reached for this API key. Please try again in {}.",
@@ -197,6 +216,7 @@ impl ApiError {
         match self {
             ApiError::TunnelDown | ApiError::ModelsUnavailable => Some(5),
             ApiError::Overloaded => Some(1),
+            ApiError::ModelBusy { .. } => Some(MODEL_BUSY_RETRY_SECS),
             ApiError::RateLimited(r)
             | ApiError::TooManyConcurrent(r)
             | ApiError::RequestTooLarge(r)

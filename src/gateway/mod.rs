@@ -7,14 +7,17 @@
 
 pub mod compat;
 pub mod error;
+pub mod fair;
 mod idle;
+pub mod meter;
 pub mod proxy;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use axum::extract::FromRef;
 use axum::routing::{get, options, post};
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,8 +29,9 @@ use tokio::sync::{watch, Semaphore};
 use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
 use crate::netstack::Netstack;
-use crate::policy::limits::Limiter;
+use crate::policy::limits::{Limiter, LimiterConfig};
 use crate::policy::Endpoint;
+use crate::telemetry::Metrics;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
 /// Limits and timeouts of the public listener: the config's `[gateway]` table.
@@ -40,7 +44,11 @@ pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Shared by every request.
+/// One snapshot of the gateway, shared by every request that started under it. A config reload
+/// builds a new snapshot ([`GatewayState::reconfigured`]) and swaps it into the
+/// [`GatewayHandle`]; a request keeps the snapshot it started with to its end, so in-flight
+/// streams keep their upstream and settings. Keys, the upstream client, limiter, ledger and
+/// metrics are shared by all snapshots; routes and settings (config-derived) are per snapshot.
 pub struct GatewayState {
     pub keys: Arc<Keys>,
     pub routes: Arc<Routes>,
@@ -51,6 +59,8 @@ pub struct GatewayState {
     pub limiter: Arc<Mutex<Limiter>>,
     /// Where settled usage goes; `None` runs without a ledger (tests, demo).
     pub ledger: Option<LedgerWriter>,
+    /// Request counters and histograms (`telemetry`), shared across reloads.
+    pub metrics: Arc<Metrics>,
 }
 
 impl GatewayState {
@@ -70,17 +80,55 @@ impl GatewayState {
         netstack: Netstack,
         upstreams: Vec<UpstreamSpec>,
         settings: GatewaySettings,
-        limiter: Limiter,
+        mut limiter: Limiter,
         ledger: Option<LedgerWriter>,
     ) -> Arc<GatewayState> {
+        limiter.configure(LimiterConfig {
+            default_max_tokens: settings.default_max_tokens,
+        });
         Arc::new(GatewayState {
             keys,
-            routes: Arc::new(Routes::new(upstreams)),
+            routes: Arc::new(Routes::with_queues(
+                upstreams,
+                settings.max_queued,
+                settings.queue_timeout,
+            )),
             client: upstream::client(netstack),
             settings,
             limiter: Arc::new(Mutex::new(limiter)),
             ledger,
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// The snapshot for a reloaded `config`: the same keys, client, limiter, ledger and
+    /// metrics; new routes (unchanged upstreams carried over, see [`Routes::reconfigured`]) and
+    /// the new `[gateway]` settings. Everything config-derived is rebuilt here, so whatever
+    /// the config gains rides along with a reload.
+    pub fn reconfigured(
+        &self,
+        config: &crate::config::Config,
+        upstreams: Vec<UpstreamSpec>,
+    ) -> GatewayState {
+        self.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .configure(LimiterConfig {
+                default_max_tokens: config.gateway.default_max_tokens,
+            });
+        GatewayState {
+            keys: self.keys.clone(),
+            routes: Arc::new(self.routes.reconfigured(
+                upstreams,
+                config.gateway.max_queued,
+                config.gateway.queue_timeout,
+            )),
+            client: self.client.clone(),
+            settings: config.gateway.clone(),
+            limiter: self.limiter.clone(),
+            ledger: self.ledger.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// Starts model discovery for upstreams without static routes.
@@ -97,9 +145,66 @@ impl GatewayState {
     }
 }
 
+/// The current [`GatewayState`] snapshot, swapped by a config reload. Cheap to clone. It is
+/// the router's state: handlers extract `State<Arc<GatewayState>>` and get the snapshot that
+/// is current when the request arrives.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    current: Arc<RwLock<Arc<GatewayState>>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl GatewayHandle {
+    pub fn new(state: Arc<GatewayState>) -> GatewayHandle {
+        GatewayHandle {
+            current: Arc::new(RwLock::new(state)),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The snapshot new requests get.
+    pub fn load(&self) -> Arc<GatewayState> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `state` the snapshot of every request from now on (requests already running keep
+    /// theirs) and starts a model discovery round for the new routes.
+    pub fn swap(&self, state: Arc<GatewayState>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.changed.notify_one();
+    }
+
+    /// Model discovery over the current routes, a round at once after every swap.
+    pub fn spawn_discovery(&self, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let client = self.load().client.clone();
+        tokio::spawn(upstream::discover_live(
+            move || me.load().routes.clone(),
+            client,
+            DISCOVERY_INTERVAL,
+            self.changed.clone(),
+            stop,
+        ))
+    }
+}
+
+impl FromRef<GatewayHandle> for Arc<GatewayState> {
+    fn from_ref(h: &GatewayHandle) -> Arc<GatewayState> {
+        h.load()
+    }
+}
+
 /// The HTTP routes. Cursor appends `/chat/completions` to whatever base URL the user typed,
 /// so the paths are served with and without the `/v1` prefix.
 pub fn router(state: Arc<GatewayState>) -> Router {
+    router_live(GatewayHandle::new(state))
+}
+
+/// [`router`] over a handle whose snapshot a reload may swap.
+pub fn router_live(state: GatewayHandle) -> Router {
     // CORS preflight (OPTIONS) is answered on every path without auth.
     let post_ep = |ep: Endpoint| {
         post(proxy::forward)
@@ -133,6 +238,21 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     app: Router,
     settings: GatewaySettings,
+    stop: watch::Receiver<bool>,
+) {
+    let fixed = settings.clone();
+    serve_live(listener, tls, app, settings, move || fixed.clone(), stop).await
+}
+
+/// [`serve`] whose per-connection settings (TLS handshake and idle timeouts) and drain timeout
+/// are read from `current` (a reload may change them); the connection limit and the HTTP
+/// parser limits stay as in `settings`, fixed when the listener started.
+pub async fn serve_live(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    settings: GatewaySettings,
+    current: impl Fn() -> GatewaySettings,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -172,8 +292,9 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(ClientAddr(peer)));
         let builder = builder.clone();
-        let hs_timeout = settings.tls_handshake_timeout;
-        let idle_timeout = settings.idle_timeout;
+        let live = current();
+        let hs_timeout = live.tls_handshake_timeout;
+        let idle_timeout = live.idle_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
@@ -210,11 +331,15 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!("HTTPS listener closed; draining open requests");
-    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+    let drain_timeout = current().drain_timeout;
+    tracing::info!(
+        timeout = ?drain_timeout,
+        "HTTPS listener closed (new connections are refused); draining open requests"
+    );
+    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(
-            timeout = ?settings.drain_timeout,
+            timeout = ?drain_timeout,
             "drain timeout reached with connections still open; closing them"
         ),
     }

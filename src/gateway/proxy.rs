@@ -5,10 +5,14 @@
 //! at event boundaries, and dropping the client's response drops the upstream connection at
 //! once (the netstack resets it, so the model stops generating).
 //!
-//! Admission: after auth, policy and routing, and before a byte goes upstream, the key's
-//! limiter (`policy::limits`) must say yes. The admission is then owned by a [`Settlement`]
-//! that settles it exactly once, whatever happens: the response body ends, the client goes
-//! away, the upstream fails, or the request never got a response.
+//! Order: auth → access policy (expiry, source network, endpoint, model) → the key's limiter
+//! (`policy::limits`: RPM, TPM, concurrency, budget) → route → the upstream's fair-share queue
+//! (`fair`) → upstream. The limiter comes before routing so that a key out of budget is told
+//! `insufficient_quota` even while the model is unreachable (a refusal with a reason beats a
+//! 503 the client would retry forever); a request refused later (unknown model, tunnel down)
+//! has still used one request of its RPM, as with OpenAI. The admission is owned by a
+//! [`Settlement`] that settles it exactly once, whatever happens: the response body ends, the
+//! client goes away, the upstream fails, or the request never got a response.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,6 +33,8 @@ use serde_json::value::RawValue;
 use tokio::time::Sleep;
 
 use super::error::ApiError;
+use super::fair::{QueueError, Slot};
+use super::meter::{Meter, StreamKind};
 use super::{ClientAddr, GatewayState};
 use crate::keys::ledger::{LedgerWriter, UsageEvent};
 use crate::policy::limits::{Admission, Estimate, Limiter};
@@ -118,13 +124,16 @@ struct Audit {
     ttfb: Option<Duration>,
     /// Tail of the response, where usage sits (last SSE chunk or end of the JSON).
     tail: Vec<u8>,
+    flight: crate::telemetry::Flight,
 }
 
 const AUDIT_TAIL: usize = 4096;
 
 impl Audit {
-    fn finish(&self, outcome: &str) {
-        let usage = find_usage(&self.tail);
+    fn finish(&self, outcome: &str, usage: Option<(u64, u64)>) {
+        let elapsed = self.started.elapsed();
+        self.flight
+            .finish(&self.model, self.status, usage, self.ttfb, elapsed);
         tracing::info!(
             target: "audit",
             key_id = %self.key_id,
@@ -179,6 +188,7 @@ pub async fn forward(
     match forward_inner(&state, client, endpoint, req, started).await {
         Ok(r) => r,
         Err((e, principal, model)) => {
+            crate::telemetry::record_refusal(&state, principal.as_deref(), &model, &e, started);
             // Refusals are logged like any request, with what we know.
             tracing::info!(
                 target: "audit",
@@ -265,35 +275,10 @@ async fn forward_inner(
     ) {
         return Err(refuse(ApiError::Forbidden(d), Some(model)));
     }
-    let Some((upstream, upstream_model)) = state.routes.route(&model) else {
-        // Before the first successful discovery we cannot tell "no such model" from "cannot
-        // reach the server that has it": say unavailable (503, retry), not 404.
-        let e = if state.routes.incomplete() {
-            ApiError::ModelsUnavailable
-        } else {
-            ApiError::ModelNotFound(model.clone())
-        };
-        return Err(refuse(e, Some(model)));
-    };
+    // Admission: the key's limits, budget and concurrency, before routing, so that a key out
+    // of budget hears `insufficient_quota` even while the model is unreachable. Dropping
+    // `settlement` on any early return below releases the slot and the reservation.
     let raw_limits = max_tokens_field(&raw);
-    // Rewrite the model only for aliases; otherwise forward the client's bytes as they are.
-    let out_body = if upstream_model != model {
-        let mut raw = raw;
-        let v = RawValue::from_string(serde_json::to_string(&upstream_model).unwrap_or_default())
-            .map_err(|_| {
-            refuse(
-                ApiError::BadRequest("bad model".into()),
-                Some(model.clone()),
-            )
-        })?;
-        raw.insert("model".to_string(), v);
-        Bytes::from(serde_json::to_vec(&raw).unwrap_or_default())
-    } else {
-        body.clone()
-    };
-
-    // Admission, the last check before the upstream. Dropping `settlement` on any early
-    // return below releases the slot and the reservation.
     let est = estimate(endpoint, &body, raw_limits);
     let admitted = state
         .limiter
@@ -308,11 +293,82 @@ async fn forward_inner(
         );
     let admission = admitted.map_err(|r| refuse(ApiError::from_limit(r), Some(model.clone())))?;
     let rate_headers = admission.headers.pairs();
+    let metered = admission.metered();
     let settlement = Settlement {
         limiter: state.limiter.clone(),
         ledger: state.ledger.clone(),
         admission: Some(admission),
         estimate: est,
+    };
+    let Some((upstream, upstream_model)) = state.routes.route(&model) else {
+        // Before the first successful discovery we cannot tell "no such model" from "cannot
+        // reach the server that has it": say unavailable (503, retry), not 404.
+        let e = if state.routes.incomplete() {
+            ApiError::ModelsUnavailable
+        } else {
+            ApiError::ModelNotFound(model.clone())
+        };
+        return Err(refuse(e, Some(model)));
+    };
+    let flight = crate::telemetry::Flight::start(&state.metrics, &principal, &upstream);
+    // Streams of chat/completions and completions are metered event by event. The upstream is
+    // always asked for the final usage chunk; when the client did not ask for it, the gateway
+    // strips it again, so the client gets exactly what it asked for.
+    let stream_kind = match endpoint {
+        Endpoint::ChatCompletions => Some(StreamKind::Chat),
+        Endpoint::Completions => Some(StreamKind::Completion),
+        _ => None,
+    }
+    .filter(|_| raw_bool(raw.get("stream").map(|v| &**v)) == Some(true));
+    let client_wants_usage = raw
+        .get("stream_options")
+        .and_then(|v| serde_json::from_str::<serde_json::Value>(v.get()).ok())
+        .and_then(|v| v.get("include_usage").and_then(|b| b.as_bool()))
+        .unwrap_or(false);
+    let inject_usage = stream_kind.is_some() && !client_wants_usage;
+    // Rewrite only for aliases and the usage request; otherwise forward the client's bytes as
+    // they are.
+    let out_body = if upstream_model != model || inject_usage {
+        let mut raw = raw;
+        let bad = || {
+            refuse(
+                ApiError::BadRequest("bad model or stream_options".into()),
+                Some(model.clone()),
+            )
+        };
+        if upstream_model != model {
+            let v =
+                RawValue::from_string(serde_json::to_string(&upstream_model).unwrap_or_default())
+                    .map_err(|_| bad())?;
+            raw.insert("model".to_string(), v);
+        }
+        if inject_usage {
+            let mut opts = raw
+                .get("stream_options")
+                .and_then(|v| serde_json::from_str::<serde_json::Value>(v.get()).ok())
+                .filter(|v| v.is_object())
+                .unwrap_or_else(|| serde_json::json!({}));
+            opts["include_usage"] = serde_json::Value::Bool(true);
+            let v = RawValue::from_string(opts.to_string()).map_err(|_| bad())?;
+            raw.insert("stream_options".to_string(), v);
+        }
+        Bytes::from(serde_json::to_vec(&raw).unwrap_or_default())
+    } else {
+        body.clone()
+    };
+
+    // A saturated model server: wait for a slot, round-robin across keys. The key's own
+    // admission (concurrency, reservation) is held meanwhile and returned if the wait fails.
+    let slot = match &upstream.queue {
+        Some(q) => Some(q.acquire(&principal.id).await.map_err(|e| {
+            refuse(
+                ApiError::ModelBusy {
+                    queue_full: e == QueueError::Full,
+                },
+                Some(model.clone()),
+            )
+        })?),
+        None => None,
     };
 
     let uri = upstream
@@ -376,9 +432,20 @@ async fn forward_inner(
         bytes_out: 0,
         ttfb: None,
         tail: Vec::new(),
+        flight,
     };
+    // Only successful streams are metered (an error body is JSON, not events).
+    let meter = stream_kind
+        .filter(|_| sse && status.is_success())
+        .map(|k| Meter::new(k, inject_usage));
     let body = ProxyBody {
-        inner: resp.into_body(),
+        inner: Some(resp.into_body()),
+        meter,
+        metered,
+        client_wants_usage,
+        prompt_charged: false,
+        cut: false,
+        slot,
         keepalive: if sse {
             Some(state.settings.sse_keepalive)
         } else {
@@ -403,6 +470,11 @@ async fn forward_inner(
 /// (field names, quotes), which errs towards refusing early, never towards over-admitting;
 /// settling corrects the charge with the upstream's reported usage.
 const BYTES_PER_TOKEN: u64 = 4;
+
+/// A raw JSON boolean (`None` when absent or not a boolean).
+fn raw_bool(v: Option<&RawValue>) -> Option<bool> {
+    v.and_then(|v| serde_json::from_str::<bool>(v.get()).ok())
+}
 
 /// The request's `max_tokens`, `max_completion_tokens` (chat) or `max_output_tokens`
 /// (responses), read from the raw top-level fields.
@@ -488,8 +560,25 @@ mod indexmap_free {
 
 /// The upstream body on its way to the client: counts bytes, remembers the tail for usage,
 /// inserts SSE comments during silences, and writes the audit line when it ends or is dropped.
+///
+/// A metered stream (chat/completions or completions, `stream: true`, 2xx) goes through a
+/// [`Meter`] and reaches the client in whole events: each event's tokens are charged to the
+/// key as they come, and when its TPM or budget is overdrawn the stream ends cleanly (a final
+/// chunk with `finish_reason: "length"`, usage if the client asked for it, `[DONE]`) and the
+/// upstream connection is dropped, which resets it so the model stops generating.
 struct ProxyBody {
-    inner: Incoming,
+    /// `None` once the gateway cut the stream.
+    inner: Option<Incoming>,
+    meter: Option<Meter>,
+    /// The key has TPM or a budget: charge tokens as they stream.
+    metered: bool,
+    client_wants_usage: bool,
+    /// The prompt estimate has been charged with the first token.
+    prompt_charged: bool,
+    /// The stream was cut by a limit.
+    cut: bool,
+    /// The upstream concurrency slot (fair share), freed when the body ends.
+    slot: Option<Slot>,
     keepalive: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
     /// The bytes sent so far end at an SSE event boundary (a blank line).
@@ -532,9 +621,19 @@ impl ProxyBody {
     /// Settles the admission (with the usage in the tail, or an estimate marked as such) and
     /// writes the audit line. Runs once; later calls do nothing.
     fn finish(&mut self, outcome: &str) {
-        let usage = self.audit.as_ref().and_then(|a| find_usage(&a.tail));
+        // Free the model server's slot first: the upstream connection is done with.
+        self.slot = None;
+        let outcome = if self.cut { "limit_cut" } else { outcome };
+        let metered_usage = self.meter.as_ref().and_then(|m| m.usage);
+        let usage = metered_usage.or_else(|| self.audit.as_ref().and_then(|a| find_usage(&a.tail)));
         if let Some(mut s) = self.settlement.take() {
             let used = match usage {
+                // A cut stream never saw the upstream's usage chunk: the prompt estimate and
+                // the tokens counted so far.
+                _ if self.cut => {
+                    let counted = self.meter.as_ref().map_or(0, |m| m.tokens);
+                    Some((s.estimate.prompt_tokens, counted, true))
+                }
                 Some((p, c)) => Some((p, c, false)),
                 // An error answer without usage: the model generated nothing we can count.
                 None if !self.success => None,
@@ -543,7 +642,9 @@ impl ProxyBody {
                     // event (how vLLM and llama.cpp stream), or bytes / 4 for a JSON body,
                     // never more than was reserved.
                     let bytes = self.audit.as_ref().map_or(0, |a| a.bytes_out);
-                    let guess = if self.sse {
+                    let guess = if let Some(m) = &self.meter {
+                        m.tokens
+                    } else if self.sse {
                         self.events
                     } else {
                         bytes / BYTES_PER_TOKEN
@@ -555,7 +656,73 @@ impl ProxyBody {
             s.settle(used);
         }
         if let Some(a) = self.audit.take() {
-            a.finish(outcome);
+            a.finish(outcome, usage);
+        }
+    }
+}
+
+impl ProxyBody {
+    /// Charges `tokens` completion tokens (plus the prompt estimate with the first) to the
+    /// key. False: its TPM or budget is overdrawn and the stream must end.
+    fn charge(&mut self, tokens: u64) -> bool {
+        let Some(s) = self.settlement.as_mut() else {
+            return true;
+        };
+        let n = if self.prompt_charged {
+            tokens
+        } else {
+            self.prompt_charged = true;
+            tokens.saturating_add(s.estimate.prompt_tokens)
+        };
+        let Some(adm) = s.admission.as_mut() else {
+            return true;
+        };
+        s.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .charge_mid_stream(adm, n, Instant::now())
+    }
+
+    /// Runs a metered frame through the meter: whole events out, tokens charged, and the
+    /// clean ending when a limit runs out (after which the upstream is dropped).
+    fn meter_frame(&mut self, data: &[u8]) -> Bytes {
+        let Some(meter) = self.meter.as_mut() else {
+            return Bytes::copy_from_slice(data);
+        };
+        let events = meter.push(data);
+        let mut out = bytes::BytesMut::new();
+        for ev in events {
+            if ev.tokens > 0 && self.metered && !self.charge(ev.tokens) {
+                let prompt = self
+                    .settlement
+                    .as_ref()
+                    .map_or(0, |s| s.estimate.prompt_tokens);
+                if let Some(m) = &self.meter {
+                    // The usage the client sees counts what it received; the event that
+                    // overdrew the limit is charged (the model made it) but not delivered.
+                    let delivered = m.tokens.saturating_sub(ev.tokens);
+                    out.extend_from_slice(&m.cut_tail(self.client_wants_usage, prompt, delivered));
+                }
+                self.cut = true;
+                // Dropping the upstream body resets its connection: the model stops.
+                self.inner = None;
+                break;
+            }
+            if ev.forward {
+                out.extend_from_slice(&ev.bytes);
+            }
+        }
+        out.freeze()
+    }
+
+    fn rearm_keepalive(&mut self) {
+        if let Some(k) = self.keepalive {
+            // Re-arm the one timer of this body instead of allocating one per frame.
+            let deadline = tokio::time::Instant::now() + k;
+            match self.timer.as_mut() {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
         }
     }
 }
@@ -568,54 +735,80 @@ impl HttpBody for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    self.record(&data);
-                }
-                if let Some(k) = self.keepalive {
-                    // Re-arm the one timer of this body instead of allocating one per frame.
-                    let deadline = tokio::time::Instant::now() + k;
-                    match self.timer.as_mut() {
-                        Some(t) => t.as_mut().reset(deadline),
-                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                self.finish("upstream_error");
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
+            let Some(inner) = self.inner.as_mut() else {
+                // Cut by a limit: the ending went out with the last frame.
                 self.done = true;
                 self.finish("ok");
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                let Some(k) = self.keepalive else {
-                    return Poll::Pending;
-                };
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(k)));
-                if timer.as_mut().poll(cx).is_ready() {
-                    timer.as_mut().reset(tokio::time::Instant::now() + k);
-                    if self.at_boundary {
-                        // An SSE comment line: clients ignore it, proxies see traffic.
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                            b": keep-alive\n\n",
-                        )))));
+                return Poll::Ready(None);
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if self.meter.is_none() {
+                        if let Some(data) = frame.data_ref() {
+                            let data = data.clone();
+                            self.record(&data);
+                        }
+                        self.rearm_keepalive();
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    // Mid-event: a comment here would corrupt the event; wait for its end.
-                    let _ = self.timer.as_mut().map(|t| t.as_mut().poll(cx));
+                    // Metered: only data matters (trailers do not occur in SSE over HTTP/1.1).
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let out = self.meter_frame(&data);
+                    if out.is_empty() {
+                        // Half an event, or a stripped usage chunk: nothing to send yet.
+                        continue;
+                    }
+                    self.record(&out);
+                    self.rearm_keepalive();
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                Poll::Pending
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    self.finish("upstream_error");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    // An unterminated last event goes out as it is.
+                    let rest = self.meter.as_mut().and_then(|m| m.finish());
+                    if let Some(rest) = rest {
+                        self.record(&rest);
+                        self.finish("ok");
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                    self.finish("ok");
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    let Some(k) = self.keepalive else {
+                        return Poll::Pending;
+                    };
+                    let at_boundary = match &self.meter {
+                        Some(m) => m.at_boundary() && self.at_boundary,
+                        None => self.at_boundary,
+                    };
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(k)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        timer.as_mut().reset(tokio::time::Instant::now() + k);
+                        if at_boundary {
+                            // An SSE comment line: clients ignore it, proxies see traffic.
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                                b": keep-alive\n\n",
+                            )))));
+                        }
+                        // Mid-event: a comment here would corrupt the event; wait for its end.
+                        let _ = self.timer.as_mut().map(|t| t.as_mut().poll(cx));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -625,10 +818,9 @@ impl HttpBody for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.keepalive.is_some() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        match (&self.inner, self.keepalive, &self.meter) {
+            (Some(inner), None, None) => inner.size_hint(),
+            _ => SizeHint::default(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,10 +24,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::error::ApiError;
+use super::fair::{FairConfig, FairQueue};
 use crate::netstack::{NetError, Netstack, TunnelStream};
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSpec {
     pub name: String,
     pub addr: SocketAddr,
@@ -37,23 +38,52 @@ pub struct UpstreamSpec {
     pub api_key: Option<String>,
     /// Static routes: (public model name, upstream model id). Empty: discover.
     pub models: Vec<(String, String)>,
+    /// Most requests in flight to this server (`None`: no limit, no queue).
+    pub max_concurrent: Option<u32>,
 }
 
 /// A model server and what we know about it.
 #[derive(Debug)]
 pub struct Upstream {
     pub spec: UpstreamSpec,
+    /// Concurrency slots and the round-robin wait queue, when `max_concurrent` is set.
+    pub queue: Option<Arc<FairQueue>>,
     discovered: RwLock<Vec<String>>,
     reachable: AtomicBool,
+    /// Requests routed here whose response has not ended (`telemetry::Flight`).
+    pub(crate) in_flight: AtomicU64,
 }
 
 impl Upstream {
     pub fn new(spec: UpstreamSpec) -> Arc<Upstream> {
+        Upstream::with_queue(spec, 1024, Duration::from_secs(30))
+    }
+
+    /// An upstream whose queue (if `max_concurrent` is set) holds at most `max_queued`
+    /// waiters for at most `queue_timeout` each.
+    pub fn with_queue(
+        spec: UpstreamSpec,
+        max_queued: usize,
+        queue_timeout: Duration,
+    ) -> Arc<Upstream> {
         Arc::new(Upstream {
+            queue: spec.max_concurrent.map(|n| {
+                FairQueue::new(FairConfig {
+                    capacity: n as usize,
+                    max_queued,
+                    timeout: queue_timeout,
+                })
+            }),
             spec,
             discovered: RwLock::new(Vec::new()),
             reachable: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
         })
+    }
+
+    /// Requests routed here whose response has not ended yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn reachable(&self) -> bool {
@@ -89,6 +119,46 @@ impl Routes {
     pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
         Routes {
             upstreams: specs.into_iter().map(Upstream::new).collect(),
+        }
+    }
+
+    /// Routes whose upstream queues use the gateway's queue settings.
+    pub fn with_queues(specs: Vec<UpstreamSpec>, max_queued: usize, timeout: Duration) -> Routes {
+        Routes {
+            upstreams: specs
+                .into_iter()
+                .map(|s| Upstream::with_queue(s, max_queued, timeout))
+                .collect(),
+        }
+    }
+
+    /// The routes of a reloaded config: an upstream whose spec and queue settings did not
+    /// change is carried over (the same `Arc`, so its discovered models, health, in-flight count
+    /// and fair-share queue go on); the others start fresh. In-flight requests keep the
+    /// `Arc<Upstream>` they were routed to either way (a replaced queue drains on its own).
+    pub fn reconfigured(
+        &self,
+        specs: Vec<UpstreamSpec>,
+        max_queued: usize,
+        timeout: Duration,
+    ) -> Routes {
+        Routes {
+            upstreams: specs
+                .into_iter()
+                .map(|spec| {
+                    self.upstreams
+                        .iter()
+                        .find(|u| {
+                            u.spec == spec
+                                && u.queue.as_ref().is_none_or(|q| {
+                                    let c = q.config();
+                                    c.max_queued == max_queued && c.timeout == timeout
+                                })
+                        })
+                        .cloned()
+                        .unwrap_or_else(|| Upstream::with_queue(spec, max_queued, timeout))
+                })
+                .collect(),
         }
     }
 
@@ -252,9 +322,23 @@ pub async fn discover_loop(
     routes: Arc<Routes>,
     client: UpstreamClient,
     every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let never = Arc::new(tokio::sync::Notify::new());
+    discover_live(move || routes.clone(), client, every, never, stop).await
+}
+
+/// [`discover_loop`] over whatever routes `current` returns at the start of each round (they
+/// change on a config reload); `changed` starts a round at once.
+pub async fn discover_live(
+    current: impl Fn() -> Arc<Routes>,
+    client: UpstreamClient,
+    every: Duration,
+    changed: Arc<tokio::sync::Notify>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
+        let routes = current();
         let mut all_known = true;
         for u in routes.upstreams() {
             let ok = refresh(u, &client).await;
@@ -268,8 +352,10 @@ pub async fn discover_loop(
         } else {
             Duration::from_secs(2)
         };
+        drop(routes);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = changed.notified() => {}
             _ = stop.changed() => return,
         }
     }
@@ -329,5 +415,69 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
             tracing::warn!(upstream = %u.spec.name, error = %e, "GET /models returned an unexpected body");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, port: u16, models: &[&str]) -> UpstreamSpec {
+        UpstreamSpec {
+            name: name.into(),
+            addr: SocketAddr::from(([10, 20, 0, 5], port)),
+            base_path: "/v1".into(),
+            api_key: None,
+            models: models
+                .iter()
+                .map(|m| (m.to_string(), m.to_string()))
+                .collect(),
+            max_concurrent: None,
+        }
+    }
+
+    /// A reload keeps the `Arc` (and with it discovery state and in-flight count) of an
+    /// unchanged upstream, starts a changed one fresh, and drops a removed one from the table
+    /// while requests that hold it keep it.
+    #[test]
+    fn reconfigured_routes_carry_unchanged_upstreams_over() {
+        let old = Routes::new(vec![spec("a", 8000, &[]), spec("b", 8001, &["m"])]);
+        let a = old.upstreams()[0].clone();
+        *a.discovered.write().unwrap() = vec!["disc".into()];
+        a.reachable.store(true, Ordering::Relaxed);
+        let held_b = old.route("m").unwrap().0;
+
+        let q = (1024, Duration::from_secs(30));
+        let new = old.reconfigured(
+            vec![spec("a", 8000, &[]), spec("c", 8002, &["m2"])],
+            q.0,
+            q.1,
+        );
+        assert!(
+            Arc::ptr_eq(&new.upstreams()[0], &a),
+            "unchanged upstream carried over"
+        );
+        assert_eq!(new.route("disc").unwrap().0.spec.name, "a");
+        assert!(
+            new.route("m").is_none(),
+            "removed upstream no longer routed"
+        );
+        assert_eq!(new.route("m2").unwrap().1, "m2");
+        assert_eq!(
+            held_b.spec.name, "b",
+            "a request in flight keeps its upstream"
+        );
+
+        let changed = new.reconfigured(
+            vec![spec("a", 9000, &[]), spec("c", 8002, &["m2"])],
+            q.0,
+            q.1,
+        );
+        assert!(
+            !Arc::ptr_eq(&changed.upstreams()[0], &a),
+            "changed upstream starts fresh"
+        );
+        assert!(changed.upstreams()[0].discovered().is_empty());
+        assert!(Arc::ptr_eq(&changed.upstreams()[1], &new.upstreams()[1]));
     }
 }

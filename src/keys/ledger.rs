@@ -298,6 +298,12 @@ pub struct LedgerOptions {
     pub queue: usize,
     /// How often pending events are written (one transaction each time).
     pub flush_every: Duration,
+    /// How often the writer task compacts: minute rows of whole UTC days older than
+    /// `keep_minute_rows` fold into one row per key and day (sums unchanged). The first
+    /// compaction runs at the first flush after start.
+    pub compact_every: Duration,
+    /// Minute rows younger than this are kept as they are.
+    pub keep_minute_rows: Duration,
 }
 
 impl Default for LedgerOptions {
@@ -306,6 +312,10 @@ impl Default for LedgerOptions {
             // 250 ms of 10k requests/s with room to spare; an event is ~64 bytes.
             queue: 16_384,
             flush_every: Duration::from_millis(250),
+            // Minute rows: ≤ 1440 per key and day; folding twice a day keeps the table at
+            // about two days of minute rows plus one row per key and older day.
+            compact_every: Duration::from_secs(12 * 3600),
+            keep_minute_rows: Duration::from_secs(2 * 86_400),
         }
     }
 }
@@ -321,6 +331,8 @@ pub struct LedgerStats {
     pub written: AtomicU64,
     /// Failed write transactions (their events are retried with the next batch).
     pub write_errors: AtomicU64,
+    /// Minute rows folded into day rows by the scheduled compaction.
+    pub compacted: AtomicU64,
 }
 
 /// The request path's handle: cheap to clone, never blocks.
@@ -388,6 +400,7 @@ async fn run(
     let mut pending: HashMap<(Arc<str>, i64), UsageTotals> = HashMap::new();
     let mut events = 0u64;
     let mut failing = false;
+    let mut last_compaction: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(opts.flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -440,6 +453,38 @@ async fn run(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "usage ledger write task failed");
+                    return;
+                }
+            }
+        }
+        if !closed && last_compaction.is_none_or(|t| t.elapsed() >= opts.compact_every) {
+            last_compaction = Some(std::time::Instant::now());
+            let Some(mut l) = ledger.take() else { return };
+            let older_than = SystemTime::now()
+                .checked_sub(opts.keep_minute_rows)
+                .unwrap_or(UNIX_EPOCH);
+            match tokio::task::spawn_blocking(move || {
+                let r = l.compact(older_than);
+                (l, r)
+            })
+            .await
+            {
+                Ok((l, r)) => {
+                    ledger = Some(l);
+                    match r {
+                        Ok(n) => {
+                            stats.compacted.fetch_add(n as u64, Ordering::Relaxed);
+                            if n > 0 {
+                                tracing::info!(minute_rows = n, "usage ledger compacted");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "usage ledger compaction failed; retrying at the next interval")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "usage ledger compaction task failed");
                     return;
                 }
             }
@@ -596,7 +641,7 @@ mod tests {
             Ledger::open(dir.path()).unwrap(),
             LedgerOptions {
                 queue: 1024,
-                flush_every: Duration::from_millis(250),
+                ..LedgerOptions::default()
             },
         );
         let now = SystemTime::now();
@@ -628,7 +673,7 @@ mod tests {
             Ledger::open(dir.path()).unwrap(),
             LedgerOptions {
                 queue: 4,
-                flush_every: Duration::from_millis(250),
+                ..LedgerOptions::default()
             },
         );
         // On this current-thread runtime the task cannot drain while we do not yield.
@@ -644,6 +689,50 @@ mod tests {
             .usage("k", wall("2024-03-10T12:00:00Z"))
             .unwrap();
         assert_eq!(u.total.requests, 4);
+    }
+
+    #[tokio::test]
+    async fn the_writer_task_compacts_old_minute_rows_on_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        l.write(&sample()).unwrap();
+        let now = SystemTime::now();
+        let total_before = l.usage("a", now).unwrap().total;
+        let rows_before = l.row_count().unwrap();
+        let (w, task) = LedgerWriter::start(
+            l,
+            LedgerOptions {
+                flush_every: Duration::from_millis(20),
+                compact_every: Duration::from_millis(50),
+                ..LedgerOptions::default()
+            },
+        );
+        // A fresh minute row (today) stays fine-grained.
+        assert!(w.record(UsageEvent {
+            key_id: "a".into(),
+            at: now,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            estimated: false,
+        }));
+        let t = Instant::now();
+        while w.stats().compacted.load(Ordering::Relaxed) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(2), "no compaction ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(w);
+        task.finished().await;
+        let l = Ledger::open(dir.path()).unwrap();
+        // sample(): 7 minute rows in 2024 fold to 4 day rows (a: 3 days, b: 1); today's row
+        // is kept.
+        assert_eq!(rows_before, 7);
+        assert_eq!(l.row_count().unwrap(), 4 + 1);
+        let after = l.usage("a", now).unwrap().total;
+        assert_eq!(after, {
+            let mut t = total_before;
+            t.add(&totals(1, 1, 1, 0));
+            t
+        });
     }
 
     const CHILD_ENV: &str = "MODELGATE_LEDGER_KILL_TEST_DIR";

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use subtle::ConstantTimeEq;
 
-use crate::policy::Principal;
+use crate::policy::{Policies, Principal};
 pub use format::{FormatError, Secret};
 use store::{hash_secret, HmacSha256};
 pub use store::{
@@ -44,6 +44,10 @@ pub enum AuthError {
 /// The daemon's view of the keys: an immutable snapshot swapped on change.
 pub struct Keys {
     current: RwLock<Arc<KeyRing>>,
+    /// The config's named policies the ring is resolved against.
+    policies: RwLock<Arc<Policies>>,
+    /// Set by [`Keys::set_policies`]: the watcher rebuilds the ring at its next tick.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 /// One key in the ring.
@@ -75,8 +79,8 @@ pub struct RingCounts {
 
 impl KeyRing {
     /// A snapshot of every key in `store` (revoked and expired ones too, so that refusals can
-    /// say why in the log).
-    pub fn load(store: &KeyStore) -> Result<KeyRing, StoreError> {
+    /// say why in the log), each key's policy resolved against the config's named `policies`.
+    pub fn load(store: &KeyStore, policies: &Policies) -> Result<KeyRing, StoreError> {
         let by_id = store
             .list()?
             .into_iter()
@@ -93,7 +97,7 @@ impl KeyRing {
                     principal: Arc::new(Principal {
                         id: r.id.clone(),
                         name: r.name,
-                        policy: r.policy,
+                        policy: r.policy.resolve(policies),
                     }),
                 };
                 (r.id.into_boxed_str(), entry)
@@ -192,9 +196,30 @@ fn admit(entry: &Entry, now: SystemTime) -> Result<Arc<Principal>, AuthError> {
 
 impl Keys {
     pub fn new(ring: KeyRing) -> Arc<Keys> {
+        Keys::with_policies(ring, Policies::new())
+    }
+
+    /// Keys whose ring was loaded with `policies` (the watcher reloads with them too).
+    pub fn with_policies(ring: KeyRing, policies: Policies) -> Arc<Keys> {
         Arc::new(Keys {
             current: RwLock::new(Arc::new(ring)),
+            policies: RwLock::new(Arc::new(policies)),
+            stale: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// New named policies (a config reload): the watcher rebuilds the ring with them within
+    /// [`WATCH_INTERVAL`].
+    pub fn set_policies(&self, policies: Policies) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn policies(&self) -> Arc<Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     pub fn current(&self) -> Arc<KeyRing> {
         self.current
@@ -237,7 +262,12 @@ impl Keys {
             }
             let dir = state_dir.clone();
             let taken = store.take();
-            let joined = tokio::task::spawn_blocking(move || poll_store(taken, &dir, seen)).await;
+            if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                seen = None;
+            }
+            let policies = self.policies();
+            let joined =
+                tokio::task::spawn_blocking(move || poll_store(taken, &dir, seen, &policies)).await;
             let (kept, result) = match joined {
                 Ok(v) => v,
                 Err(e) => {
@@ -287,6 +317,7 @@ fn poll_store(
     store: Option<KeyStore>,
     dir: &std::path::Path,
     seen: Option<i64>,
+    policies: &Policies,
 ) -> (Option<KeyStore>, PollResult) {
     let (store, fresh) = match store {
         Some(s) => (s, false),
@@ -303,7 +334,7 @@ fn poll_store(
     if !fresh && seen == Some(version) {
         return (Some(store), Ok(None));
     }
-    match KeyRing::load(&store) {
+    match KeyRing::load(&store, policies) {
         Ok(ring) => (Some(store), Ok(Some((version, ring)))),
         Err(e) => (None, Err(Some(e))),
     }
@@ -380,13 +411,13 @@ mod tests {
             })
             .unwrap();
         let now = SystemTime::now();
-        let ring = KeyRing::load(&s).unwrap();
+        let ring = KeyRing::load(&s, &Policies::new()).unwrap();
         let p = ring.authenticate(a.secret.expose(), now).unwrap();
         assert_eq!((p.id.as_str(), p.name.as_str()), (a.id.as_str(), "a"));
 
         let b = s.rotate("a", Some(Duration::from_secs(30))).unwrap();
         let until = b.previous_valid_until.unwrap();
-        let ring = KeyRing::load(&s).unwrap();
+        let ring = KeyRing::load(&s, &Policies::new()).unwrap();
         assert!(ring.authenticate(a.secret.expose(), now).is_ok());
         assert!(ring.authenticate(b.secret.expose(), now).is_ok());
         assert!(ring
@@ -399,7 +430,7 @@ mod tests {
         assert!(ring.authenticate(b.secret.expose(), until).is_ok());
 
         s.revoke("a").unwrap();
-        let ring = KeyRing::load(&s).unwrap();
+        let ring = KeyRing::load(&s, &Policies::new()).unwrap();
         assert_eq!(
             ring.authenticate(b.secret.expose(), now),
             Err(AuthError::Revoked)

@@ -848,6 +848,8 @@ mod tests {
                 tokens: 1_000_000,
                 period: BudgetPeriod::Month,
             }),
+            policy: Some("developers".into()),
+            missing_policy: false,
         }
     }
 

@@ -30,7 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::tunnel::udp::UdpEndpoint;
-use crate::tunnel::{DropCounters, Output, PeerSpec, PeerStats, RouteError, WgCore, MAX_PACKET};
+use crate::tunnel::{
+    DropCounters, Output, PeerChanges, PeerSpec, PeerStats, RouteError, WgCore, MAX_PACKET,
+};
 use crate::wgkey::{PrivateKey, PublicKey};
 use device::TunnelDevice;
 use stream::{lock, DriverWake, Phase, Shared};
@@ -112,6 +114,10 @@ enum Command {
     Stats {
         reply: oneshot::Sender<NetstackStats>,
         detail: bool,
+    },
+    SetPeers {
+        peers: Vec<PeerSpec>,
+        reply: oneshot::Sender<PeerChanges>,
     },
 }
 
@@ -286,6 +292,18 @@ impl Netstack {
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Command::Stats { reply, detail })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Replaces the peer set (config reload). Peers whose public key stays keep their
+    /// WireGuard session ([`WgCore::set_peers`]); connections through a removed peer fail on
+    /// their next packet or time out.
+    pub async fn set_peers(&self, peers: Vec<PeerSpec>) -> Result<PeerChanges, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::SetPeers { peers, reply })
             .await
             .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
@@ -543,6 +561,18 @@ impl Driver {
                     connections: self.live,
                     connection_detail: if detail { self.detail() } else { Vec::new() },
                 });
+            }
+            Command::SetPeers { peers, reply } => {
+                let udp = &self.udp;
+                let counters = &mut self.counters;
+                let changes = self.core.set_peers(peers, &mut |o| {
+                    if let Output::Udp { to, from, data } = o {
+                        if udp.try_send(data, to, from).is_err() {
+                            counters.udp_send_errors += 1;
+                        }
+                    }
+                });
+                let _ = reply.send(changes);
             }
         }
     }

@@ -163,6 +163,9 @@ pub struct Admission {
     produced: u64,
     /// The key's budget at admission: period and limit.
     budget: Option<(BudgetPeriod, u64)>,
+    /// The reservation is below `prompt + max_tokens` (what was left of the budget or the TPM
+    /// capacity): the stream may have to end early.
+    clamped: bool,
     pub headers: RateHeaders,
 }
 
@@ -178,6 +181,16 @@ impl Admission {
     /// The key this admission belongs to.
     pub fn key_id(&self) -> &str {
         &self.key
+    }
+    /// Whether the reservation was clamped below `prompt + max_tokens`.
+    pub fn clamped(&self) -> bool {
+        self.clamped
+    }
+    /// Whether tokens produced while streaming must be charged as they come
+    /// ([`Limiter::charge_mid_stream`]): the key has a TPM limit or a budget. Keys without
+    /// either skip the per-event lock.
+    pub fn metered(&self) -> bool {
+        self.budget.is_some() || self.headers.tokens.is_some()
     }
 }
 
@@ -292,6 +305,11 @@ impl Limiter {
         }
     }
 
+    /// Replaces the settings (the daemon applies `[gateway] default_max_tokens`).
+    pub fn configure(&mut self, config: LimiterConfig) {
+        self.config = config;
+    }
+
     /// Number of keys with state (for tests and metrics).
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -365,10 +383,9 @@ impl Limiter {
         if now_ms.saturating_sub(self.last_sweep_ms) >= SWEEP_EVERY_MS {
             self.sweep_at(now_ms, wall);
         }
-        let reserve = est.prompt_tokens.saturating_add(
-            est.max_tokens
-                .unwrap_or(u64::from(self.config.default_max_tokens)),
-        );
+        let wanted = est
+            .max_tokens
+            .unwrap_or(u64::from(self.config.default_max_tokens));
         let (day, month) = periods(wall);
         let wall_ms = wall_ms(wall);
         let k = self.entry(key_id);
@@ -384,15 +401,22 @@ impl Limiter {
             headers: k.headers(),
         };
 
+        // The least a request can run with: its prompt and, unless it generates nothing
+        // (embeddings), one completion token. A reservation above what is left of the budget or
+        // the TPM capacity is clamped to it instead of refused: the request runs, and the
+        // gateway ends the stream with `finish_reason: "length"` when the clamp is reached
+        // ([`Limiter::charge_mid_stream`] says when).
+        let minimum = est.prompt_tokens.saturating_add(wanted.min(1));
+        let mut reserve = est.prompt_tokens.saturating_add(wanted);
         if let Some(b) = policy.budget {
             let used = match b.period {
                 BudgetPeriod::Day => k.day.tokens,
                 BudgetPeriod::Month => k.month.tokens,
             };
-            if reserve > b.tokens {
+            if minimum > b.tokens {
                 return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
             }
-            if used.saturating_add(reserve) > b.tokens {
+            if used.saturating_add(minimum) > b.tokens {
                 let until = match b.period {
                     BudgetPeriod::Day => (day + 1) * DAY_MS,
                     BudgetPeriod::Month => month_start_ms(month + 1),
@@ -400,20 +424,22 @@ impl Limiter {
                 let wait = Duration::from_millis(until.saturating_sub(wall_ms));
                 return Err(refuse(k, RefusalKind::InsufficientQuota, wait));
             }
-            if used
-                .saturating_add(k.in_flight_tokens)
-                .saturating_add(reserve)
-                > b.tokens
-            {
+            let available = b
+                .tokens
+                .saturating_sub(used)
+                .saturating_sub(k.in_flight_tokens);
+            if minimum > available {
                 // Only in-flight reservations stand in the way; they settle (usually lower)
                 // when those requests end.
                 return Err(refuse(k, RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
             }
+            reserve = reserve.min(available);
         }
         if let Some(tpm) = k.tpm {
-            if reserve > tpm {
+            if minimum > tpm {
                 return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
             }
+            reserve = reserve.min(tpm);
         }
         if let Some(max) = policy.max_concurrent {
             if k.in_flight >= max {
@@ -446,6 +472,7 @@ impl Limiter {
             reserved: reserve,
             charged: reserve,
             produced: 0,
+            clamped: reserve < est.prompt_tokens.saturating_add(wanted),
             budget: policy.budget.map(|b| (b.period, b.tokens)),
             headers: k.headers(),
         })
@@ -776,12 +803,54 @@ mod tests {
             .unwrap();
         assert_eq!(a.reserved(), 400);
         l.settle(a, 0, t0, w);
-        let r = l.admit("k", &p, est(900, 101), t0, w).unwrap_err();
+        // A prompt that alone exceeds TPM can never run.
+        let r = l.admit("k", &p, est(1000, 1), t0, w).unwrap_err();
         assert_eq!(r.kind, RefusalKind::TooLarge);
         assert_eq!(r.retry_after_header(), None);
-        // Exactly the TPM limit fits in an empty bucket (after the refund above).
+        // prompt + max_tokens above TPM: clamped to the TPM capacity, not refused.
+        let a = l.admit("k", &p, est(900, 101), t0, w).unwrap();
+        assert_eq!((a.reserved(), a.clamped()), (1000, true));
+        l.settle(a, 0, t0, w);
+        // Exactly the TPM limit fits in an empty bucket (after the refund above), unclamped.
         let a = l.admit("k", &p, est(900, 100), t0, w).unwrap();
+        assert!(!a.clamped());
         l.settle(a, 1000, t0, w);
+    }
+
+    #[test]
+    fn budget_reservation_is_clamped_to_what_is_left_and_cut_at_its_edge() {
+        let mut l = Limiter::new();
+        let t0 = Instant::now();
+        let w = wall(W);
+        let p = budget(1000, BudgetPeriod::Day);
+        l.seed_usage("k", 800, 800, w);
+        // 200 left: a 50-token prompt asking for 4096 runs with a 200-token reservation.
+        let mut a = l.admit("k", &p, est(50, 4096), t0, w).unwrap();
+        assert_eq!((a.reserved(), a.clamped(), a.metered()), (200, true, true));
+        // Prompt, then 150 completion tokens: exactly the budget, still fine.
+        assert!(l.charge_mid_stream(&mut a, 50, t0));
+        for _ in 0..150 {
+            assert!(l.charge_mid_stream(&mut a, 1, t0));
+        }
+        // The 151st completion token overdraws: the gateway ends the stream here.
+        assert!(!l.charge_mid_stream(&mut a, 1, t0));
+        l.settle(a, 201, t0, w);
+        // Nothing left: the next request is refused with insufficient_quota.
+        let r = l.admit("k", &p, est(1, 10), t0, w).unwrap_err();
+        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
+        // A prompt that fits but leaves no room for one completion token is refused, while a
+        // request that generates nothing (max_tokens 0, embeddings) may use the last token.
+        let mut l = Limiter::new();
+        l.seed_usage("k", 900, 900, w);
+        let r = l.admit("k", &p, est(100, 10), t0, w).unwrap_err();
+        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
+        let a = l.admit("k", &p, est(100, 0), t0, w).unwrap();
+        assert_eq!((a.reserved(), a.clamped()), (100, false));
+        l.settle(a, 100, t0, w);
+        // A key with neither TPM nor budget is not metered mid-stream.
+        let a = l.admit("k", &pol(Some(5), None), est(1, 1), t0, w).unwrap();
+        assert!(!a.metered());
+        l.settle(a, 2, t0, w);
     }
 
     #[test]

@@ -98,6 +98,58 @@ pub struct KeyPolicy {
     pub tpm: Option<u32>,
     pub max_concurrent: Option<u32>,
     pub budget: Option<Budget>,
+    /// Named policy (`[[policy]]` in the config) this key builds on; the fields set on the key
+    /// itself override the named policy's (see [`KeyPolicy::overlay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Set when the key names a policy the config does not define: every request is refused
+    /// (fail closed) until the config or the key is fixed. Never stored.
+    #[serde(skip)]
+    pub missing_policy: bool,
+}
+
+/// Named policies from the config, by name.
+pub type Policies = std::collections::BTreeMap<String, KeyPolicy>;
+
+impl KeyPolicy {
+    /// The effective policy of a key that names a policy: each field the key sets (a `Some`, a
+    /// non-empty list) wins, every other field comes from `base`. Expiry is always the key's
+    /// own. So `--policy dev --rpm 120` is the `dev` policy with a higher RPM.
+    pub fn overlay(&self, base: &KeyPolicy) -> KeyPolicy {
+        fn list<T: Clone>(own: &[T], base: &[T]) -> Vec<T> {
+            if own.is_empty() {
+                base.to_vec()
+            } else {
+                own.to_vec()
+            }
+        }
+        KeyPolicy {
+            models: list(&self.models, &base.models),
+            endpoints: list(&self.endpoints, &base.endpoints),
+            expires_at: self.expires_at,
+            allow_cidrs: list(&self.allow_cidrs, &base.allow_cidrs),
+            rpm: self.rpm.or(base.rpm),
+            tpm: self.tpm.or(base.tpm),
+            max_concurrent: self.max_concurrent.or(base.max_concurrent),
+            budget: self.budget.or(base.budget),
+            policy: self.policy.clone(),
+            missing_policy: false,
+        }
+    }
+
+    /// This key's effective policy given the config's named `policies`.
+    pub fn resolve(&self, policies: &Policies) -> KeyPolicy {
+        match &self.policy {
+            None => self.clone(),
+            Some(name) => match policies.get(name) {
+                Some(base) => self.overlay(base),
+                None => KeyPolicy {
+                    missing_policy: true,
+                    ..self.clone()
+                },
+            },
+        }
+    }
 }
 
 /// An authenticated caller. `id` is the public key id (safe to log); the secret is never here.
@@ -119,6 +171,8 @@ pub enum Deny {
     EndpointNotAllowed,
     #[error("requests with this API key are not allowed from this address")]
     SourceNotAllowed,
+    #[error("this API key refers to policy `{0}`, which the gateway does not define; ask your administrator to fix the key or the config")]
+    UnknownPolicy(String),
 }
 
 /// Decides whether `p` may call `endpoint` for `model` from `client` at `now`.
@@ -135,6 +189,9 @@ pub fn check_access(
     let pol = &p.policy;
     if pol.expires_at.is_some_and(|t| now >= t) {
         return Err(Deny::Expired);
+    }
+    if pol.missing_policy {
+        return Err(Deny::UnknownPolicy(pol.policy.clone().unwrap_or_default()));
     }
     let client = client.to_canonical();
     if !pol.allow_cidrs.is_empty() && !pol.allow_cidrs.iter().any(|n| n.contains(&client)) {

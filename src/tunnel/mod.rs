@@ -78,6 +78,19 @@ pub enum RouteError {
     NoEndpoint,
 }
 
+/// What [`WgCore::set_peers`] did, by peer name (for the reload answer and the log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same key, new name, allowed IPs or endpoint: the session was kept.
+    pub updated: Vec<String>,
+    /// Same key, new keepalive: a fresh session (boringtun fixes keepalive per `Tunn`).
+    pub restarted: Vec<String>,
+    /// Nothing changed; the session was kept.
+    pub unchanged: Vec<String>,
+}
+
 struct Peer {
     spec: PeerSpec,
     tunn: Tunn,
@@ -162,15 +175,7 @@ impl WgCore {
             index,
             Some(self.rate_limiter.clone()),
         );
-        let pos = self.peers.len();
-        self.by_key.insert(spec.public_key.0, pos);
-        self.by_index.insert(index, pos);
-        for net in &spec.allowed_ips {
-            self.routes.push((net.trunc(), pos));
-        }
-        self.routes
-            .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
-        self.peers.push(Peer {
+        self.insert_peer(Peer {
             endpoint: spec.endpoint,
             local_ip: None,
             spec,
@@ -179,6 +184,98 @@ impl WgCore {
             tx_bytes: 0,
             index,
         });
+    }
+
+    /// Replaces the peer set with `specs` (a config reload) without touching the sessions of
+    /// peers that stay: a peer whose public key is in both sets keeps its `Tunn` (session,
+    /// counters, learned endpoint, receiver index) and only takes the new name, allowed IPs and
+    /// configured endpoint. A changed keepalive is the exception: boringtun fixes it when the
+    /// `Tunn` is created, so that peer gets a fresh `Tunn` and re-handshakes. Peers no longer
+    /// listed are dropped (their receiver indexes stop matching); new ones are added and, when
+    /// they have an endpoint, handshaken at once through `out`.
+    pub fn set_peers(
+        &mut self,
+        specs: Vec<PeerSpec>,
+        out: &mut dyn FnMut(Output<'_>),
+    ) -> PeerChanges {
+        let mut changes = PeerChanges::default();
+        let mut old: HashMap<[u8; 32], Peer> = self
+            .peers
+            .drain(..)
+            .map(|p| (p.spec.public_key.0, p))
+            .collect();
+        self.by_key.clear();
+        self.by_index.clear();
+        self.routes.clear();
+        let mut fresh = Vec::new();
+        for spec in specs {
+            if self.by_key.contains_key(&spec.public_key.0) {
+                continue; // validated config never has duplicates
+            }
+            match old.remove(&spec.public_key.0) {
+                Some(mut peer) if peer.spec.keepalive == spec.keepalive => {
+                    let same = peer.spec.name == spec.name
+                        && peer.spec.allowed_ips == spec.allowed_ips
+                        && peer.spec.endpoint == spec.endpoint;
+                    if spec.endpoint.is_some() && spec.endpoint != peer.spec.endpoint {
+                        peer.endpoint = spec.endpoint;
+                        peer.local_ip = None;
+                    }
+                    if same {
+                        changes.unchanged.push(spec.name.clone());
+                    } else {
+                        changes.updated.push(spec.name.clone());
+                    }
+                    peer.spec = spec;
+                    self.insert_peer(peer);
+                }
+                Some(_) => {
+                    changes.restarted.push(spec.name.clone());
+                    fresh.push(self.peers.len());
+                    self.add_peer(spec);
+                }
+                None => {
+                    changes.added.push(spec.name.clone());
+                    fresh.push(self.peers.len());
+                    self.add_peer(spec);
+                }
+            }
+        }
+        changes.removed = old.into_values().map(|p| p.spec.name).collect();
+        changes.removed.sort();
+        for pos in fresh {
+            self.initiate_one(pos, out);
+        }
+        changes
+    }
+
+    /// Puts an existing peer (with its `Tunn`) back into the tables.
+    fn insert_peer(&mut self, peer: Peer) {
+        let pos = self.peers.len();
+        self.by_key.insert(peer.spec.public_key.0, pos);
+        self.by_index.insert(peer.index, pos);
+        for net in &peer.spec.allowed_ips {
+            self.routes.push((net.trunc(), pos));
+        }
+        self.routes
+            .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        self.peers.push(peer);
+    }
+
+    fn initiate_one(&mut self, pos: usize, out: &mut dyn FnMut(Output<'_>)) {
+        let Some(peer) = self.peers.get_mut(pos) else {
+            return;
+        };
+        let Some(to) = peer.endpoint else { return };
+        if let TunnResult::WriteToNetwork(data) =
+            peer.tunn.format_handshake_initiation(&mut self.buf, false)
+        {
+            out(Output::Udp {
+                to,
+                from: peer.local_ip,
+                data,
+            });
+        }
     }
 
     fn route(&self, dst: IpAddr) -> Option<usize> {
@@ -396,17 +493,8 @@ impl WgCore {
     /// out (the corp peer, or the in-process one in the demo) is reachable at once instead of
     /// after its first keepalive interval.
     pub fn initiate_handshakes(&mut self, out: &mut dyn FnMut(Output<'_>)) {
-        for peer in &mut self.peers {
-            let Some(to) = peer.endpoint else { continue };
-            if let TunnResult::WriteToNetwork(data) =
-                peer.tunn.format_handshake_initiation(&mut self.buf, false)
-            {
-                out(Output::Udp {
-                    to,
-                    from: peer.local_ip,
-                    data,
-                });
-            }
+        for pos in 0..self.peers.len() {
+            self.initiate_one(pos, out);
         }
     }
 
@@ -663,6 +751,106 @@ mod tests {
             None,
             "endpoint not learned from junk"
         );
+    }
+
+    /// A reload that adds a peer and rewrites another's allowed IPs keeps the established
+    /// session of the peer whose key stayed: its next packet decrypts with no handshake, its
+    /// counters go on, and the new peer (with an endpoint) is handshaken at once.
+    #[test]
+    fn set_peers_keeps_sessions_of_unchanged_keys() {
+        let mut p = pair();
+        let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"before");
+        let mut c = Collected::default();
+        p.b.send_ip(&pkt, &mut collect(&mut c)).unwrap();
+        let (ip_at_a, _) = shuttle(&mut p, c.udp.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(ip_at_a.len(), 1);
+        let before = p.a.stats()[0].clone();
+        assert!(before.last_handshake.is_some() && before.rx_bytes > 0);
+
+        let b_spec = PeerSpec {
+            name: "b-renamed".into(),
+            public_key: p.a.peers[0].spec.public_key,
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.5.0.0/16".parse().unwrap(),
+            ],
+            keepalive: None,
+            endpoint: None,
+        };
+        let c_spec = PeerSpec {
+            name: "c".into(),
+            public_key: PrivateKey::generate().public_key(),
+            allowed_ips: vec!["10.0.0.3/32".parse().unwrap()],
+            keepalive: None,
+            endpoint: Some("203.0.113.7:51820".parse().unwrap()),
+        };
+        let mut out = Collected::default();
+        let changes = p.a.set_peers(vec![c_spec, b_spec], &mut collect(&mut out));
+        assert_eq!(changes.added, vec!["c".to_string()]);
+        assert_eq!(changes.updated, vec!["b-renamed".to_string()]);
+        assert!(changes.removed.is_empty() && changes.restarted.is_empty());
+        assert_eq!(
+            out.udp.len(),
+            1,
+            "the new peer with an endpoint is handshaken"
+        );
+        assert_eq!(out.udp[0].0, "203.0.113.7:51820".parse().unwrap());
+
+        // b's session survives: its next packet is delivered without any handshake message.
+        let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"after");
+        let mut c = Collected::default();
+        p.b.send_ip(&pkt, &mut collect(&mut c)).unwrap();
+        assert_eq!(c.udp.len(), 1);
+        let mut at_a = Collected::default();
+        p.a.handle_datagram(p.b_addr, None, &c.udp[0].1, &mut collect(&mut at_a));
+        assert_eq!(at_a.ip, vec![pkt]);
+        assert!(at_a.udp.is_empty(), "no handshake was needed");
+        let after =
+            p.a.stats()
+                .into_iter()
+                .find(|s| s.name == "b-renamed")
+                .unwrap();
+        assert!(after.rx_bytes > before.rx_bytes, "counters carried over");
+        assert_eq!(after.endpoint, Some(p.b_addr), "learned endpoint kept");
+        assert_eq!(
+            p.a.route("10.5.1.1".parse().unwrap())
+                .map(|i| p.a.peers[i].spec.name.as_str()),
+            Some("b-renamed")
+        );
+        assert_eq!(
+            p.a.route("10.0.0.3".parse().unwrap())
+                .map(|i| p.a.peers[i].spec.name.as_str()),
+            Some("c")
+        );
+
+        // A new keepalive restarts that peer's session; removing a peer drops its packets.
+        let mut b_ka =
+            p.a.peers
+                .iter()
+                .find(|x| x.spec.name == "b-renamed")
+                .unwrap()
+                .spec
+                .clone();
+        b_ka.keepalive = Some(25);
+        let changes =
+            p.a.set_peers(vec![b_ka], &mut collect(&mut Collected::default()));
+        assert_eq!(changes.restarted, vec!["b-renamed".to_string()]);
+        assert_eq!(changes.removed, vec!["c".to_string()]);
+        let changes =
+            p.a.set_peers(Vec::new(), &mut collect(&mut Collected::default()));
+        assert_eq!(changes.removed, vec!["b-renamed".to_string()]);
+        let invalid = p.a.drops().invalid;
+        let mut c = Collected::default();
+        p.b.send_ip(
+            &ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"x"),
+            &mut collect(&mut c),
+        )
+        .unwrap();
+        let mut at_a = Collected::default();
+        p.a.handle_datagram(p.b_addr, None, &c.udp[0].1, &mut collect(&mut at_a));
+        assert!(at_a.ip.is_empty());
+        assert_eq!(p.a.drops().invalid, invalid + 1);
+        assert_eq!(p.a.route("10.0.0.2".parse().unwrap()), None);
     }
 
     #[test]

@@ -101,6 +101,14 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL by PID (no chance to clean up, like a crash or `kill -9`) and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM by PID, wait up to 5 s, then SIGKILL; always reaps the child.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -1,0 +1,272 @@
+//! `modelgate status [--json]`: asks the running daemon over its control socket and prints the
+//! interface, peers, upstreams, listener, certificate and active streams, laid out like
+//! `wg show`. `--json` prints the daemon's [`StatusReport`] as it is: the stable form for
+//! scripts (schema in the README). When no daemon answers: exit 1 naming the socket and the fix.
+
+use clap::Args;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::CliError;
+use crate::config::{Config, DEFAULT_CONTROL_SOCKET};
+use crate::control::{client, StatusReport};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the daemon's status as JSON (the stable form for scripts).
+    #[arg(long)]
+    pub json: bool,
+    /// Control socket (default: server.control_socket of the config).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+pub fn execute(config_path: &Path, a: StatusArgs) -> Result<(), CliError> {
+    let socket = a
+        .socket
+        .clone()
+        .unwrap_or_else(|| control_socket_of(config_path));
+    let report =
+        block_on(client::status(&socket))?.map_err(|e| CliError::runtime(e.to_string()))?;
+    if a.json {
+        // Serialising plain data cannot fail.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+/// Runs a control request on a small runtime of its own (the CLI is synchronous).
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, CliError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
+    Ok(rt.block_on(f))
+}
+
+/// The control socket the daemon of `config_path` uses. A config that does not validate (say,
+/// one being edited before `reload`) still names its socket: `[server] control_socket` is
+/// read from the raw TOML then, and the default applies when even that fails.
+pub fn control_socket_of(config_path: &Path) -> PathBuf {
+    if let Ok(c) = Config::load(config_path) {
+        return c.server.control_socket;
+    }
+    let raw = std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("server")?
+                .get("control_socket")?
+                .as_str()
+                .map(PathBuf::from)
+        });
+    match raw {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => config_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join(p),
+        None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    }
+}
+
+/// `1.23 KiB`, like `wg show`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[i])
+    }
+}
+
+/// The human form.
+pub fn render(s: &StatusReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "interface: modelgate (pid {}, up {} s)",
+        s.pid, s.uptime_seconds
+    );
+    let _ = writeln!(o, "  public key: {}", s.interface.public_key);
+    let _ = writeln!(o, "  listening port: {}", s.interface.listen_port);
+    let _ = writeln!(o, "  address: {}", s.interface.address);
+    for p in &s.peers {
+        let _ = writeln!(o, "\npeer: {} ({})", p.public_key, p.name);
+        if let Some(e) = &p.endpoint {
+            let _ = writeln!(o, "  endpoint: {e}");
+        }
+        let ips = if p.allowed_ips.is_empty() {
+            "(none)".to_string()
+        } else {
+            p.allowed_ips.join(", ")
+        };
+        let _ = writeln!(o, "  allowed ips: {ips}");
+        match p.latest_handshake_seconds_ago {
+            Some(1) => {
+                let _ = writeln!(o, "  latest handshake: 1 second ago");
+            }
+            Some(n) => {
+                let _ = writeln!(o, "  latest handshake: {n} seconds ago");
+            }
+            None => {
+                let _ = writeln!(o, "  latest handshake: (none)");
+            }
+        }
+        let _ = writeln!(
+            o,
+            "  transfer: {} received, {} sent",
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        );
+        if let Some(k) = p.persistent_keepalive {
+            let _ = writeln!(o, "  persistent keepalive: every {k} seconds");
+        }
+    }
+    for u in &s.upstreams {
+        let _ = writeln!(o, "\nupstream: {}", u.name);
+        let _ = writeln!(o, "  url: {}", u.url);
+        let _ = writeln!(o, "  reachable: {}", if u.reachable { "yes" } else { "no" });
+        let models = if u.models.is_empty() {
+            "(none known)".to_string()
+        } else {
+            u.models.join(", ")
+        };
+        let _ = writeln!(o, "  models: {models}");
+        let _ = writeln!(o, "  in flight: {}", u.in_flight);
+    }
+    o.push('\n');
+    match &s.https {
+        Some(h) => {
+            let _ = writeln!(o, "https: {}", h.listen);
+            match (&h.certificate_not_after, h.certificate_days_left) {
+                (Some(t), Some(d)) if d < 0 => {
+                    let _ = writeln!(o, "  certificate: EXPIRED {t} ({} days ago)", -d);
+                }
+                (Some(t), Some(d)) => {
+                    let _ = writeln!(o, "  certificate expires: {t} ({d} days left)");
+                }
+                _ => {
+                    let _ = writeln!(o, "  certificate expires: (unknown)");
+                }
+            }
+        }
+        None => {
+            let _ = writeln!(o, "https: off (no [tls] in the config)");
+        }
+    }
+    if let Some(m) = &s.metrics_listen {
+        let _ = writeln!(o, "metrics: http://{m}/metrics");
+    }
+    if s.streams.is_empty() {
+        let _ = writeln!(o, "active streams: none");
+    } else {
+        let _ = writeln!(o, "active streams:");
+        for k in &s.streams {
+            let _ = writeln!(o, "  {} ({}): {}", k.key_id, k.key_name, k.active);
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::*;
+
+    #[test]
+    fn renders_like_wg_show() {
+        let s = StatusReport {
+            version: "0.1.0".into(),
+            pid: 42,
+            uptime_seconds: 7,
+            config: "/etc/modelgate/modelgate.toml".into(),
+            interface: InterfaceStatus {
+                public_key: "APPKEY=".into(),
+                listen: "0.0.0.0:51820".into(),
+                listen_port: 51820,
+                address: "10.99.0.1/24".into(),
+            },
+            peers: vec![PeerStatus {
+                name: "corp".into(),
+                public_key: "PEERKEY=".into(),
+                endpoint: Some("192.0.2.10:40000".into()),
+                allowed_ips: vec!["10.99.0.2/32".into(), "10.20.0.0/24".into()],
+                latest_handshake_seconds_ago: Some(12),
+                latest_handshake_unix: Some(1),
+                rx_bytes: 2048,
+                tx_bytes: 10,
+                persistent_keepalive: Some(25),
+            }],
+            upstreams: vec![UpstreamStatus {
+                name: "vllm".into(),
+                url: "http://10.20.0.5:8000/v1".into(),
+                reachable: true,
+                models: vec!["a".into(), "b".into()],
+                in_flight: 3,
+            }],
+            https: Some(HttpsStatus {
+                listen: "0.0.0.0:443".into(),
+                certificate_not_after: Some("2027-01-01T00:00:00Z".into()),
+                certificate_not_after_unix: Some(0),
+                certificate_days_left: Some(33),
+            }),
+            metrics_listen: Some("127.0.0.1:9464".into()),
+            streams: vec![StreamStatus {
+                key_id: "abc".into(),
+                key_name: "alice".into(),
+                active: 3,
+            }],
+        };
+        let t = render(&s);
+        for want in [
+            "interface: modelgate (pid 42, up 7 s)\n  public key: APPKEY=\n  listening port: 51820\n",
+            "peer: PEERKEY= (corp)\n  endpoint: 192.0.2.10:40000\n  allowed ips: 10.99.0.2/32, 10.20.0.0/24\n  latest handshake: 12 seconds ago\n  transfer: 2.00 KiB received, 10 B sent\n  persistent keepalive: every 25 seconds\n",
+            "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3\n",
+            "https: 0.0.0.0:443\n  certificate expires: 2027-01-01T00:00:00Z (33 days left)\n",
+            "active streams:\n  abc (alice): 3\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        // The JSON round-trips (the CLI prints what the daemon sent).
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<StatusReport>(&j).unwrap(), s);
+    }
+
+    #[test]
+    fn socket_of_an_invalid_config_is_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("modelgate.toml");
+        std::fs::write(
+            &cfg,
+            "[server]\ncontrol_socket = \"run/c.sock\"\nbogus = 1\n",
+        )
+        .unwrap();
+        assert_eq!(control_socket_of(&cfg), dir.path().join("run/c.sock"));
+        std::fs::write(&cfg, "not toml [").unwrap();
+        assert_eq!(
+            control_socket_of(&cfg),
+            PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        );
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.50 KiB");
+        assert_eq!(bytes(5 << 30), "5.00 GiB");
+    }
+}

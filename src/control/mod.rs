@@ -1,0 +1,118 @@
+//! The local control API: how `modelgate status` and `modelgate reload` talk to the daemon.
+//!
+//! Transport: a unix stream socket at `server.control_socket` (default
+//! `/run/modelgate/control.sock`), mode 0660, group `modelgate` when that group exists (else the
+//! daemon's own group: then only the daemon's user and root can connect). Access to the socket
+//! is the authorisation: there is no other credential.
+//!
+//! Protocol: HTTP/1.1 over that socket (so `curl --unix-socket PATH http://x/v1/status` works
+//! too), JSON bodies:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/status` | 200, a [`StatusReport`] |
+//! | `POST /v1/reload` | 200 with a [`ReloadReport`] whose `applied` is true, or 422 with `applied: false` and the config's `errors`; the answer comes when the reload is done |
+//! | anything else | 404 / 405, `{"error": "..."}` |
+//!
+//! Requests carry no body (one is never read). Limits: request head ≤ 16 KiB and complete
+//! within 5 s, a connection lives at most 120 s, at most 16 connections at once; garbage gets a
+//! 400 or a closed connection, never a panic. The JSON of [`StatusReport`] is what
+//! `modelgate status --json` prints: the stable form for scripts (README "Operations").
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`, and `modelgate status --json`. Fields are only ever added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// modelgate's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    /// The config file the daemon runs (and reloads) from.
+    pub config: String,
+    pub interface: InterfaceStatus,
+    pub peers: Vec<PeerStatus>,
+    pub upstreams: Vec<UpstreamStatus>,
+    /// The HTTPS listener; `null` when the config has no `[tls]` (gateway off).
+    pub https: Option<HttpsStatus>,
+    /// Address of the Prometheus listener.
+    pub metrics_listen: Option<String>,
+    /// Keys with responses streaming now.
+    pub streams: Vec<StreamStatus>,
+}
+
+/// The appliance's WireGuard interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub public_key: String,
+    /// The bound UDP address, e.g. `0.0.0.0:51820`.
+    pub listen: String,
+    pub listen_port: u16,
+    /// The appliance's tunnel address with its prefix, e.g. `10.99.0.1/24`.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: String,
+    /// Where its packets come from (learned) or the configured endpoint; `null` before any.
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the latest handshake; `null` when none yet.
+    pub latest_handshake_seconds_ago: Option<u64>,
+    /// The latest handshake as UNIX seconds (like `wg show latest-handshakes`); `null` when none.
+    pub latest_handshake_unix: Option<u64>,
+    /// Inner IP bytes received from / sent to the peer.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Keepalive interval the appliance sends, seconds; `null` when off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub url: String,
+    /// Its last `GET /models` answered (static routes: the last probe did).
+    pub reachable: bool,
+    /// Public model names it serves (static routes, or the discovered list).
+    pub models: Vec<String>,
+    /// Requests routed to it whose response has not ended.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpsStatus {
+    pub listen: String,
+    /// RFC 3339 UTC expiry of the certificate new handshakes get.
+    pub certificate_not_after: Option<String>,
+    pub certificate_not_after_unix: Option<u64>,
+    /// Whole days until expiry (negative once expired).
+    pub certificate_days_left: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    pub key_id: String,
+    pub key_name: String,
+    pub active: u64,
+}
+
+/// `POST /v1/reload`, and what `modelgate reload` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// True when the new config is running; false when it was refused (the old one runs on).
+    pub applied: bool,
+    /// Why the config was refused, one line per problem.
+    pub errors: Vec<String>,
+    /// What changed, one line each (`peer added: lab2`, `upstream removed: old`, …).
+    pub changes: Vec<String>,
+    /// Settings that differ from the running ones but only take effect after a restart.
+    pub needs_restart: Vec<String>,
+    /// Parts that could not be refreshed (the previous state of that part stays in use).
+    pub warnings: Vec<String>,
+}

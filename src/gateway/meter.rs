@@ -1,0 +1,424 @@
+//! Reads a streamed Chat Completions / Completions answer event by event, as it passes through:
+//! counts the tokens the model produces, takes the `usage` from the final chunk, strips that
+//! chunk when the gateway (not the client) asked for it, and writes the clean ending of a stream
+//! that a budget or TPM limit cut short.
+//!
+//! Pure and synchronous: bytes in, whole SSE events out. [`super::proxy`] owns the timing and
+//! the limiter. Memory is bounded: an event larger than [`MAX_EVENT_BYTES`] switches the meter
+//! to pass-through (bytes forwarded unchanged, no more counting; the response then settles on
+//! an estimate).
+//!
+//! Token counting while streaming: one completion token per event whose choices carry content,
+//! a tool-call fragment, reasoning content or completion text. That is exact for vLLM and
+//! llama.cpp with their default stream interval of one token per chunk, and an under-count when
+//! a server batches several tokens into one chunk (vLLM `--stream-interval N`); the final
+//! `usage` chunk, when present, replaces the count at settlement.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Largest SSE event the meter buffers while waiting for its end.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// The shape of the events, which decides how a cut stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// `/v1/chat/completions`: `chat.completion.chunk` objects with `delta`.
+    Chat,
+    /// `/v1/completions`: `text_completion` objects with `text`.
+    Completion,
+}
+
+/// One SSE event, whole, with what the meter learnt from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The event's bytes including its terminating blank line.
+    pub bytes: Bytes,
+    /// Completion tokens this event carries (0 or 1, see the module doc).
+    pub tokens: u64,
+    /// Forward it to the client (false only for a usage chunk the client did not ask for).
+    pub forward: bool,
+}
+
+/// Per-response state.
+#[derive(Debug)]
+pub struct Meter {
+    kind: StreamKind,
+    /// The gateway added `stream_options.include_usage`; the usage-only chunk is not forwarded.
+    strip_usage: bool,
+    buf: BytesMut,
+    /// Bytes of `buf` already searched for a boundary.
+    scanned: usize,
+    passthrough: bool,
+    /// `(prompt_tokens, completion_tokens)` from the stream's usage chunk.
+    pub usage: Option<(u64, u64)>,
+    /// Completion tokens counted so far.
+    pub tokens: u64,
+    /// `data: [DONE]` seen.
+    pub done: bool,
+    id: Option<String>,
+    created: Option<u64>,
+    model: Option<String>,
+    /// Highest choice index seen (a cut ends every choice).
+    max_index: u64,
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    created: Option<u64>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default, borrow)]
+    text: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct UsageView {
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// A JSON value that carries something: not null, not `""`, not `[]`.
+fn carries(v: Option<&RawValue>) -> bool {
+    v.is_some_and(|v| !matches!(v.get().trim(), "null" | "\"\"" | "[]"))
+}
+
+impl Meter {
+    pub fn new(kind: StreamKind, strip_usage: bool) -> Meter {
+        Meter {
+            kind,
+            strip_usage,
+            buf: BytesMut::new(),
+            scanned: 0,
+            passthrough: false,
+            usage: None,
+            tokens: 0,
+            done: false,
+            id: None,
+            created: None,
+            model: None,
+            max_index: 0,
+        }
+    }
+
+    /// No partial event is buffered: a keep-alive comment may go out now.
+    pub fn at_boundary(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The meter gave up on an oversized event and forwards bytes unchanged.
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
+    }
+
+    /// Feeds upstream bytes; returns the whole events now complete, in order.
+    pub fn push(&mut self, data: &[u8]) -> Vec<Event> {
+        if self.passthrough {
+            return vec![Event {
+                bytes: Bytes::copy_from_slice(data),
+                tokens: 0,
+                forward: true,
+            }];
+        }
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(end) = self.boundary() {
+            let raw = self.buf.split_to(end).freeze();
+            self.scanned = 0;
+            out.push(self.inspect(raw));
+        }
+        if self.buf.len() > MAX_EVENT_BYTES {
+            tracing::warn!(
+                bytes = self.buf.len(),
+                "SSE event larger than the meter's limit; forwarding the rest of the stream unmetered"
+            );
+            self.passthrough = true;
+            self.scanned = 0;
+            out.push(Event {
+                bytes: self.buf.split().freeze(),
+                tokens: 0,
+                forward: true,
+            });
+        }
+        out
+    }
+
+    /// The end of the upstream body: whatever is buffered (an unterminated last event) goes out
+    /// as it is.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        if self.buf.is_empty() {
+            None
+        } else {
+            self.scanned = 0;
+            Some(self.buf.split().freeze())
+        }
+    }
+
+    /// Offset just past the first event boundary (`\n\n` or `\r\n\r\n`) in the buffer.
+    fn boundary(&mut self) -> Option<usize> {
+        let b = &self.buf[..];
+        // Restart a little before where the last search stopped: a boundary may straddle it.
+        let from = self.scanned.saturating_sub(3);
+        let mut i = from;
+        while i + 1 < b.len() {
+            if b[i] == b'\n' {
+                if b[i + 1] == b'\n' {
+                    return Some(i + 2);
+                }
+                if b[i + 1] == b'\r' && b.get(i + 2) == Some(&b'\n') {
+                    return Some(i + 3);
+                }
+            }
+            i += 1;
+        }
+        self.scanned = b.len();
+        None
+    }
+
+    fn inspect(&mut self, raw: Bytes) -> Event {
+        let mut ev = Event {
+            bytes: raw,
+            tokens: 0,
+            forward: true,
+        };
+        let Ok(text) = std::str::from_utf8(&ev.bytes) else {
+            return ev;
+        };
+        // The data lines of the event, joined (SSE allows a payload over several lines).
+        let mut data = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+            }
+        }
+        if data.trim() == "[DONE]" {
+            self.done = true;
+            return ev;
+        }
+        let Ok(chunk) = serde_json::from_str::<ChunkView<'_>>(&data) else {
+            return ev;
+        };
+        if self.id.is_none() {
+            self.id = chunk.id;
+            self.created = chunk.created;
+            self.model = chunk.model;
+        }
+        let choices = chunk.choices.unwrap_or_default();
+        for c in &choices {
+            self.max_index = self.max_index.max(c.index.unwrap_or(0));
+            let produced = carries(c.text)
+                || c.delta.as_ref().is_some_and(|d| {
+                    carries(d.content) || carries(d.tool_calls) || carries(d.reasoning_content)
+                });
+            if produced {
+                ev.tokens += 1;
+            }
+        }
+        self.tokens += ev.tokens;
+        if let Some(u) = chunk.usage {
+            self.usage = Some((u.prompt_tokens, u.completion_tokens));
+            if self.strip_usage && choices.is_empty() {
+                ev.forward = false;
+            }
+        }
+        ev
+    }
+
+    /// The events that end a stream the gateway cuts: a final chunk per choice with
+    /// `finish_reason: "length"`, then (if the client asked for usage) a usage chunk with
+    /// `prompt_tokens` and `completion_tokens` as given (the tokens the client received), then
+    /// `data: [DONE]`.
+    pub fn cut_tail(
+        &self,
+        client_wants_usage: bool,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Bytes {
+        let id = self.id.as_deref().unwrap_or("modelgate-cut");
+        let created = self.created.unwrap_or(0);
+        let model = self.model.as_deref().unwrap_or("");
+        let object = match self.kind {
+            StreamKind::Chat => "chat.completion.chunk",
+            StreamKind::Completion => "text_completion",
+        };
+        let mut out = String::new();
+        let head = |choices: serde_json::Value| {
+            serde_json::json!({
+                "id": id, "object": object, "created": created, "model": model,
+                "choices": choices,
+            })
+        };
+        let choices: Vec<serde_json::Value> = (0..=self.max_index.min(127))
+            .map(|index| match self.kind {
+                StreamKind::Chat => serde_json::json!({
+                    "index": index, "delta": {}, "logprobs": null, "finish_reason": "length"
+                }),
+                StreamKind::Completion => serde_json::json!({
+                    "index": index, "text": "", "logprobs": null, "finish_reason": "length"
+                }),
+            })
+            .collect();
+        out.push_str(&format!(
+            "data: {}\n\n",
+            head(serde_json::Value::from(choices))
+        ));
+        if client_wants_usage {
+            let mut u = head(serde_json::json!([]));
+            u["usage"] = serde_json::json!({
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            });
+            out.push_str(&format!("data: {u}\n\n"));
+        }
+        out.push_str("data: [DONE]\n\n");
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str) -> String {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}},\"finish_reason\":null}}]}}\n\n",
+            serde_json::to_string(content).unwrap()
+        )
+    }
+    const USAGE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,\"total_tokens\":13}}\n\n";
+    const ROLE: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+    const FINISH: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+
+    #[test]
+    fn counts_content_events_and_strips_only_the_injected_usage_chunk() {
+        let stream = format!(
+            "{ROLE}{}{}{FINISH}{USAGE}data: [DONE]\n\n",
+            chunk("Hel"),
+            chunk("lo")
+        );
+        for strip in [false, true] {
+            let mut m = Meter::new(StreamKind::Chat, strip);
+            // Feed in awkward pieces: 7 bytes at a time, boundaries split across pushes.
+            let mut events = Vec::new();
+            for piece in stream.as_bytes().chunks(7) {
+                events.extend(m.push(piece));
+            }
+            assert_eq!(m.finish(), None);
+            assert_eq!(events.len(), 6);
+            assert_eq!(m.tokens, 2, "role and finish chunks carry no token");
+            assert_eq!(m.usage, Some((11, 2)));
+            assert!(m.done);
+            let forwarded: Vec<u8> = events
+                .iter()
+                .filter(|e| e.forward)
+                .flat_map(|e| e.bytes.to_vec())
+                .collect();
+            let expect = if strip {
+                stream.replace(USAGE, "")
+            } else {
+                stream.clone()
+            };
+            assert_eq!(String::from_utf8(forwarded).unwrap(), expect);
+        }
+    }
+
+    #[test]
+    fn a_usage_field_on_a_content_chunk_is_kept() {
+        // vLLM's continuous usage stats put usage on every chunk; those chunks carry content
+        // and must reach the client.
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let mut m = Meter::new(StreamKind::Chat, true);
+        let out = m.push(ev.as_bytes());
+        assert!(out[0].forward);
+        assert_eq!((m.tokens, m.usage), (1, Some((3, 1))));
+    }
+
+    #[test]
+    fn crlf_boundaries_tool_calls_text_and_garbage() {
+        let mut m = Meter::new(StreamKind::Completion, false);
+        let out = m.push(b"data: {\"choices\":[{\"index\":0,\"text\":\"a\"}]}\r\n\r\n: comment\n\ndata: not json\n\n");
+        assert_eq!(out.len(), 3);
+        assert_eq!(m.tokens, 1);
+        let mut m = Meter::new(StreamKind::Chat, false);
+        m.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\"}}]}}]}\n\n");
+        assert_eq!(m.tokens, 1);
+        // An unterminated last event is flushed as it is.
+        m.push(b"data: {\"choices\":[]}");
+        assert_eq!(m.finish().as_deref(), Some(&b"data: {\"choices\":[]}"[..]));
+    }
+
+    #[test]
+    fn oversized_event_switches_to_passthrough_with_bounded_buffer() {
+        let mut m = Meter::new(StreamKind::Chat, true);
+        let big = vec![b'x'; MAX_EVENT_BYTES + 10];
+        let out = m.push(&big);
+        assert!(m.is_passthrough());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bytes.len(), big.len());
+        assert!(m.at_boundary());
+        let out = m.push(USAGE.as_bytes());
+        assert!(out[0].forward, "pass-through forwards everything");
+    }
+
+    #[test]
+    fn cut_tail_is_valid_sse_with_length_usage_and_done() {
+        let mut m = Meter::new(StreamKind::Chat, false);
+        m.push(chunk("a").as_bytes());
+        m.push(chunk("b").as_bytes());
+        let tail = m.cut_tail(true, 40, m.tokens);
+        let text = std::str::from_utf8(&tail).unwrap();
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 3);
+        let fin: serde_json::Value =
+            serde_json::from_str(events[0].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(fin["id"], "c1");
+        assert_eq!(fin["model"], "m");
+        assert_eq!(fin["choices"][0]["finish_reason"], "length");
+        let usage: serde_json::Value =
+            serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], 2);
+        assert_eq!(usage["usage"]["total_tokens"], 42);
+        assert_eq!(events[2], "data: [DONE]");
+        // Without include_usage: no usage chunk.
+        let t = m.cut_tail(false, 40, 2);
+        assert_eq!(
+            std::str::from_utf8(&t).unwrap().matches("data: ").count(),
+            2
+        );
+        let c = Meter::new(StreamKind::Completion, false).cut_tail(false, 0, 0);
+        assert!(std::str::from_utf8(&c)
+            .unwrap()
+            .contains("\"text_completion\""));
+    }
+}

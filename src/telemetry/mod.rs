@@ -1,0 +1,618 @@
+//! Metrics: counters, gauges and histograms kept with atomics on the request path, rendered in
+//! the Prometheus text format (version 0.0.4) on `server.metrics_listen` (plain HTTP,
+//! `GET /metrics`, loopback by default: metrics are for the operator, not the internet).
+//!
+//! Owns the metric families and their text form. The gateway records each finished request
+//! with one call ([`Flight::finish`]) from its audit record and each refusal with
+//! [`record_refusal`]; a [`Flight`] also counts the request as an active stream of its key and
+//! as in flight at its upstream until the response body ends or is dropped. Peer, upstream and
+//! certificate gauges are read at scrape time from the live state ([`Scrape`]), so nothing
+//! polls in the background.
+//!
+//! Hot path: one read lock of a map (to find the series of a known label set) and atomic
+//! increments; the write lock is taken only the first time a label set appears.
+//!
+//! Label cardinality is bounded: `key_id` takes only ids of keys that authenticated (bounded
+//! by the key store; refusals without a valid key use `-`), `model` only public model names
+//! that a route served (bounded by the routes; a refused request for an unknown model uses
+//! `-`), `status` only HTTP statuses, `peer` and `upstream` only names from the config. Series
+//! of keys or models that went away stay until the daemon restarts.
+
+pub mod server;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::gateway::error::ApiError;
+use crate::gateway::upstream::Upstream;
+use crate::gateway::GatewayState;
+use crate::policy::Principal;
+use crate::tunnel::PeerStats;
+
+/// Upper bounds (seconds) of the latency and TTFB histograms: from a cached 5 ms answer to a
+/// ten-minute agent turn.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A histogram with fixed buckets, updated with atomics only.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Per-bucket (not cumulative) counts; the last slot is `+Inf`.
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            buckets: (0..=LATENCY_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |v| v.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// A map of label sets to atomics: read-locked lookups, a write lock only for a new set.
+#[derive(Debug)]
+struct Family<K, V> {
+    series: RwLock<HashMap<K, V>>,
+}
+
+impl<K: Eq + Hash + Clone + Ord, V> Family<K, V> {
+    fn new() -> Self {
+        Family {
+            series: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn with<R>(&self, key: &K, make: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
+        if let Some(v) = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return f(v);
+        }
+        let mut w = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let v = w.entry(key.clone()).or_insert_with(make);
+        f(v)
+    }
+
+    /// The series sorted by label set (stable output for diffs and tests).
+    fn sorted<R>(&self, f: impl Fn(&K, &V) -> R) -> Vec<R> {
+        let r = self.series.read().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<&K> = r.keys().collect();
+        keys.sort();
+        keys.into_iter().map(|k| f(k, &r[k])).collect()
+    }
+}
+
+/// A key's active streams and its name (for `status`).
+#[derive(Debug)]
+struct Active {
+    name: String,
+    count: AtomicI64,
+}
+
+/// Every metric the daemon records (one per daemon, shared by every gateway snapshot).
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<(Arc<str>, Arc<str>, u16), AtomicU64>,
+    tokens: Family<Arc<str>, [AtomicU64; 2]>,
+    active: Family<Arc<str>, Active>,
+    duration: Histogram,
+    ttfb: Histogram,
+    reloads: [AtomicU64; 2],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A key's active streams, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveStreams {
+    pub key_id: String,
+    pub key_name: String,
+    pub count: u64,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            requests: Family::new(),
+            tokens: Family::new(),
+            active: Family::new(),
+            duration: Histogram::new(),
+            ttfb: Histogram::new(),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, key_id: &str, model: &str, status: u16) {
+        let k = (Arc::from(key_id), Arc::from(model), status);
+        self.requests.with(
+            &k,
+            || AtomicU64::new(0),
+            |c| c.fetch_add(1, Ordering::Relaxed),
+        );
+    }
+
+    /// Adds prompt and completion tokens to a key's counters.
+    pub fn tokens(&self, key_id: &str, prompt: u64, completion: u64) {
+        self.tokens.with(
+            &Arc::from(key_id),
+            || [AtomicU64::new(0), AtomicU64::new(0)],
+            |t| {
+                t[0].fetch_add(prompt, Ordering::Relaxed);
+                t[1].fetch_add(completion, Ordering::Relaxed);
+            },
+        );
+    }
+
+    /// A config reload was applied (`ok`) or refused.
+    pub fn reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests counted for `(key_id, model, status)` (tests and `status`).
+    pub fn request_count(&self, key_id: &str, model: &str, status: u16) -> u64 {
+        let k = (Arc::from(key_id), Arc::from(model), status);
+        self.requests
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&k)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Keys with at least one active stream, by key id.
+    pub fn active_streams(&self) -> Vec<ActiveStreams> {
+        self.active
+            .sorted(|id, a| ActiveStreams {
+                key_id: id.to_string(),
+                key_name: a.name.clone(),
+                count: a.count.load(Ordering::Relaxed).max(0) as u64,
+            })
+            .into_iter()
+            .filter(|a| a.count > 0)
+            .collect()
+    }
+
+    fn stream_delta(&self, key_id: &Arc<str>, name: &str, delta: i64) {
+        self.active.with(
+            key_id,
+            || Active {
+                name: name.to_string(),
+                count: AtomicI64::new(0),
+            },
+            |a| a.count.fetch_add(delta, Ordering::Relaxed),
+        );
+    }
+
+    /// The request-path families in the text format.
+    pub fn render(&self, out: &mut String) {
+        header(
+            out,
+            "modelgate_requests_total",
+            "Requests to the model endpoints (POST /v1/...), by API key id, public model and HTTP status (model \"-\" when none was routed).",
+            "counter",
+        );
+        for line in self.requests.sorted(|(key, model, status), c| {
+            format!(
+                "modelgate_requests_total{{key_id=\"{}\",model=\"{}\",status=\"{status}\"}} {}",
+                escape(key),
+                escape(model),
+                c.load(Ordering::Relaxed)
+            )
+        }) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        header(
+            out,
+            "modelgate_tokens_total",
+            "Tokens reported by the model in the response's usage, by API key id and kind (prompt, completion).",
+            "counter",
+        );
+        for line in self.tokens.sorted(|key, t| {
+            format!(
+                "modelgate_tokens_total{{key_id=\"{k}\",kind=\"prompt\"}} {}\nmodelgate_tokens_total{{key_id=\"{k}\",kind=\"completion\"}} {}",
+                t[0].load(Ordering::Relaxed),
+                t[1].load(Ordering::Relaxed),
+                k = escape(key),
+            )
+        }) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        header(
+            out,
+            "modelgate_active_streams",
+            "Responses being streamed now, by API key id.",
+            "gauge",
+        );
+        for line in self.active.sorted(|key, a| {
+            format!(
+                "modelgate_active_streams{{key_id=\"{}\"}} {}",
+                escape(key),
+                a.count.load(Ordering::Relaxed).max(0)
+            )
+        }) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        self.duration.render(
+            out,
+            "modelgate_request_duration_seconds",
+            "Time from the request's arrival to the end of its response body.",
+        );
+        self.ttfb.render(
+            out,
+            "modelgate_request_ttfb_seconds",
+            "Time from the request's arrival to the first response byte from the model.",
+        );
+        header(
+            out,
+            "modelgate_config_reloads_total",
+            "Config reloads (SIGHUP or `modelgate reload`), by result.",
+            "counter",
+        );
+        for (i, result) in ["ok", "refused"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "modelgate_config_reloads_total{{result=\"{result}\"}} {}",
+                self.reloads[i].load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// One request between routing and the end of its response: an active stream of its key and
+/// a request in flight at its upstream until dropped.
+pub struct Flight {
+    metrics: Arc<Metrics>,
+    key_id: Arc<str>,
+    upstream: Arc<Upstream>,
+}
+
+impl Flight {
+    pub fn start(
+        metrics: &Arc<Metrics>,
+        principal: &Principal,
+        upstream: &Arc<Upstream>,
+    ) -> Flight {
+        let key_id: Arc<str> = Arc::from(principal.id.as_str());
+        metrics.stream_delta(&key_id, &principal.name, 1);
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        Flight {
+            metrics: metrics.clone(),
+            key_id,
+            upstream: upstream.clone(),
+        }
+    }
+
+    /// Records the finished request (from the audit record): counter, tokens, latency, TTFB.
+    pub fn finish(
+        &self,
+        model: &str,
+        status: u16,
+        usage: Option<(u64, u64)>,
+        ttfb: Option<Duration>,
+        duration: Duration,
+    ) {
+        let m = &self.metrics;
+        m.request(&self.key_id, model, status);
+        if let Some((p, c)) = usage {
+            m.tokens(&self.key_id, p, c);
+        }
+        if let Some(t) = ttfb {
+            m.ttfb.observe(t);
+        }
+        m.duration.observe(duration);
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.metrics.stream_delta(&self.key_id, "", -1);
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a refused request (auth, policy, routing, limits, upstream failure before an answer).
+/// The model label is kept only when a route serves it, so made-up model names cannot grow
+/// the series without bound.
+pub fn record_refusal(
+    state: &GatewayState,
+    principal: Option<&Principal>,
+    model: &Option<String>,
+    error: &ApiError,
+    started: Instant,
+) {
+    let model = model
+        .as_deref()
+        .filter(|m| state.routes.route(m).is_some())
+        .unwrap_or("-");
+    let key_id = principal.map_or("-", |p| p.id.as_str());
+    state
+        .metrics
+        .request(key_id, model, error.status().as_u16());
+    state.metrics.duration.observe(started.elapsed());
+}
+
+/// What a scrape reads from the live daemon besides [`Metrics`].
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub peers: Vec<PeerStats>,
+    /// `(name, reachable, in flight)` of every configured upstream.
+    pub upstreams: Vec<(String, bool, u64)>,
+    pub certificate_not_after: Option<SystemTime>,
+}
+
+/// The full exposition: request families, then peers, upstreams and the certificate.
+pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
+    let mut out = String::with_capacity(4096);
+    metrics.render(&mut out);
+    header(
+        &mut out,
+        "modelgate_peer_last_handshake_age_seconds",
+        "Seconds since the peer's latest WireGuard handshake (absent before the first).",
+        "gauge",
+    );
+    for p in &scrape.peers {
+        if let Some(age) = p.last_handshake {
+            let _ = writeln!(
+                out,
+                "modelgate_peer_last_handshake_age_seconds{{peer=\"{}\"}} {}",
+                escape(&p.name),
+                age.as_secs_f64()
+            );
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "modelgate_peer_receive_bytes_total",
+            "Inner IP bytes received from the peer through the tunnel.",
+            (|p: &PeerStats| p.rx_bytes) as fn(&PeerStats) -> u64,
+        ),
+        (
+            "modelgate_peer_transmit_bytes_total",
+            "Inner IP bytes sent to the peer through the tunnel.",
+            |p: &PeerStats| p.tx_bytes,
+        ),
+    ] {
+        header(&mut out, name, help, "counter");
+        for p in &scrape.peers {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", escape(&p.name), pick(p));
+        }
+    }
+    header(
+        &mut out,
+        "modelgate_upstream_up",
+        "1 when the upstream answered its last GET /models, else 0.",
+        "gauge",
+    );
+    for (name, up, _) in &scrape.upstreams {
+        let _ = writeln!(
+            out,
+            "modelgate_upstream_up{{upstream=\"{}\"}} {}",
+            escape(name),
+            u8::from(*up)
+        );
+    }
+    header(
+        &mut out,
+        "modelgate_upstream_in_flight",
+        "Requests in flight at the upstream.",
+        "gauge",
+    );
+    for (name, _, n) in &scrape.upstreams {
+        let _ = writeln!(
+            out,
+            "modelgate_upstream_in_flight{{upstream=\"{}\"}} {n}",
+            escape(name)
+        );
+    }
+    if let Some(t) = scrape.certificate_not_after {
+        header(
+            &mut out,
+            "modelgate_certificate_not_after_seconds",
+            "Expiry of the HTTPS certificate, UNIX seconds.",
+            "gauge",
+        );
+        let secs = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let _ = writeln!(out, "modelgate_certificate_not_after_seconds {secs}");
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Escapes a label value as the text format requires (backslash, quote, line feed).
+pub fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::upstream::UpstreamSpec;
+    use crate::policy::KeyPolicy;
+
+    fn upstream() -> Arc<Upstream> {
+        Upstream::new(UpstreamSpec {
+            name: "vllm".into(),
+            addr: "10.20.0.5:8000".parse().unwrap(),
+            base_path: "/v1".into(),
+            api_key: None,
+            models: vec![("m".into(), "m".into())],
+            max_concurrent: None,
+        })
+    }
+
+    fn principal(id: &str) -> Principal {
+        Principal {
+            id: id.into(),
+            name: format!("{id}-name"),
+            policy: KeyPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn flight_counts_streams_and_in_flight_until_dropped() {
+        let m = Arc::new(Metrics::new());
+        let u = upstream();
+        let a = Flight::start(&m, &principal("k1"), &u);
+        let b = Flight::start(&m, &principal("k1"), &u);
+        let c = Flight::start(&m, &principal("k2"), &u);
+        assert_eq!(u.in_flight(), 3);
+        let active = m.active_streams();
+        assert_eq!(active.len(), 2);
+        assert_eq!(
+            (
+                active[0].key_id.as_str(),
+                active[0].key_name.as_str(),
+                active[0].count
+            ),
+            ("k1", "k1-name", 2)
+        );
+        a.finish(
+            "m",
+            200,
+            Some((10, 5)),
+            Some(Duration::from_millis(30)),
+            Duration::from_secs(2),
+        );
+        drop(a);
+        drop(c);
+        assert_eq!(u.in_flight(), 1);
+        assert_eq!(m.active_streams().len(), 1);
+        drop(b);
+        assert_eq!(u.in_flight(), 0);
+        assert!(m.active_streams().is_empty());
+        assert_eq!(m.request_count("k1", "m", 200), 1);
+        let text = render(&m, &Scrape::default());
+        assert!(
+            text.contains("modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("modelgate_tokens_total{key_id=\"k1\",kind=\"prompt\"} 10\n"));
+        assert!(text.contains("modelgate_tokens_total{key_id=\"k1\",kind=\"completion\"} 5\n"));
+        assert!(text.contains("modelgate_active_streams{key_id=\"k1\"} 0\n"));
+        assert!(text.contains("modelgate_request_ttfb_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(text.contains("modelgate_request_ttfb_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(text.contains("modelgate_request_duration_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains("modelgate_request_duration_seconds_sum 2\n"));
+        assert!(text.contains("modelgate_request_duration_seconds_count 1\n"));
+    }
+
+    #[test]
+    fn exposition_is_well_formed() {
+        let m = Metrics::new();
+        m.request("k\"1", "a\\b\nc", 429);
+        m.reload(true);
+        m.reload(false);
+        m.reload(false);
+        let scrape = Scrape {
+            peers: vec![PeerStats {
+                name: "corp".into(),
+                public_key: crate::wgkey::PrivateKey::generate().public_key(),
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                last_handshake: Some(Duration::from_millis(2500)),
+                rx_bytes: 7,
+                tx_bytes: 9,
+                keepalive: None,
+            }],
+            upstreams: vec![("vllm".into(), true, 3), ("down".into(), false, 0)],
+            certificate_not_after: Some(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+            ),
+        };
+        let text = render(&m, &scrape);
+        assert!(text.contains(
+            "modelgate_requests_total{key_id=\"k\\\"1\",model=\"a\\\\b\\nc\",status=\"429\"} 1\n"
+        ));
+        assert!(text.contains("modelgate_peer_last_handshake_age_seconds{peer=\"corp\"} 2.5\n"));
+        assert!(text.contains("modelgate_peer_receive_bytes_total{peer=\"corp\"} 7\n"));
+        assert!(text.contains("modelgate_peer_transmit_bytes_total{peer=\"corp\"} 9\n"));
+        assert!(text.contains("modelgate_upstream_up{upstream=\"vllm\"} 1\n"));
+        assert!(text.contains("modelgate_upstream_up{upstream=\"down\"} 0\n"));
+        assert!(text.contains("modelgate_upstream_in_flight{upstream=\"vllm\"} 3\n"));
+        assert!(text.contains("modelgate_config_reloads_total{result=\"refused\"} 2\n"));
+        assert!(text.contains("modelgate_certificate_not_after_seconds 1900000000\n"));
+        // Every line is a comment or `name{labels} value` with a numeric value; each family
+        // has exactly one TYPE line.
+        let mut types = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(types.insert(name.to_string()), "duplicate TYPE for {name}");
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(
+                value.parse::<f64>().is_ok() || value == "+Inf",
+                "bad line {line:?}"
+            );
+            assert!(line.starts_with("modelgate_"), "bad line {line:?}");
+        }
+    }
+}
