@@ -271,7 +271,8 @@ fn issuance_times_ms(log: &str) -> Vec<u64> {
 /// trusts only pebble's root streams a chat through it (openai SDK); the certificate is
 /// renewed on schedule and swapped while a long SSE stream opened before the swap (on the old
 /// certificate) runs on to `data: [DONE]`; new connections get the new certificate; the
-/// account, key and certificate are stored with mode 0600.
+/// account, key and certificate are stored with mode 0600, and a restart serves the stored
+/// certificate at once with the stored account.
 #[test]
 fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     let test = "acme_tls_alpn_issuance_and_renewal_on_the_https_port";
@@ -495,6 +496,34 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     assert!(
         !mg.log().contains("BEGIN PRIVATE KEY"),
         "key material in the log"
+    );
+    assert!(mg.log().contains("ACME account created"));
+
+    // 6. A restart serves the stored certificate at once (no placeholder) and reuses the
+    //    stored account.
+    mg.stop();
+    let mut mg = app.run_gateway(&lab);
+    let served = served_cert(&lab, &pebble.root).map(|c| c.0);
+    let stored_fp = {
+        let out = lab::run_ok(
+            Command::new("openssl")
+                .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+                .arg(app.state.join("acme/cert.pem")),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_once('=')
+            .map(|(_, v)| v.trim().replace(':', "").to_ascii_lowercase())
+            .unwrap()
+    };
+    assert_eq!(
+        served,
+        Some(stored_fp),
+        "after a restart the stored certificate was not served at once"
+    );
+    assert!(
+        !mg.log().contains("ACME account created"),
+        "the stored account was not reused:\n{}",
+        mg.log()
     );
     mg.stop();
     eprintln!("{test}: {:.1} s", t_test.elapsed().as_secs_f64());
