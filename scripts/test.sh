@@ -14,7 +14,7 @@ install_deps() {
   local need=()
   for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
               iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3 openssl:openssl \
-              pebble:pebble pebble-challtestsrv:pebble-challtestsrv; do
+              pebble:pebble pebble-challtestsrv:pebble; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
   done
   if [ ${#need[@]} -gt 0 ]; then
