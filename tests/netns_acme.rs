@@ -528,3 +528,76 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     mg.stop();
     eprintln!("{test}: {:.1} s", t_test.elapsed().as_secs_f64());
 }
+
+/// The name resolves (pebble's DNS) to an address where nothing answers on 443: the validation
+/// fails, the daemon logs why (the CA's own problem detail), keeps serving its placeholder and
+/// schedules a retry with backoff instead of hammering the CA.
+#[test]
+fn acme_validation_failure_is_reported_and_retried() {
+    let test = "acme_validation_failure_is_reported_and_retried";
+    if prerequisites(test).is_none() {
+        return;
+    }
+    let lab = Lab::up();
+    lab.add_host(&lab.edge, CLIENT_ADDR, "pebble.test");
+    let pebble = Pebble::start(&lab);
+    // wrong.test → the client namespace's own address, where no one listens on 443.
+    let out = lab.exec(
+        &lab.client,
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "-d",
+            &format!(r#"{{"host":"wrong.test","addresses":["{CLIENT_ADDR}"]}}"#),
+            "http://127.0.0.1:8055/add-a",
+        ],
+    );
+    assert!(out.status.success(), "challtestsrv add-a failed: {out:?}");
+    let app = Appliance::init_tls(
+        &lab,
+        GATEWAY_LISTEN,
+        &[
+            "--acme-domain",
+            "wrong.test",
+            "--acme-directory",
+            "https://pebble.test:14000/dir",
+            "--acme-ca-root",
+            pebble.api_ca.to_str().unwrap(),
+        ],
+    );
+    let mut mg = app.run_gateway(&lab);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let log = mg.log();
+        if let Some(l) = log.lines().find(|l| l.contains("ACME issuance failed")) {
+            break l.to_string();
+        }
+        assert!(mg.is_running(), "modelgate exited:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "no failure logged within 30 s:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{line}");
+    // pebble's own problem document, naming the challenge and the address it could not reach.
+    assert!(
+        line.contains("urn:ietf:params:acme:error:"),
+        "no CA detail: {line}"
+    );
+    assert!(
+        line.contains("tls-alpn-01") && line.contains(CLIENT_ADDR),
+        "{line}"
+    );
+    assert!(line.contains("failures=1"), "{line}");
+    assert!(
+        line.contains("retry_in_s=9") || line.contains("retry_in_s=10"),
+        "{line}"
+    );
+    // Still serving (the placeholder), not crashed, and nothing stored.
+    assert!(mg.is_running());
+    assert!(!app.state.join("acme/cert.pem").exists());
+    mg.stop();
+}

@@ -261,7 +261,10 @@ impl TlsState {
             // validation server (RFC 8737 §3). The accept loop closes those connections.
             config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
         }
-        log_loaded(&source, loaded.not_after, "TLS certificate loaded");
+        if acme_state.as_ref().is_none_or(|a| a.status().issued) {
+            // (The ACME placeholder was announced as such by `acme`.)
+            log_loaded(&source, loaded.not_after, "TLS certificate loaded");
+        }
         Ok(TlsState {
             source,
             provider,
