@@ -13,7 +13,8 @@ install_deps() {
   [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
   local need=()
   for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
-              iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3 \
+              iperf3:iperf3 nginx:nginx wrk:wrk curl:curl python3:python3 openssl:openssl \
+              pebble:pebble pebble-challtestsrv:pebble \
               systemd-analyze:systemd man:man-db strip:binutils setpriv:util-linux \
               systemd-nspawn:systemd-container debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")

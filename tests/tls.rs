@@ -357,10 +357,13 @@ fn garbage_missing_and_mismatched_files_are_refused_clearly() {
     assert!(e.contains("No such file"), "{e}");
 }
 
-#[test]
-fn acme_mode_is_not_supported_yet() {
+/// Mode `acme` before the first issuance: a placeholder is served, the listener also offers
+/// `acme-tls/1` (last, so HTTP clients never get it), and a validation handshake for a name
+/// without a challenge in progress fails instead of getting a certificate.
+#[tokio::test]
+async fn acme_mode_serves_a_placeholder_and_refuses_unsolicited_validations() {
     let dir = tempfile::tempdir().unwrap();
-    let e = load_err(
+    let state = TlsState::load(
         &TlsConfig::Acme {
             domain: "gw.example.com".into(),
             email: None,
@@ -368,6 +371,19 @@ fn acme_mode_is_not_supported_yet() {
             ca_root: None,
         },
         dir.path(),
+    )
+    .unwrap();
+    let st = state.acme_status().unwrap();
+    assert!(!st.issued, "{st:?}");
+    assert_eq!(st.directory, modelgate::tls::acme::DEFAULT_DIRECTORY);
+    assert_eq!(
+        state.server_config().alpn_protocols,
+        [&b"h2"[..], b"http/1.1", b"acme-tls/1"]
     );
-    assert!(e.contains("not supported yet"), "{e}");
+    let addr = serve(&state).await;
+    let validator = connector(&[&pki("x").ca_pem], &[b"acme-tls/1"]);
+    let e = connect(&validator, addr, "gw.example.com")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("alert"), "{e}");
 }

@@ -107,6 +107,34 @@ pub struct GatewayConfig {
     /// Completion tokens reserved for a request that sets no `max_tokens` (admission estimate
     /// against TPM and budgets; settled to the real count afterwards).
     pub default_max_tokens: u32,
+    /// Cursor compatibility switches (`compat_*`), all on by default.
+    pub compat: CompatConfig,
+}
+
+/// What the gateway adapts for Cursor (issue 6); each part can be switched off in `[gateway]`.
+/// CORS preflight and the paths without `/v1` are always served: they change nothing for
+/// other clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompatConfig {
+    /// `compat_responses_translation`: a Responses-API body (`input`, `instructions`, flat
+    /// tools) POSTed to `/chat/completions` is translated to Chat Completions for the upstream.
+    pub responses_translation: bool,
+    /// `compat_empty_content`: assistant and tool turns with `content: []` (and assistant
+    /// turns with `tool_calls: []`) are normalised before they reach the upstream.
+    pub empty_content: bool,
+    /// `compat_context_length_error`: an upstream 400 about the context length becomes
+    /// OpenAI's `context_length_exceeded` error (Cursor then summarises and retries).
+    pub context_length_error: bool,
+}
+
+impl Default for CompatConfig {
+    fn default() -> Self {
+        CompatConfig {
+            responses_translation: true,
+            empty_content: true,
+            context_length_error: true,
+        }
+    }
 }
 
 /// Default `[gateway]` values (also documented in `config/modelgate.toml`).
@@ -127,6 +155,7 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(30),
             max_queued: 1024,
             default_max_tokens: 4096,
+            compat: CompatConfig::default(),
         }
     }
 }

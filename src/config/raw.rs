@@ -160,6 +160,12 @@ pub struct RawGateway {
     pub max_queued: Option<i64>,
     /// Completion tokens reserved when a request sets no max_tokens (default 4096).
     pub default_max_tokens: Option<i64>,
+    /// Translate Responses-API bodies sent to /chat/completions (default true).
+    pub compat_responses_translation: Option<bool>,
+    /// Normalise `content: []` in assistant and tool turns (default true).
+    pub compat_empty_content: Option<bool>,
+    /// Map an upstream context-length 400 to `context_length_exceeded` (default true).
+    pub compat_context_length_error: Option<bool>,
 }
 
 /// One `[[upstream]]`: an OpenAI-compatible model server reached through the tunnel.

@@ -364,3 +364,28 @@ fn private_key_file_checks_mode_and_content() {
 }
 
 mod upstreams;
+
+#[test]
+fn compat_switches_default_on_and_each_turns_off() {
+    assert_eq!(parse(GOOD).unwrap().gateway.compat, CompatConfig::default());
+    let d = CompatConfig::default();
+    assert!(d.responses_translation && d.empty_content && d.context_length_error);
+    let c = parse(&format!(
+        "{GOOD}\n[gateway]\ncompat_responses_translation = false\ncompat_context_length_error = false\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.gateway.compat,
+        CompatConfig {
+            responses_translation: false,
+            empty_content: true,
+            context_length_error: false,
+        }
+    );
+    let e = parse(&format!(
+        "{GOOD}\n[gateway]\ncompat_empty_content = \"no\"\n"
+    ))
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    assert!(e.to_string().contains("expected a boolean"), "{e}");
+}

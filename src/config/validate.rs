@@ -979,6 +979,16 @@ fn validate_gateway(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig {
             10_000_000,
             " tokens",
         ) as u32,
+        // Booleans need no range check: TOML's types already refused anything else.
+        compat: CompatConfig {
+            responses_translation: g
+                .compat_responses_translation
+                .unwrap_or(d.compat.responses_translation),
+            empty_content: g.compat_empty_content.unwrap_or(d.compat.empty_content),
+            context_length_error: g
+                .compat_context_length_error
+                .unwrap_or(d.compat.context_length_error),
+        },
     }
 }
 

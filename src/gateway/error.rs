@@ -24,6 +24,8 @@ pub enum ApiError {
     ModelNotFound(String),
     /// The body is not JSON or lacks a required field.
     BadRequest(String),
+    /// The model server said the prompt does not fit its context window (its message kept).
+    ContextLengthExceeded(String),
     PayloadTooLarge(u64),
     NotFound,
     MethodNotAllowed,
@@ -85,7 +87,7 @@ impl ApiError {
             ApiError::Forbidden(Deny::Expired) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::ContextLengthExceeded(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TunnelDown
@@ -122,6 +124,11 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             ApiError::BadRequest(m) => (m.clone(), "invalid_request_error", None),
+            ApiError::ContextLengthExceeded(m) => (
+                m.clone(),
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+            ),
             ApiError::PayloadTooLarge(limit) => (
                 format!("Request body too large: the limit is {limit} bytes."),
                 "invalid_request_error",
@@ -199,6 +206,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::Forbidden(Deny::ModelNotAllowed(_)) => {
                 Some("model")
             }
+            ApiError::ContextLengthExceeded(_) => Some("messages"),
             _ => None,
         }
     }

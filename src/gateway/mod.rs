@@ -5,6 +5,7 @@
 //! connection's own task, never in the accept loop; a connection permit is taken before
 //! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
 
+pub mod compat;
 pub mod error;
 pub mod fair;
 mod idle;
@@ -308,6 +309,11 @@ pub async fn serve_live(
                     return;
                 }
             };
+            // An ACME TLS-ALPN-01 validation (RFC 8737 §3): done once the handshake is; never HTTP.
+            if crate::tls::acme::is_acme_alpn(tls.get_ref().1.alpn_protocol()) {
+                tracing::info!(%peer, "ACME tls-alpn-01 validation handshake served");
+                return;
+            }
             let svc = TowerToHyperService::new(app);
             let activity = Arc::new(idle::Activity::new());
             let io = idle::IdleIo::new(tls, activity.clone());

@@ -246,6 +246,10 @@ async fn forward_inner(
             return Err(refuse(err, None));
         }
     };
+    // Cursor compatibility (Responses-shaped bodies, empty content lists): from here on the
+    // body is what goes upstream.
+    let body = super::compat::request_body(endpoint, body, &state.settings.compat)
+        .map_err(|e| refuse(e, None))?;
     // Parse the top level only: values stay raw, so unknown fields pass through untouched.
     let raw: indexmap_free::Fields = serde_json::from_slice(&body).map_err(|e| {
         refuse(
@@ -388,6 +392,10 @@ async fn forward_inner(
         )
     })?;
     let resp = super::upstream::send(&state.client, up, state.settings.upstream_response_timeout)
+        .await
+        .map_err(|e| refuse(e, Some(model.clone())))?;
+    // An upstream context-length 400 becomes OpenAI's context_length_exceeded (Cursor).
+    let resp = super::compat::upstream_error(resp, &state.settings.compat)
         .await
         .map_err(|e| refuse(e, Some(model.clone())))?;
 

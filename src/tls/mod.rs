@@ -10,8 +10,12 @@
 //! install a process-wide crypto provider (every config names ring explicitly), or block an async
 //! task on file I/O (the watcher reloads on the blocking pool).
 //!
-//! ACME (TLS-ALPN-01) is a later addition; `mode = "acme"` is refused with a clear error for now.
+//! `mode = "acme"` ([`acme`]): the certificate is obtained and renewed over ACME with
+//! TLS-ALPN-01 answered by this same listener; [`TlsState::watch`] runs the renewal task
+//! instead of watching files, and the resolver serves challenge certificates to validation
+//! handshakes (`acme-tls/1`).
 
+pub mod acme;
 mod x509;
 
 use rustls::crypto::CryptoProvider;
@@ -56,9 +60,9 @@ pub enum TlsError {
         problem: String,
         fix: String,
     },
-    /// `tls.mode = "acme"`: not implemented yet.
-    #[error("tls.mode = \"acme\" is not supported yet; fix: use mode = \"files\" with a certificate obtained elsewhere (e.g. certbot's fullchain.pem and privkey.pem), or mode = \"self-signed\" for tests")]
-    AcmeNotSupported,
+    /// `tls.mode = "acme"`: the stored ACME state is unusable.
+    #[error("ACME: {problem}; fix: {fix}")]
+    Acme { problem: String, fix: String },
     /// Generating or storing the self-signed certificate failed.
     #[error("self-signed certificate for {name:?}: {problem}; fix: {fix}")]
     SelfSigned {
@@ -101,12 +105,19 @@ enum Source {
         cert: PathBuf,
         key: PathBuf,
     },
+    /// The ACME task's files (`STATE_DIR/acme/cert.pem`, `key.pem`).
+    Acme {
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
 impl Source {
     fn files(&self) -> [&Path; 2] {
         match self {
-            Source::Files { cert, key } | Source::SelfSigned { cert, key, .. } => [cert, key],
+            Source::Files { cert, key }
+            | Source::SelfSigned { cert, key, .. }
+            | Source::Acme { cert, key } => [cert, key],
         }
     }
 }
@@ -123,10 +134,19 @@ struct Loaded {
 #[derive(Debug)]
 struct SwapResolver {
     current: RwLock<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 challenge certificates (mode `acme` only).
+    challenges: Option<Arc<acme::Challenges>>,
 }
 
 impl ResolvesServerCert for SwapResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(ch) = &self.challenges {
+            if acme::offers_only_acme(hello.alpn()) {
+                // An ACME validation: its challenge certificate, or no certificate at all
+                // (the handshake fails) when no challenge for that name is in progress.
+                return ch.resolve(&hello);
+            }
+        }
         Some(
             self.current
                 .read()
@@ -165,6 +185,8 @@ pub struct TlsState {
     /// Serialises reloads (watcher and SIGHUP) and holds the files' fingerprints as of the last
     /// attempt, so the watcher reloads once per change, not every tick after a failure.
     reload: Mutex<[Option<Fingerprint>; 2]>,
+    /// The ACME account and renewal task (mode `acme`).
+    acme: Option<Arc<acme::Acme>>,
 }
 
 impl fmt::Debug for TlsState {
@@ -179,6 +201,8 @@ impl fmt::Debug for TlsState {
 impl TlsState {
     /// Loads the certificate `tls` describes. `state_dir` holds the self-signed certificate.
     pub fn load(tls: &TlsConfig, state_dir: &Path) -> Result<TlsState, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut acme_state = None;
         let source = match tls {
             TlsConfig::Files { cert, key } => Source::Files {
                 cert: cert.clone(),
@@ -190,11 +214,32 @@ impl TlsState {
                 cert: state_dir.join(SELF_SIGNED_CERT_FILE),
                 key: state_dir.join(SELF_SIGNED_KEY_FILE),
             },
-            TlsConfig::Acme { .. } => return Err(TlsError::AcmeNotSupported),
+            TlsConfig::Acme {
+                domain,
+                email,
+                directory,
+                ca_root,
+            } => {
+                let acme = acme::Acme::new(
+                    domain,
+                    email.as_deref(),
+                    directory.as_deref(),
+                    ca_root.as_deref(),
+                    state_dir,
+                    provider.clone(),
+                );
+                acme_state = Some(Arc::new(acme));
+                Source::Acme {
+                    cert: state_dir.join(acme::ACME_DIR).join(acme::CERT_FILE),
+                    key: state_dir.join(acme::ACME_DIR).join(acme::KEY_FILE),
+                }
+            }
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let fps = source.files().map(fingerprint);
-        let (loaded, wrote) = load_source(&source, &provider)?;
+        let (loaded, wrote) = match &acme_state {
+            Some(a) => (a.load_initial()?, false),
+            None => load_source(&source, &provider)?,
+        };
         let fps = if wrote {
             source.files().map(fingerprint)
         } else {
@@ -202,6 +247,7 @@ impl TlsState {
         };
         let resolver = Arc::new(SwapResolver {
             current: RwLock::new(loaded.key),
+            challenges: acme_state.as_ref().map(|a| a.challenges()),
         });
         let mut config = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -210,7 +256,15 @@ impl TlsState {
             .with_cert_resolver(resolver.clone());
         // HTTP/2 first: Cursor's backend and most clients multiplex over one connection.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        log_loaded(&source, loaded.not_after, "TLS certificate loaded");
+        if acme_state.is_some() {
+            // Last, so it is only ever chosen by a client that offers nothing else: the ACME
+            // validation server (RFC 8737 §3). The accept loop closes those connections.
+            config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
+        }
+        if acme_state.as_ref().is_none_or(|a| a.status().issued) {
+            // (The ACME placeholder was announced as such by `acme`.)
+            log_loaded(&source, loaded.not_after, "TLS certificate loaded");
+        }
         Ok(TlsState {
             source,
             provider,
@@ -218,7 +272,27 @@ impl TlsState {
             server_config: Arc::new(config),
             not_after: RwLock::new(loaded.not_after),
             reload: Mutex::new(fps),
+            acme: acme_state,
         })
+    }
+
+    /// The ACME certificate's state for `status` (mode `acme` only): expiry, serial, next
+    /// renewal, last error.
+    pub fn acme_status(&self) -> Option<acme::AcmeStatus> {
+        self.acme.as_ref().map(|a| a.status())
+    }
+
+    /// Serves `loaded` to new handshakes from now on; open connections keep theirs.
+    fn install(&self, loaded: Loaded) {
+        *self
+            .resolver
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = loaded.key;
+        *self
+            .not_after
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = loaded.not_after;
     }
 
     /// The rustls config for the listener (cheap to clone; the certificate inside is live).
@@ -245,20 +319,23 @@ impl TlsState {
 
     fn reload_locked(&self, fps: &mut [Option<Fingerprint>; 2]) -> Result<(), TlsError> {
         *fps = self.source.files().map(fingerprint);
+        if let Some(acme) = &self.acme {
+            // The renewal task owns these files; a reload re-reads what it stored (e.g. after
+            // an operator restored a backup) and otherwise keeps what is served.
+            if let Some(loaded) = acme.load_stored()? {
+                let not_after = loaded.not_after;
+                self.install(loaded);
+                log_loaded(&self.source, not_after, "TLS certificate reloaded");
+            }
+            return Ok(());
+        }
         let (loaded, wrote) = load_source(&self.source, &self.provider)?;
         if wrote {
             *fps = self.source.files().map(fingerprint);
         }
-        *self
-            .resolver
-            .current
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = loaded.key;
-        *self
-            .not_after
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = loaded.not_after;
-        log_loaded(&self.source, loaded.not_after, "TLS certificate reloaded");
+        let not_after = loaded.not_after;
+        self.install(loaded);
+        log_loaded(&self.source, not_after, "TLS certificate reloaded");
         Ok(())
     }
 
@@ -276,7 +353,13 @@ impl TlsState {
     /// (atomic renames and in-place rewrites alike), until `stop` becomes `true` or its sender
     /// is dropped. Reload failures are logged and the previous certificate stays in use; a half
     /// written pair (new certificate, old key) is retried when the second file lands.
+    ///
+    /// In mode `acme` this is the ACME task instead: it issues the first certificate, renews
+    /// it ahead of expiry and retries failures with backoff, until `stop`.
     pub async fn watch(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if let Some(acme) = self.acme.clone() {
+            return acme.run(self, stop).await;
+        }
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // The first tick is immediate; the files were just loaded.
@@ -332,6 +415,8 @@ fn load_source(source: &Source, provider: &CryptoProvider) -> Result<(Loaded, bo
             cert,
             key,
         } => load_self_signed(name, dir, cert, key, provider),
+        // Never reached: mode `acme` loads through `acme::Acme` (see `TlsState::load`).
+        Source::Acme { cert, key } => Ok((load_files(cert, key, provider)?, false)),
     }
 }
 
@@ -539,20 +624,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn acme_is_refused_clearly() {
+    fn acme_serves_a_placeholder_until_issued_then_the_stored_certificate() {
         let dir = tempfile::tempdir().unwrap();
-        let e = TlsState::load(
-            &TlsConfig::Acme {
-                domain: "gw.example.com".into(),
-                email: None,
-                directory: None,
-                ca_root: None,
-            },
-            dir.path(),
+        let cfg = TlsConfig::Acme {
+            domain: "gw.example.com".into(),
+            email: None,
+            directory: Some("https://127.0.0.1:1/dir".into()),
+            ca_root: None,
+        };
+        let a = TlsState::load(&cfg, dir.path()).unwrap();
+        let st = a.acme_status().unwrap();
+        assert!(!st.issued);
+        assert!(st.next_renewal.unwrap() <= SystemTime::now());
+        assert!(a
+            .server_config()
+            .alpn_protocols
+            .contains(&acme::ACME_TLS_ALPN.to_vec()));
+        assert_eq!(
+            a.server_config().alpn_protocols.first().map(Vec::as_slice),
+            Some(&b"h2"[..])
+        );
+
+        // A stored certificate for the domain (as the task writes it) is served at start.
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["gw.example.com".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        let cert = params.self_signed(&key_pair).unwrap();
+        let acme_dir = dir.path().join(acme::ACME_DIR);
+        std::fs::create_dir_all(&acme_dir).unwrap();
+        write_atomic(
+            &acme_dir.join(acme::KEY_FILE),
+            key_pair.serialize_pem().as_bytes(),
+            0o600,
         )
-        .unwrap_err();
-        assert!(matches!(e, TlsError::AcmeNotSupported));
-        assert!(e.to_string().contains("not supported yet; fix:"));
+        .unwrap();
+        write_atomic(
+            &acme_dir.join(acme::CERT_FILE),
+            cert.pem().as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        let b = TlsState::load(&cfg, dir.path()).unwrap();
+        let st = b.acme_status().unwrap();
+        assert!(st.issued);
+        let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(4_070_908_800); // 2099-01-01
+        assert_eq!(st.not_after, Some(exp));
+        assert_eq!(b.not_after(), Some(exp));
+        // Long-lived: renewal 30 days ahead of expiry.
+        assert_eq!(
+            st.next_renewal,
+            Some(exp - Duration::from_secs(30 * 86_400))
+        );
+
+        // Not covering the domain: back to the placeholder (and a renewal due now).
+        let other = TlsConfig::Acme {
+            domain: "other.example.com".into(),
+            email: None,
+            directory: None,
+            ca_root: None,
+        };
+        let c = TlsState::load(&other, dir.path()).unwrap();
+        assert!(!c.acme_status().unwrap().issued);
+
+        // A readable key is refused loudly.
+        std::fs::set_permissions(
+            acme_dir.join(acme::KEY_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e = TlsState::load(&cfg, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]

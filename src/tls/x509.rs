@@ -1,4 +1,5 @@
-//! Just enough X.509 reading to learn a leaf certificate's expiry and subject alternative names.
+//! Just enough X.509 reading to learn a leaf certificate's validity, serial and subject
+//! alternative names.
 //!
 //! rustls checks certificates but does not expose their fields, and rcgen only parses with an
 //! extra dependency tree (x509-parser, nom, …); the two facts modelgate needs (when does the
@@ -12,7 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// What modelgate reads from a leaf certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LeafInfo {
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The serial number's content octets (big-endian, as encoded), for logs and status.
+    pub serial: Vec<u8>,
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
 }
@@ -67,18 +71,21 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<LeafInfo, String> {
     if tag == 0xa0 {
         rest = after;
     }
-    let (_, rest) = expect(rest, 0x02, "serialNumber")?;
+    let (serial, rest) = expect(rest, 0x02, "serialNumber")?;
     let (_, rest) = expect(rest, SEQUENCE, "signature algorithm")?;
     let (_, rest) = expect(rest, SEQUENCE, "issuer")?;
     let (validity, rest) = expect(rest, SEQUENCE, "validity")?;
-    let (_, _, after_before) = tlv(validity)?;
+    let (before_tag, not_before, after_before) = tlv(validity)?;
+    let not_before = parse_time(before_tag, not_before)?;
     let (time_tag, not_after, _) = tlv(after_before)?;
     let not_after = parse_time(time_tag, not_after)?;
     let (_, rest) = expect(rest, SEQUENCE, "subject")?;
     let (_, mut rest) = expect(rest, SEQUENCE, "subjectPublicKeyInfo")?;
 
     let mut info = LeafInfo {
+        not_before,
         not_after,
+        serial: serial.to_vec(),
         dns_names: Vec::new(),
         ips: Vec::new(),
     };
@@ -212,12 +219,16 @@ mod tests {
             "::1".to_string(),
         ])
         .unwrap();
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
         params.not_after = rcgen::date_time_ymd(2031, 7, 4);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x02, 0xff]));
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let info = parse_leaf(cert.der()).unwrap();
-        // 2031-07-04T00:00:00Z
+        // 2025-01-01T00:00:00Z and 2031-07-04T00:00:00Z
+        assert_eq!(secs(info.not_before), 1_735_689_600);
         assert_eq!(secs(info.not_after), 1_940_889_600);
+        assert_eq!(info.serial, [0x01, 0x02, 0xff]);
         assert_eq!(info.dns_names, ["gw.example.com", "localhost"]);
         assert_eq!(
             info.ips,

@@ -482,6 +482,11 @@ impl Appliance {
 
     /// [`Appliance::init`] with the HTTPS gateway on `listen` (self-signed for gw.test).
     pub fn init_with(lab: &Lab, listen: &str) -> Appliance {
+        Appliance::init_tls(lab, listen, &["--self-signed", "gw.test"])
+    }
+
+    /// [`Appliance::init_with`] with the `init` TLS options `tls` (e.g. `--acme-domain …`).
+    pub fn init_tls(lab: &Lab, listen: &str, tls: &[&str]) -> Appliance {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_modelgate"));
         let dir = lab.dir.path().join("modelgate");
         fs::create_dir_all(dir.join("state")).unwrap();
@@ -501,7 +506,8 @@ impl Appliance {
                 .args(["--tunnel-address", TUNNEL_ADDRESS])
                 .arg("--state-dir")
                 .arg(dir.join("state"))
-                .args(["--listen", listen, "--self-signed", "gw.test"])
+                .args(["--listen", listen])
+                .args(tls)
                 // The default /run/modelgate/control.sock would be shared by parallel tests.
                 .arg("--control-socket")
                 .arg(dir.join("control.sock")),

@@ -14,13 +14,22 @@ COMMAND
   disconnect --model M --after N      stream, read N content chunks, close → {"closed_at": UNIX_S}
   raw-post --path P --body-file F     POST F's bytes as they are (stdlib http.client, not the SDK:
                                       the exact Cursor body) → {"status","events","times_ms",
-                                      "done","usage","content_type"}
+                                      "done","usage","content_type","peer_cert_sha256"}
+  replay --body-file F [--path P] [--typed]
+                                      POST F's JSON with the SDK's own client and parse the stream
+                                      into ChatCompletionChunk objects (P default /chat/completions,
+                                      relative to --base; --typed: chat.completions.create(**body))
+                                      → {"chunks","content","tool_calls":[{"id","name","arguments"}],
+                                      "finish_reason","usage"}, or on an HTTP error {"class",
+                                      "status","code","type","param","message"}
 
-Prints one JSON line on stdout. Retries are off (max_retries=0), timeouts bounded (30 s), so an
+Prints one JSON line on stdout. Retries are off (max_retries=0), timeouts bounded (--timeout,
+default 30 s), so an
 error surfaces as the SDK's typed exception (AuthenticationError, NotFoundError, ...).
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -39,7 +48,7 @@ def sdk(args):
         base_url=args.base,
         api_key=os.environ.get("MG_KEY", "none"),
         max_retries=0,
-        timeout=TIMEOUT_S,
+        timeout=args.timeout,
         http_client=openai.DefaultHttpxClient(verify=args.cert),
     )
 
@@ -124,15 +133,16 @@ def cmd_raw_post(args):
     with open(args.body_file, "rb") as f:
         body = f.read()
     conn = http.client.HTTPSConnection(url.hostname, url.port or 443, context=ctx,
-                                       timeout=TIMEOUT_S)
+                                       timeout=args.timeout)
     t0 = time.perf_counter()
     conn.request("POST", url.path.rstrip("/") + args.path, body=body, headers={
         "Authorization": "Bearer " + os.environ.get("MG_KEY", ""),
         "Content-Type": "application/json", "Accept": "text/event-stream",
         "User-Agent": "cursor-shaped-test"})
     resp = conn.getresponse()
+    peer = hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()
     times, buf, done, usage, events = [], b"", False, False, 0
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         data = resp.read1(65536)
         if not data:
@@ -151,13 +161,52 @@ def cmd_raw_post(args):
                 usage = True
     return {"status": resp.status, "events": events, "times_ms": times, "done": done,
             "usage": usage, "content_type": resp.getheader("content-type"),
-            "body_bytes": len(body)}
+            "body_bytes": len(body), "peer_cert_sha256": peer}
+
+
+def cmd_replay(args):
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    client = sdk(args)
+    with open(args.body_file) as f:
+        body = json.load(f)
+    try:
+        if args.typed:
+            stream = client.chat.completions.create(**body)
+        else:
+            stream = client.post(args.path, body=body, cast_to=ChatCompletionChunk, stream=True,
+                                 stream_cls=openai.Stream[ChatCompletionChunk])
+        chunks, content, calls, finish, usage = 0, [], {}, None, None
+        for ch in stream:
+            chunks += 1
+            if ch.usage is not None:
+                usage = ch.usage.model_dump()
+            for c in ch.choices:
+                if c.delta.content:
+                    content.append(c.delta.content)
+                for tc in c.delta.tool_calls or []:
+                    slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                    slot["id"] = tc.id or slot["id"]
+                    if tc.function is not None:
+                        slot["name"] += tc.function.name or ""
+                        slot["arguments"] += tc.function.arguments or ""
+                finish = c.finish_reason or finish
+    except openai.APIStatusError as e:
+        err = (e.body if isinstance(e.body, dict) else {}) or {}
+        return {"class": type(e).__name__, "status": e.status_code, "code": err.get("code"),
+                "type": err.get("type"), "param": err.get("param"),
+                "message": err.get("message")}
+    return {"chunks": chunks, "content": "".join(content),
+            "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish,
+            "usage": usage}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True)
     p.add_argument("--cert", required=True)
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("models")
     for name in ("chat", "error", "disconnect"):
@@ -174,9 +223,14 @@ def main():
     s = sub.add_parser("raw-post")
     s.add_argument("--path", required=True)
     s.add_argument("--body-file", required=True)
+    s = sub.add_parser("replay")
+    s.add_argument("--body-file", required=True)
+    s.add_argument("--path", default="/chat/completions")
+    s.add_argument("--typed", action="store_true")
     args = p.parse_args()
     out = {"models": cmd_models, "chat": cmd_chat, "error": cmd_error,
-           "disconnect": cmd_disconnect, "raw-post": cmd_raw_post}[args.cmd](args)
+           "disconnect": cmd_disconnect, "raw-post": cmd_raw_post,
+           "replay": cmd_replay}[args.cmd](args)
     print(json.dumps(out), flush=True)
 
 
