@@ -173,6 +173,20 @@ pub fn render(s: &StatusReport) -> String {
                     let _ = writeln!(o, "  certificate expires: (unknown)");
                 }
             }
+            if let Some(a) = &h.acme {
+                let state = if a.issued {
+                    format!("issued by {}", a.directory)
+                } else {
+                    "not issued yet (a self-signed placeholder is served)".to_string()
+                };
+                let _ = writeln!(o, "  acme: {} — {state}", a.domain);
+                if let Some(t) = &a.next_renewal {
+                    let _ = writeln!(o, "  next renewal: {t}");
+                }
+                if let Some(e) = &a.last_error {
+                    let _ = writeln!(o, "  last error ({} in a row): {e}", a.failures);
+                }
+            }
         }
         None => {
             let _ = writeln!(o, "https: off (no [tls] in the config)");
@@ -235,6 +249,17 @@ mod tests {
                 certificate_not_after: Some("2027-01-01T00:00:00Z".into()),
                 certificate_not_after_unix: Some(0),
                 certificate_days_left: Some(33),
+                acme: Some(crate::control::AcmeStatusReport {
+                    domain: "gw.example.com".into(),
+                    directory: "https://acme.example/dir".into(),
+                    issued: true,
+                    serial: Some("0a1b".into()),
+                    next_renewal: Some("2026-12-02T00:00:00Z".into()),
+                    next_renewal_unix: Some(0),
+                    last_issued: None,
+                    last_error: Some("connection refused".into()),
+                    failures: 2,
+                }),
             }),
             metrics_listen: Some("127.0.0.1:9464".into()),
             streams: vec![StreamStatus {
@@ -248,7 +273,7 @@ mod tests {
             "interface: modelgate (pid 42, up 7 s)\n  public key: APPKEY=\n  listening port: 51820\n",
             "peer: PEERKEY= (corp)\n  endpoint: 192.0.2.10:40000\n  allowed ips: 10.99.0.2/32, 10.20.0.0/24\n  latest handshake: 12 seconds ago\n  transfer: 2.00 KiB received, 10 B sent\n  persistent keepalive: every 25 seconds\n",
             "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3 of 8 (2 waiting)\n",
-            "https: 0.0.0.0:443\n  certificate expires: 2027-01-01T00:00:00Z (33 days left)\n",
+            "https: 0.0.0.0:443\n  certificate expires: 2027-01-01T00:00:00Z (33 days left)\n  acme: gw.example.com — issued by https://acme.example/dir\n  next renewal: 2026-12-02T00:00:00Z\n  last error (2 in a row): connection refused\n",
             "active streams:\n  abc (alice): 3\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

@@ -99,6 +99,28 @@ pub struct HttpsStatus {
     pub certificate_not_after_unix: Option<u64>,
     /// Whole days until expiry (negative once expired).
     pub certificate_days_left: Option<i64>,
+    /// `[tls] mode = "acme"` only: the ACME side; `null` otherwise.
+    #[serde(default)]
+    pub acme: Option<AcmeStatusReport>,
+}
+
+/// The ACME certificate's life cycle, for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeStatusReport {
+    pub domain: String,
+    pub directory: String,
+    /// False while the self-signed placeholder is served (before the first issuance).
+    pub issued: bool,
+    /// Serial (hex) of the certificate new handshakes get.
+    pub serial: Option<String>,
+    /// RFC 3339 UTC: when modelgate next tries to issue (renewal, or a retry after a failure).
+    pub next_renewal: Option<String>,
+    pub next_renewal_unix: Option<u64>,
+    /// RFC 3339 UTC: when this process last obtained a certificate.
+    pub last_issued: Option<String>,
+    /// The last failure (cleared by the next success) and how many in a row.
+    pub last_error: Option<String>,
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

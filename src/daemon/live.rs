@@ -132,6 +132,20 @@ impl Live {
                     certificate_not_after: not_after.map(|t| crate::cli::rfc3339_utc(unix(t))),
                     certificate_not_after_unix: not_after.map(unix),
                     certificate_days_left: not_after.map(|t| days_left(t, now)),
+                    acme: g.tls.acme_status().map(|a| {
+                        let at = |t: SystemTime| crate::cli::rfc3339_utc(unix(t));
+                        crate::control::AcmeStatusReport {
+                            domain: a.domain,
+                            directory: a.directory,
+                            issued: a.issued,
+                            serial: a.serial,
+                            next_renewal: a.next_renewal.map(at),
+                            next_renewal_unix: a.next_renewal.map(unix),
+                            last_issued: a.last_issued.map(at),
+                            last_error: a.last_error,
+                            failures: a.failures,
+                        }
+                    }),
                 };
                 (ups, Some(https))
             }
