@@ -6,6 +6,7 @@
 //! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
 
 pub mod demo;
+pub mod doctor;
 pub mod init;
 pub mod key;
 pub mod peer;
@@ -65,6 +66,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make the running daemon re-read its config; prints what changed (exit 64 if refused).
     Reload(reload::ReloadArgs),
+    /// Check every hop from the public name to the model; names the first failing one and its fix.
+    Doctor(doctor::DoctorArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
     Demo(demo::DemoArgs),
 }
@@ -133,6 +136,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run(args) => run::execute(&cli.config, args),
         Command::Status(args) => status::execute(&cli.config, args),
         Command::Reload(args) => reload::execute(&cli.config, args),
+        Command::Doctor(args) => doctor::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
     }
 }
