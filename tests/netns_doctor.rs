@@ -451,8 +451,19 @@ fn doctor_passes_then_names_each_injected_fault() {
         assert!(Instant::now() < deadline, "handshake age never grew: {s}");
         thread::sleep(Duration::from_millis(250));
     }
-    let r = c.doctor(&[ca[0], ca[1], "--handshake-max-age", &max_age]);
+    // --timeout 5s: a request into the dead tunnel may hang (see the README); keep it short.
+    let r = c.doctor(&[
+        ca[0],
+        ca[1],
+        "--handshake-max-age",
+        &max_age,
+        "--timeout",
+        "5s",
+    ]);
     assert_first_failure(&r, "peers", "corp: latest handshake");
+    let h8 = hop(&r.1, "completion");
+    eprintln!("completion with the corp peer dead: {h8}");
+    assert_eq!(h8["ok"], false, "{}", r.1);
     assert!(
         r.1["first_failure"]["detail"]
             .as_str()
@@ -508,4 +519,64 @@ fn doctor_passes_then_names_each_injected_fault() {
         assert_eq!(k["status"], "revoked", "{k}");
     }
     eprintln!("whole doctor lab test: {:?}", started.elapsed());
+}
+
+/// No root needed: an invalid config is hop 1 and exit 64 (JSON and human), the other hops are
+/// skipped, and `--help` documents the hops and exit codes.
+#[test]
+fn invalid_config_is_hop_one_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("modelgate.toml");
+    fs::write(&cfg, "[server]\nlisten = \"nope\"\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_modelgate");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["first_failing_hop"], "config", "{v:#}");
+    assert!(v["first_failure"]["fix"].as_str().is_some(), "{v:#}");
+    let statuses: Vec<&str> = v["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["fail", "skip", "skip", "skip", "skip", "skip", "skip", "skip"]
+    );
+    assert!(text(&out.stderr).contains("doctor: hop 1 (config) failed"));
+    let human = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert_eq!(human.status.code(), Some(64));
+    let t = text(&human.stdout);
+    assert!(t.contains("✗ 1 config") && t.contains("      fix: "), "{t}");
+    assert!(t.contains("- 2 listener"), "{t}");
+
+    let help = Command::new(bin)
+        .args(["doctor", "--help"])
+        .output()
+        .unwrap();
+    let h = text(&help.stdout);
+    for want in [
+        "3 certificate",
+        "listener port taken",
+        "--ca-file",
+        "--min-days",
+        "64 invalid config",
+    ] {
+        assert!(h.contains(want), "--help lacks {want:?}:\n{h}");
+    }
+    assert!(
+        !h.contains("--handshake-max-age"),
+        "the test flag is hidden"
+    );
 }

@@ -171,7 +171,8 @@ pub fn analyse(
     let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let not_before = x.validity().not_before.timestamp();
     let not_after = x.validity().not_after.timestamp();
-    let days_left = (not_after - now_s).div_euclid(86_400);
+    // Truncated toward zero: "2 days ago" for an expiry 2.5 days back, like `days_ago` below.
+    let days_left = (not_after - now_s) / 86_400;
     let subject = x.subject().to_string();
     let issuer = x.issuer().to_string();
     let mut names = Vec::new();

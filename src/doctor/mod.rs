@@ -490,7 +490,8 @@ async fn listener_hop(
                         "daemon pid {} (up {} s) accepts HTTPS on {listen}",
                         s.pid, s.uptime_seconds
                     );
-                    if listen != configured {
+                    // Port 0 in the config means "any" (tests): the daemon's real port differs.
+                    if listen != configured && configured.port() != 0 {
                         detail.push_str(&format!(
                             " (the config says {configured}: restart to apply it)"
                         ));
@@ -598,8 +599,13 @@ async fn certificate_hop(
             Some(pin),
         ),
         Ok(r) => {
+            let left = if r.days_left < 0 {
+                format!("expired {} days ago", -r.days_left)
+            } else {
+                format!("{} days left", r.days_left)
+            };
             let facts = format!(
-                "served for {} by {}, expires {} ({} days left)",
+                "served for {} by {}, expires {} ({left})",
                 if r.names.is_empty() {
                     r.subject.clone()
                 } else {
@@ -607,7 +613,6 @@ async fn certificate_hop(
                 },
                 r.issuer,
                 r.not_after,
-                r.days_left
             );
             match r.problems.first() {
                 None => (

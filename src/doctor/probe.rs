@@ -359,7 +359,7 @@ pub async fn completion(t: &Target, secret: &str, model: &str) -> Result<Streame
     tokio::time::timeout(t.timeout, work).await.map_err(|_| {
         fail(
             format!("the streamed completion did not finish within {:?}", t.timeout),
-            "the model is slow or stuck: check its load and log; raise --timeout if it is just slow",
+            "no answer in time: if hops 5 and 6 pass, the model is slow or stuck (check its load and log; raise --timeout if it is just slow); otherwise fix those first (a dead tunnel stalls requests)",
         )
     })?
 }
