@@ -230,8 +230,12 @@ impl Chain {
     /// `modelgate doctor --json --name gw.test ARGS…` inside the edge namespace: (exit code,
     /// report, wall time).
     fn doctor(&self, args: &[&str]) -> (i32, Value, Duration) {
+        self.doctor_named(NAME, args)
+    }
+
+    fn doctor_named(&self, name: &str, args: &[&str]) -> (i32, Value, Duration) {
         let t = Instant::now();
-        let out = self.doctor_raw(true, args);
+        let out = self.doctor_cmd(name, true, args);
         let took = t.elapsed();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
@@ -249,19 +253,28 @@ impl Chain {
     }
 
     fn doctor_raw(&self, json: bool, args: &[&str]) -> Output {
+        self.doctor_cmd(NAME, json, args)
+    }
+
+    fn doctor_argv<'a>(&'a self, name: &'a str, json: bool, args: &[&'a str]) -> Vec<&'a str> {
         let mut cmd = vec![
             self.app.bin.to_str().unwrap(),
             "--config",
             self.app.cfg.to_str().unwrap(),
             "doctor",
             "--name",
-            NAME,
+            name,
         ];
         if json {
             cmd.push("--json");
         }
         cmd.extend_from_slice(args);
-        self.lab.exec(&self.lab.edge, &cmd)
+        cmd
+    }
+
+    fn doctor_cmd(&self, name: &str, json: bool, args: &[&str]) -> Output {
+        self.lab
+            .exec(&self.lab.edge, &self.doctor_argv(name, json, args))
     }
 }
 
@@ -382,6 +395,23 @@ fn doctor_passes_then_names_each_injected_fault() {
     assert!(out.contains("FAILED at hop 3 (certificate)"), "{out}");
     assert!(text(&human.stderr).contains("hop 3 (certificate) failed"));
 
+    // A name no resolver can answer for (the edge namespace has no way to a DNS server): hop 4
+    // is skipped, not failed; hop 3 fails because the certificate is for gw.test.
+    let (code, v, took) = c.doctor_named("nowhere.test", &ca);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["first_failing_hop"], "certificate", "{v:#}");
+    let dns = hop(&v, "dns");
+    assert_eq!(dns["status"], "skip", "{dns}");
+    assert_eq!(dns["ok"], Value::Null);
+    assert!(
+        dns["detail"]
+            .as_str()
+            .unwrap()
+            .contains("DNS is not reachable"),
+        "{dns}"
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+
     // Fault: wrong public name (a certificate for other.test).
     c.ca.issue("other.test", -1, 90, &c.cert, &c.key);
     c.reload();
@@ -472,6 +502,36 @@ fn doctor_passes_then_names_each_injected_fault() {
         "{}",
         r.1
     );
+
+    // SIGTERM while the probe hangs in the dead tunnel: doctor stops, still revokes its key,
+    // prints its report (interrupted) and exits 1.
+    let mut slow = c.lab.spawn(
+        "doctor-interrupted",
+        Some(&c.lab.edge),
+        &c.doctor_argv(NAME, true, &[ca[0], ca[1], "--handshake-max-age", &max_age]),
+        &[],
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        slow.is_running(),
+        "doctor ended before the signal:\n{}",
+        slow.log()
+    );
+    let t = Instant::now();
+    slow.stop(); // SIGTERM by PID, SIGKILL only after 5 s
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "doctor ignored SIGTERM"
+    );
+    let log = slow.log();
+    let json_text = &log[log.find('{').unwrap()..=log.rfind("\n}").unwrap() + 1];
+    let v: Value = serde_json::from_str(json_text).unwrap_or_else(|e| panic!("{e}:\n{log}"));
+    assert_eq!(v["interrupted"], true, "{v:#}");
+    assert_eq!(v["throwaway_key"]["revoked"], true, "{v:#}");
+    assert_eq!(v["first_failing_hop"], "peers", "{v:#}");
+    assert_eq!(hop(&v, "models")["status"], "pass", "{v:#}");
+    assert_eq!(hop(&v, "completion")["status"], "skip", "{v:#}");
+    assert!(log.contains("doctor: hop 5 (peers) failed"), "{log}");
 
     // Daemon stopped, port free: hop 2 says it is not running; later hops are skipped.
     c.mg.stop();

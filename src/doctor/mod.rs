@@ -392,14 +392,17 @@ pub async fn run(opts: &Options, interrupt: impl std::future::Future<Output = ()
                 timeout: opts.timeout,
             };
             let mut key = None;
-            let probes = probe_hops(&config, &t, opts.model.as_deref(), &mut key);
+            let mut done7 = None;
+            let probes = probe_hops(&config, &t, opts.model.as_deref(), &mut key, &mut done7);
             let (h7, h8) = tokio::select! {
                 r = probes => r,
                 _ = interrupt => {
+                    // A hop cut short was not judged: skipped, not failed (the run exits 1).
                     report.interrupted = true;
+                    const CUT: &str = "skipped: interrupted (SIGINT/SIGTERM) before it finished";
                     (
-                        HopResult::fail(Hop::Models, "interrupted (SIGINT/SIGTERM) during the probes", "run doctor again"),
-                        HopResult::skip(Hop::Completion, "skipped: interrupted"),
+                        done7.take().unwrap_or_else(|| HopResult::skip(Hop::Models, CUT)),
+                        HopResult::skip(Hop::Completion, CUT),
                     )
                 }
             };
@@ -783,12 +786,14 @@ fn upstreams_hop(s: &StatusReport, config: &Config) -> HopResult {
     )
 }
 
-/// Hops 7 and 8. `key` receives the throwaway key so the caller revokes it whatever happens.
+/// Hops 7 and 8. `key` receives the throwaway key so the caller revokes it whatever happens;
+/// `done7` hop 7's verdict as soon as it is known (kept when hop 8 is interrupted).
 async fn probe_hops(
     config: &Config,
     t: &probe::Target,
     model: Option<&str>,
     key: &mut Option<probe::ThrowawayKey>,
+    done7: &mut Option<HopResult>,
 ) -> (HopResult, HopResult) {
     let k = match probe::ThrowawayKey::create(&config.server.state_dir) {
         Ok(k) => key.insert(k),
@@ -825,6 +830,7 @@ async fn probe_hops(
             format!("200 with {} model(s): {}", models.len(), models.join(", ")),
         )
     };
+    *done7 = Some(h7.clone());
     let Some(model) = model
         .map(str::to_string)
         .or_else(|| models.first().cloned())
