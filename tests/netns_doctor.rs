@@ -395,6 +395,30 @@ fn doctor_passes_then_names_each_injected_fault() {
     assert!(out.contains("FAILED at hop 3 (certificate)"), "{out}");
     assert!(text(&human.stderr).contains("hop 3 (certificate) failed"));
 
+    // A config that is not the one the daemon on that socket runs: hop 2 says so.
+    let copy = c.app.cfg.with_file_name("copy.toml");
+    fs::copy(&c.app.cfg, &copy).unwrap();
+    let out = c.lab.exec(
+        &c.lab.edge,
+        &[
+            c.app.bin.to_str().unwrap(),
+            "--config",
+            copy.to_str().unwrap(),
+            "doctor",
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    assert_eq!(v["first_failing_hop"], "listener", "{v:#}");
+    assert!(
+        v["first_failure"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("runs {}, not", c.app.cfg.display())),
+        "{v:#}"
+    );
+
     // A name no resolver can answer for (the edge namespace has no way to a DNS server): hop 4
     // is skipped, not failed; hop 3 fails because the certificate is for gw.test.
     let (code, v, took) = c.doctor_named("nowhere.test", &ca);

@@ -474,6 +474,32 @@ async fn listener_hop(
     let configured = config.server.listen;
     match client::status(socket).await {
         Ok(s) => {
+            // The daemon on this socket must run this config: hops 5-8 mix its state with this
+            // file's (key store, names) otherwise.
+            let same = |a: &std::path::Path, b: &std::path::Path| match (
+                a.canonicalize(),
+                b.canonicalize(),
+            ) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+            };
+            if !same(std::path::Path::new(&s.config), &config.path) {
+                let runs = s.config.clone();
+                return (
+                    HopResult::fail(
+                        Hop::Listener,
+                        format!(
+                            "the daemon on {} (pid {}) runs {runs}, not {}",
+                            socket.display(),
+                            s.pid,
+                            config.path.display()
+                        ),
+                        format!("check that one: `modelgate --config {runs} doctor`; or give this config its own server.control_socket"),
+                    ),
+                    None,
+                    None,
+                );
+            }
             let Some(https) = &s.https else {
                 return (
                     HopResult::fail(
