@@ -246,7 +246,8 @@ pub fn analyse(
             reason,
         });
     }
-    if problems.is_empty() && days_left < i64::from(min_days) {
+    let in_validity = (not_before..=not_after).contains(&now_s);
+    if in_validity && days_left < i64::from(min_days) {
         problems.push(Problem::ExpiresSoon {
             not_after: rfc3339(not_after),
             days_left,
@@ -593,6 +594,23 @@ mod tests {
         );
         let r = analyse(&soon.chain, "gw.test", &roots, 3, SystemTime::now()).unwrap();
         assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Several problems are all listed, the most serious first.
+        let r = analyse(
+            &soon.chain,
+            "gw.test",
+            &roots_with(None),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                &r.problems[..],
+                [Problem::Untrusted { .. }, Problem::ExpiresSoon { .. }]
+            ),
+            "{:?}",
+            r.problems
+        );
         // Self-signed.
         let ss = issue(&["gw.test"], -1, 90, true);
         let r = analyse(
