@@ -12,6 +12,7 @@
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
 //! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
+//! - [`doctor`]: `modelgate doctor`: checks every hop (config … streamed completion) and names the first failing one.
 //! - [`telemetry`]: request metrics and the Prometheus listener.
 //! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod doctor;
 pub mod firewall;
 pub mod fsutil;
 pub mod gateway;

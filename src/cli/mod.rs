@@ -6,6 +6,7 @@
 //! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
 
 pub mod demo;
+pub mod doctor;
 pub mod firewall;
 pub mod generate;
 pub mod init;
@@ -67,6 +68,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make the running daemon re-read its config; prints what changed (exit 64 if refused).
     Reload(reload::ReloadArgs),
+    /// Check every hop from the public name to the model; names the first failing one and its fix.
+    Doctor(doctor::DoctorArgs),
     /// Try it: appliance + corp peer + echo model over real WireGuard on loopback, no setup.
     Demo(demo::DemoArgs),
     /// Host firewall: nftables table inet modelgate, default drop inbound (print needs no root).
@@ -141,6 +144,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run(args) => run::execute(&cli.config, args),
         Command::Status(args) => status::execute(&cli.config, args),
         Command::Reload(args) => reload::execute(&cli.config, args),
+        Command::Doctor(args) => doctor::execute(&cli.config, args),
         Command::Demo(args) => demo::execute(args),
         Command::Firewall(cmd) => firewall::execute(&cli.config, cmd),
         Command::Generate(cmd) => generate::execute(cmd),

@@ -1,0 +1,655 @@
+//! Hop 3: the certificate the listener really serves, fetched by a TLS handshake and judged the
+//! way a public client (Cursor's backend) would: valid for the public name, chaining to a
+//! publicly trusted root, inside its validity period and not about to leave it.
+//!
+//! The handshake uses a verifier that *captures* the chain instead of judging it (the handshake
+//! signature is still checked, so the peer proved it holds the key); the judging happens here,
+//! one question at a time, so each problem gets its own sentence and fix. The captured leaf is
+//! then pinned for the HTTP probes of hops 7 and 8 ([`PinnedLeaf`]): they run even when the
+//! certificate is self-signed or expired, and trust nothing but that exact certificate.
+//!
+//! Trust anchors: Mozilla's root program as compiled into `webpki-roots`, plus `--ca-file`s.
+//! Deliberately not the host's own trust store: a private CA installed on the appliance would
+//! make this check pass while Cursor's backend, which does not share that store, refuses.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::net::TcpStream;
+
+/// Longest wait for the TCP connect plus the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What is wrong with a served certificate, most serious first (the first one is the answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// Past `notAfter`.
+    Expired { not_after: String, days_ago: i64 },
+    /// Before `notBefore` (a clock problem, or a certificate issued for the future).
+    NotYetValid { not_before: String },
+    /// Does not cover the public name; `covers` lists its DNS/IP SANs.
+    WrongName { name: String, covers: Vec<String> },
+    /// No path to a trusted root. `self_signed` when issuer == subject.
+    Untrusted {
+        self_signed: bool,
+        issuer: String,
+        reason: String,
+    },
+    /// Valid, but fewer than `min_days` days left.
+    ExpiresSoon {
+        not_after: String,
+        days_left: i64,
+        min_days: u32,
+    },
+}
+
+impl Problem {
+    pub fn describe(&self) -> String {
+        match self {
+            Problem::Expired {
+                not_after,
+                days_ago,
+            } => {
+                format!("EXPIRED on {not_after} ({days_ago} days ago): every client refuses it")
+            }
+            Problem::NotYetValid { not_before } => {
+                format!(
+                    "not valid before {not_before}: clients refuse it (check this host's clock)"
+                )
+            }
+            Problem::WrongName { name, covers } => format!(
+                "not valid for {name}: it covers {}",
+                if covers.is_empty() {
+                    "no DNS name or IP".to_string()
+                } else {
+                    covers.join(", ")
+                }
+            ),
+            Problem::Untrusted {
+                self_signed: true, ..
+            } => "self-signed, not publicly trusted: Cursor will refuse it".to_string(),
+            Problem::Untrusted { issuer, reason, .. } => {
+                format!("not publicly trusted: Cursor will refuse it (issuer {issuer}: {reason})")
+            }
+            Problem::ExpiresSoon {
+                not_after,
+                days_left,
+                min_days,
+            } => format!(
+                "expires {not_after}, in {days_left} days (less than --min-days {min_days})"
+            ),
+        }
+    }
+
+    /// The fix, worded for the config's `[tls] mode` (`files`, `self-signed`, `acme`).
+    pub fn fix(&self, mode: &str, name: &str) -> String {
+        match (self, mode) {
+            (Problem::Expired { .. } | Problem::ExpiresSoon { .. }, "acme") => "the ACME renewal is not working: read `journalctl -u modelgate` for the ACME errors (port 443 must be reachable from the internet for TLS-ALPN-01)".into(),
+            (Problem::Expired { .. } | Problem::ExpiresSoon { .. }, "self-signed") => "restart modelgate (`systemctl restart modelgate`): it generates a new self-signed certificate; for Cursor use a public certificate instead (`modelgate init --acme-domain NAME`)".into(),
+            (Problem::Expired { .. } | Problem::ExpiresSoon { .. }, _) => "renew the certificate (e.g. `certbot renew`) and put the new chain and key at tls.cert / tls.key: modelgate picks up changed files within 2 s (or run `modelgate reload`)".into(),
+            (Problem::NotYetValid { .. }, _) => "set this host's clock right (`timedatectl`, NTP), or wait until the certificate's notBefore".into(),
+            (Problem::WrongName { .. }, "acme") => format!("issue the certificate for {name}: `modelgate init --acme-domain {name}` (or, if clients use another name, pass that name with --name)"),
+            (Problem::WrongName { .. }, "self-signed") => format!("set tls.self_signed_name = \"{name}\" (or pass the name clients use with --name); for Cursor use a public certificate: `modelgate init --acme-domain {name}`"),
+            (Problem::WrongName { .. }, _) => format!("serve a certificate whose subject alternative names include {name} at tls.cert / tls.key (or, if clients use another name, pass that name with --name)"),
+            (Problem::Untrusted { self_signed: true, .. }, _) => format!("use a publicly trusted certificate: `modelgate init --acme-domain {name}` (ACME on this port), or [tls] mode = \"files\" with a public CA's chain and key (e.g. certbot's fullchain.pem and privkey.pem); to check a private CA instead pass --ca-file CA.pem"),
+            (Problem::Untrusted { .. }, _) => "serve the full chain (leaf then intermediates, e.g. certbot's fullchain.pem, not cert.pem) of a publicly trusted CA; for a private CA pass --ca-file CA.pem (Cursor will still refuse it)".into(),
+        }
+    }
+}
+
+/// The facts about a served chain that doctor reports.
+#[derive(Debug, Clone)]
+pub struct CertReport {
+    pub subject: String,
+    pub issuer: String,
+    /// DNS names and IPs of the subjectAltName extension.
+    pub names: Vec<String>,
+    pub not_after: String,
+    pub days_left: i64,
+    /// Empty when everything is fine.
+    pub problems: Vec<Problem>,
+}
+
+/// The leaf that hop 3 saw; hops 7 and 8 trust exactly this certificate and nothing else.
+#[derive(Debug, Clone)]
+pub struct PinnedLeaf(pub CertificateDer<'static>);
+
+/// Trust anchors: Mozilla's roots (`webpki-roots`) plus every certificate in `ca_files`.
+pub struct Roots {
+    extra: Vec<CertificateDer<'static>>,
+}
+
+impl Roots {
+    /// Reads the `--ca-file` PEM files; the error names the file and the fix.
+    pub fn load(ca_files: &[std::path::PathBuf]) -> Result<Roots, String> {
+        let mut extra = Vec::new();
+        for f in ca_files {
+            let pem = std::fs::read(f).map_err(|e| format!("--ca-file {}: {e}", f.display()))?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--ca-file {}: not PEM certificates: {e}", f.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "--ca-file {}: holds no -----BEGIN CERTIFICATE----- block; fix: pass the CA certificate in PEM",
+                    f.display()
+                ));
+            }
+            extra.extend(certs);
+        }
+        Ok(Roots { extra })
+    }
+
+    fn anchors(&self) -> Result<Vec<rustls::pki_types::TrustAnchor<'_>>, String> {
+        let mut v: Vec<_> = webpki_roots::TLS_SERVER_ROOTS.to_vec();
+        for c in &self.extra {
+            v.push(
+                webpki::anchor_from_trusted_cert(c)
+                    .map_err(|e| format!("a --ca-file certificate is unusable as a root: {e:?}"))?,
+            );
+        }
+        Ok(v)
+    }
+}
+
+/// Judges `chain` (leaf first) for `name` at `now`.
+pub fn analyse(
+    chain: &[CertificateDer<'_>],
+    name: &str,
+    roots: &Roots,
+    min_days: u32,
+    now: SystemTime,
+) -> Result<CertReport, String> {
+    let leaf = chain.first().ok_or("the server sent no certificate")?;
+    let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("the served certificate is not valid X.509: {e}"))?;
+    let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let not_before = x.validity().not_before.timestamp();
+    let not_after = x.validity().not_after.timestamp();
+    // Truncated toward zero: "2 days ago" for an expiry 2.5 days back, like `days_ago` below.
+    let days_left = (not_after - now_s) / 86_400;
+    let subject = x.subject().to_string();
+    let issuer = x.issuer().to_string();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        names.push(std::net::Ipv4Addr::from(a).to_string());
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        names.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    if now_s > not_after {
+        problems.push(Problem::Expired {
+            not_after: rfc3339(not_after),
+            days_ago: (now_s - not_after).div_euclid(86_400),
+        });
+    } else if now_s < not_before {
+        problems.push(Problem::NotYetValid {
+            not_before: rfc3339(not_before),
+        });
+    }
+
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| format!("the served certificate is not usable by WebPKI: {e:?}"))?;
+    let server_name = ServerName::try_from(name.to_string())
+        .map_err(|_| format!("{name:?} is not a DNS name or IP address"))?;
+    if ee.verify_is_valid_for_subject_name(&server_name).is_err() {
+        problems.push(Problem::WrongName {
+            name: name.to_string(),
+            covers: names.clone(),
+        });
+    }
+
+    // Trust is judged at a moment inside the leaf's validity, so an expired certificate is
+    // reported as expired (above) and, separately, as trusted or not.
+    let at = if now_s > not_after || now_s < not_before {
+        not_before + (not_after - not_before) / 2
+    } else {
+        now_s
+    };
+    let anchors = roots.anchors()?;
+    let intermediates = &chain[1..];
+    let verified = ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        intermediates,
+        UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64)),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    );
+    if let Err(e) = verified {
+        let self_signed = x.subject() == x.issuer();
+        let reason = match e {
+            webpki::Error::UnknownIssuer => {
+                "no chain to a trusted root (missing intermediates, or a private CA)".to_string()
+            }
+            e => format!("{e:?}"),
+        };
+        problems.push(Problem::Untrusted {
+            self_signed,
+            issuer: issuer.clone(),
+            reason,
+        });
+    }
+    let in_validity = (not_before..=not_after).contains(&now_s);
+    if in_validity && days_left < i64::from(min_days) {
+        problems.push(Problem::ExpiresSoon {
+            not_after: rfc3339(not_after),
+            days_left,
+            min_days,
+        });
+    }
+    Ok(CertReport {
+        subject,
+        issuer,
+        names,
+        not_after: rfc3339(not_after),
+        days_left,
+        problems,
+    })
+}
+
+fn rfc3339(unix: i64) -> String {
+    crate::cli::rfc3339_utc(unix.max(0) as u64)
+}
+
+/// Records the chain the server presents and accepts it; the handshake signature is still
+/// verified, so the server proved it holds the certificate's key.
+#[derive(Debug)]
+struct Capture {
+    provider: Arc<CryptoProvider>,
+    chain: Mutex<Vec<CertificateDer<'static>>>,
+}
+
+/// Accepts exactly one certificate (the pinned leaf), nothing else.
+#[derive(Debug)]
+struct Pinned {
+    provider: Arc<CryptoProvider>,
+    leaf: CertificateDer<'static>,
+}
+
+macro_rules! delegate_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
+impl ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut chain = vec![end_entity.clone().into_owned()];
+        chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        *self.chain.lock().unwrap_or_else(PoisonError::into_inner) = chain;
+        Ok(ServerCertVerified::assertion())
+    }
+    delegate_signatures!();
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.leaf.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the listener now serves another certificate than the one checked in hop 3".into(),
+            ))
+        }
+    }
+    delegate_signatures!();
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, String> {
+    let mut c = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS client setup: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(c)
+}
+
+/// The SNI to send for `name` (an IP literal sends none, as browsers do).
+pub fn server_name(name: &str, target: SocketAddr) -> ServerName<'static> {
+    ServerName::try_from(name.to_string()).unwrap_or_else(|_| ServerName::from(target.ip()))
+}
+
+/// TLS connection to `target` presenting SNI `name`, bounded by [`HANDSHAKE_TIMEOUT`].
+async fn connect(
+    target: SocketAddr,
+    name: &str,
+    config: ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let work = async {
+        let tcp = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("TCP connect to {target}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(server_name(name, target), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {target}: {e}"))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| {
+            format!("TLS handshake with {target}: no answer within {HANDSHAKE_TIMEOUT:?}")
+        })?
+}
+
+/// Handshakes with `target` (SNI `name`) and returns the chain it served, leaf first.
+pub async fn fetch_chain(
+    target: SocketAddr,
+    name: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let capture = Arc::new(Capture {
+        provider: provider(),
+        chain: Mutex::new(Vec::new()),
+    });
+    let config = client_config(capture.clone(), &[b"h2", b"http/1.1"])?;
+    let _stream = connect(target, name, config).await?;
+    let chain = std::mem::take(&mut *capture.chain.lock().unwrap_or_else(PoisonError::into_inner));
+    if chain.is_empty() {
+        return Err(format!(
+            "{target} completed a handshake without a certificate"
+        ));
+    }
+    Ok(chain)
+}
+
+/// An HTTP/1.1-over-TLS connection to `target` that trusts only `pin`.
+pub async fn connect_pinned(
+    target: SocketAddr,
+    name: &str,
+    pin: &PinnedLeaf,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let pinned = Arc::new(Pinned {
+        provider: provider(),
+        leaf: pin.0.clone(),
+    });
+    connect(target, name, client_config(pinned, &[b"http/1.1"])?).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Issued {
+        chain: Vec<CertificateDer<'static>>,
+        ca_pem: String,
+    }
+
+    fn day(offset: i64) -> time_offset::Ymd {
+        time_offset::ymd(offset)
+    }
+
+    /// Tiny date helper: rcgen wants calendar dates.
+    mod time_offset {
+        pub type Ymd = (i32, u8, u8);
+        pub fn ymd(offset_days: i64) -> Ymd {
+            let today = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+                / 86_400;
+            let days = today + offset_days;
+            // Hinnant's civil_from_days.
+            let z = days + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z.rem_euclid(146_097);
+            let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+            let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+            (y, m, d)
+        }
+    }
+
+    /// A test CA and a leaf for `names`, valid from `from` to `until` days relative to today.
+    fn issue(names: &[&str], from: i64, until: i64, self_signed: bool) -> Issued {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "doctor test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let (y, m, d) = day(from);
+        p.not_before = rcgen::date_time_ymd(y, m, d);
+        let (y, m, d) = day(until);
+        p.not_after = rcgen::date_time_ymd(y, m, d);
+        let leaf = if self_signed {
+            p.self_signed(&key).unwrap()
+        } else {
+            p.signed_by(&key, &issuer).unwrap()
+        };
+        Issued {
+            chain: vec![leaf.der().clone()],
+            ca_pem: ca_cert.pem(),
+        }
+    }
+
+    fn roots_with(ca_pem: Option<&str>) -> Roots {
+        match ca_pem {
+            None => Roots::load(&[]).unwrap(),
+            Some(pem) => {
+                let dir = tempfile::tempdir().unwrap();
+                let f = dir.path().join("ca.pem");
+                std::fs::write(&f, pem).unwrap();
+                Roots::load(&[f]).unwrap()
+            }
+        }
+    }
+
+    #[test]
+    fn a_good_chain_from_a_trusted_ca_passes() {
+        let c = issue(&["gw.test"], -1, 90, false);
+        let r = analyse(
+            &c.chain,
+            "gw.test",
+            &roots_with(Some(&c.ca_pem)),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.names, ["gw.test"]);
+        assert!((88..=90).contains(&r.days_left), "{}", r.days_left);
+    }
+
+    #[test]
+    fn each_problem_is_named() {
+        let c = issue(&["gw.test"], -1, 90, false);
+        // Without the test CA: not publicly trusted (but not self-signed).
+        let r = analyse(
+            &c.chain,
+            "gw.test",
+            &roots_with(None),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                &r.problems[..],
+                [Problem::Untrusted {
+                    self_signed: false,
+                    ..
+                }]
+            ),
+            "{:?}",
+            r.problems
+        );
+        // Wrong name.
+        let r = analyse(
+            &c.chain,
+            "other.test",
+            &roots_with(Some(&c.ca_pem)),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&r.problems[..], [Problem::WrongName { covers, .. }] if covers == &["gw.test"]),
+            "{:?}",
+            r.problems
+        );
+        // Expired, and still judged trusted apart from that.
+        let old = issue(&["gw.test"], -60, -3, false);
+        let r = analyse(
+            &old.chain,
+            "gw.test",
+            &roots_with(Some(&old.ca_pem)),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&r.problems[..], [Problem::Expired { days_ago, .. }] if (2..=3).contains(days_ago)),
+            "{:?}",
+            r.problems
+        );
+        assert!(r.problems[0].describe().starts_with("EXPIRED on "));
+        // Near expiry, against the configurable threshold.
+        let soon = issue(&["gw.test"], -30, 5, false);
+        let roots = roots_with(Some(&soon.ca_pem));
+        let r = analyse(&soon.chain, "gw.test", &roots, 14, SystemTime::now()).unwrap();
+        assert!(
+            matches!(&r.problems[..], [Problem::ExpiresSoon { .. }]),
+            "{:?}",
+            r.problems
+        );
+        let r = analyse(&soon.chain, "gw.test", &roots, 3, SystemTime::now()).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Several problems are all listed, the most serious first.
+        let r = analyse(
+            &soon.chain,
+            "gw.test",
+            &roots_with(None),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                &r.problems[..],
+                [Problem::Untrusted { .. }, Problem::ExpiresSoon { .. }]
+            ),
+            "{:?}",
+            r.problems
+        );
+        // Self-signed.
+        let ss = issue(&["gw.test"], -1, 90, true);
+        let r = analyse(
+            &ss.chain,
+            "gw.test",
+            &roots_with(None),
+            14,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                &r.problems[..],
+                [Problem::Untrusted {
+                    self_signed: true,
+                    ..
+                }]
+            ),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(
+            r.problems[0].describe(),
+            "self-signed, not publicly trusted: Cursor will refuse it"
+        );
+        assert!(r.problems[0]
+            .fix("self-signed", "gw.test")
+            .contains("--acme-domain gw.test"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let junk = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01])];
+        assert!(analyse(&junk, "gw.test", &roots_with(None), 14, SystemTime::now()).is_err());
+        assert!(analyse(&[], "gw.test", &roots_with(None), 14, SystemTime::now()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pem");
+        std::fs::write(&f, "nothing here").unwrap();
+        let e = Roots::load(&[f]).err().unwrap();
+        assert!(e.contains("no -----BEGIN CERTIFICATE-----"), "{e}");
+    }
+}

@@ -1,0 +1,666 @@
+//! `modelgate doctor` in the namespace lab (`tests/netns/lab.rs`, see `netns_gateway.rs`):
+//! client → edge (modelgate, HTTPS on 192.0.2.1:443, `[tls] mode = "files"` with a leaf signed
+//! by a test CA made here with rcgen) → corp wireguard-go from the exact `peer add` text →
+//! model (tests/netns/fake_vllm.py). Doctor runs inside the edge namespace, like an operator on
+//! the appliance; `gw.test` resolves to 192.0.2.1 there (`lab.sh hosts`).
+//!
+//! One lab, faults injected one at a time, each undone before the next: with nothing broken
+//! doctor passes (with `--ca-file` for the test CA; without it the certificate is "not publicly
+//! trusted" while the later hops still pass); then wrong public name, expired certificate,
+//! upstream stopped, corp peer stopped, daemon stopped, listener port taken. Each time doctor
+//! must name THAT hop as the first failure and exit non-zero. Every throwaway key it created is
+//! revoked at the end.
+//!
+//! Run: `cargo test --test netns_doctor` (root; without root it prints SKIPPED and passes).
+
+#[path = "netns/helper.rs"]
+mod helper;
+#[allow(dead_code)]
+#[path = "netns/lab.rs"]
+mod lab;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lab::{run_ok, Appliance, Lab, Proc, EDGE_PUBLIC, LAN_NET, MODEL_ADDR, MODEL_PORT, WG_PORT};
+use serde_json::Value;
+
+const LISTEN: &str = "192.0.2.1:443";
+const NAME: &str = "gw.test";
+const MODEL: &str = "acme-coder";
+
+/// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`).
+#[test]
+#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
+fn netns_helper_entry() {
+    helper::run_from_env();
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A test CA that issues leaves into the appliance's tls.cert / tls.key files.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: PathBuf,
+}
+
+/// (year, month, day) `offset` days from today (UTC).
+fn ymd(offset: i64) -> (i32, u8, u8) {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400
+        + offset;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    ((yoe + era * 400 + i64::from(m <= 2)) as i32, m, d)
+}
+
+impl TestCa {
+    fn new(dir: &Path) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "modelgate doctor test CA");
+        let cert = p.self_signed(&key).unwrap();
+        let pem = dir.join("test-ca.pem");
+        fs::write(&pem, cert.pem()).unwrap();
+        TestCa {
+            issuer: rcgen::Issuer::new(p, key),
+            pem,
+        }
+    }
+
+    /// Writes a leaf for `name`, valid from `from` to `until` days relative to today, to
+    /// `cert`/`key` (key first, both renamed into place, like a renewal tool does).
+    fn issue(&self, name: &str, from: i64, until: i64, cert: &Path, key: &Path) {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let (y, m, d) = ymd(from);
+        p.not_before = rcgen::date_time_ymd(y, m, d);
+        let (y, m, d) = ymd(until);
+        p.not_after = rcgen::date_time_ymd(y, m, d);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let leaf = p.signed_by(&k, &self.issuer).unwrap();
+        let tmp = key.with_extension("tmp");
+        fs::write(&tmp, k.serialize_pem()).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(&tmp, key).unwrap();
+        let tmp = cert.with_extension("tmp");
+        fs::write(&tmp, leaf.pem()).unwrap();
+        fs::rename(&tmp, cert).unwrap();
+    }
+}
+
+/// The whole chain. Fields drop in order: processes first, the lab last.
+struct Chain {
+    mg: Proc,
+    corp: Proc,
+    model: Proc,
+    app: Appliance,
+    ca: TestCa,
+    cert: PathBuf,
+    key: PathBuf,
+    lab: Lab,
+}
+
+impl Chain {
+    fn up() -> Chain {
+        let lab = Lab::up();
+        lab.add_host(&lab.edge, EDGE_PUBLIC, NAME);
+        let model = lab.start_fake_vllm(
+            &lab.dir.path().join("fake-vllm.jsonl"),
+            &["--models", &format!("{MODEL},acme-small")],
+        );
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_modelgate"));
+        let dir = lab.dir.path().join("modelgate");
+        fs::create_dir_all(dir.join("tls")).unwrap();
+        let ca = TestCa::new(lab.dir.path());
+        let cert = dir.join("tls/fullchain.pem");
+        let key = dir.join("tls/privkey.pem");
+        ca.issue(NAME, -1, 90, &cert, &key);
+        let cfg = dir.join("modelgate.toml");
+        let endpoint = format!("{EDGE_PUBLIC}:{WG_PORT}");
+        run_ok(
+            Command::new(&bin)
+                .arg("--config")
+                .arg(&cfg)
+                .args([
+                    "init",
+                    "--public-endpoint",
+                    &endpoint,
+                    "--wg-listen",
+                    &endpoint,
+                ])
+                .args(["--tunnel-address", lab::TUNNEL_ADDRESS, "--listen", LISTEN])
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .arg("--tls-cert")
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key)
+                .arg("--control-socket")
+                .arg(dir.join("control.sock")),
+        );
+        let out = run_ok(Command::new(&bin).arg("--config").arg(&cfg).args([
+            "peer",
+            "add",
+            "corp",
+            "--allowed-ips",
+            LAN_NET,
+        ]));
+        let app = Appliance {
+            bin,
+            cfg,
+            state: dir.join("state"),
+            listen: LISTEN.to_string(),
+            corp_conf: text(&out.stdout),
+        };
+        let url = format!("http://{MODEL_ADDR}:{MODEL_PORT}");
+        app.cli(&["upstream", "add", "vllm", "--url", &url]);
+        let mg = app.run_gateway(&lab);
+        let corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &app.corp_conf, true);
+        assert!(
+            lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
+            "corp wireguard-go did not complete a handshake with modelgate within 10 s"
+        );
+        let c = Chain {
+            mg,
+            corp,
+            model,
+            app,
+            ca,
+            cert,
+            key,
+            lab,
+        };
+        c.wait_upstream(true);
+        c
+    }
+
+    fn status(&self) -> Value {
+        let out = run_ok(
+            Command::new(&self.app.bin)
+                .arg("--config")
+                .arg(&self.app.cfg)
+                .args(["status", "--json"]),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits (bounded) until status shows upstream `vllm` reachable (with models) or not.
+    fn wait_upstream(&self, reachable: bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.status();
+            let u = &s["upstreams"][0];
+            let up =
+                u["reachable"] == true && u["models"].as_array().is_some_and(|m| !m.is_empty());
+            if up == reachable && (reachable || u["reachable"] == false) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstream never became reachable={reachable}: {s}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `modelgate reload` (new certificate files, a discovery round at once).
+    fn reload(&self) {
+        let out = self.app.cli(&["reload"]);
+        assert!(out.starts_with("reloaded"), "{out}");
+    }
+
+    /// `modelgate doctor --json --name gw.test ARGS…` inside the edge namespace: (exit code,
+    /// report, wall time).
+    fn doctor(&self, args: &[&str]) -> (i32, Value, Duration) {
+        self.doctor_named(NAME, args)
+    }
+
+    fn doctor_named(&self, name: &str, args: &[&str]) -> (i32, Value, Duration) {
+        let t = Instant::now();
+        let out = self.doctor_cmd(name, true, args);
+        let took = t.elapsed();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "doctor --json printed no JSON ({e}):\n{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            )
+        });
+        eprintln!(
+            "doctor {args:?}: exit {:?} in {took:?}, first failure {}",
+            out.status.code(),
+            v["first_failure"]
+        );
+        (out.status.code().unwrap_or(-1), v, took)
+    }
+
+    fn doctor_raw(&self, json: bool, args: &[&str]) -> Output {
+        self.doctor_cmd(NAME, json, args)
+    }
+
+    fn doctor_argv<'a>(&'a self, name: &'a str, json: bool, args: &[&'a str]) -> Vec<&'a str> {
+        let mut cmd = vec![
+            self.app.bin.to_str().unwrap(),
+            "--config",
+            self.app.cfg.to_str().unwrap(),
+            "doctor",
+            "--name",
+            name,
+        ];
+        if json {
+            cmd.push("--json");
+        }
+        cmd.extend_from_slice(args);
+        cmd
+    }
+
+    fn doctor_cmd(&self, name: &str, json: bool, args: &[&str]) -> Output {
+        self.lab
+            .exec(&self.lab.edge, &self.doctor_argv(name, json, args))
+    }
+}
+
+fn hop<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["hops"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["hop"] == id))
+        .unwrap_or_else(|| panic!("no hop {id} in {report}"))
+}
+
+/// Asserts doctor exited 1 and named `id` as the first failing hop, with `needle` in its detail.
+fn assert_first_failure(run: &(i32, Value, Duration), id: &str, needle: &str) {
+    let (code, v, _) = run;
+    assert_eq!(*code, 1, "{v:#}");
+    assert_eq!(v["ok"], false, "{v:#}");
+    assert_eq!(v["first_failing_hop"], id, "{v:#}");
+    let f = &v["first_failure"];
+    assert_eq!(f["hop"], id);
+    assert_eq!(f["ok"], false);
+    let detail = f["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(needle),
+        "{id}: {needle:?} not in {detail:?}"
+    );
+    assert!(
+        f["fix"].as_str().is_some_and(|s| !s.is_empty()),
+        "no fix: {f}"
+    );
+    // Every hop before it passed (or was skipped for a reason that is not a failure).
+    for h in v["hops"].as_array().unwrap() {
+        if h["hop"] == id {
+            break;
+        }
+        assert_ne!(h["ok"], false, "an earlier hop failed first: {h}");
+    }
+}
+
+#[test]
+fn doctor_passes_then_names_each_injected_fault() {
+    if lab::skip_unless_root("doctor_passes_then_names_each_injected_fault") {
+        return;
+    }
+    let started = Instant::now();
+    let mut c = Chain::up();
+    eprintln!("lab up in {:?}", started.elapsed());
+
+    // Nothing broken (the test CA trusted): every hop passes, exit 0.
+    let ca_pem = c.ca.pem.to_str().unwrap().to_string();
+    let ca = ["--ca-file", ca_pem.as_str()];
+    let healthy = c.doctor(&ca);
+    let (code, v, took) = &healthy;
+    assert_eq!(*code, 0, "{v:#}");
+    assert_eq!(v["ok"], true);
+    assert!(v["first_failure"].is_null());
+    let ids: Vec<&str> = v["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["hop"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "config",
+            "listener",
+            "certificate",
+            "dns",
+            "peers",
+            "upstreams",
+            "models",
+            "completion"
+        ]
+    );
+    for h in v["hops"].as_array().unwrap() {
+        assert_eq!(h["ok"], true, "{h}");
+        assert_eq!(h["status"], "pass", "{h}");
+        assert!(h["fix"].is_null());
+    }
+    assert!(hop(v, "dns")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("192.0.2.1"));
+    assert!(hop(v, "models")["detail"].as_str().unwrap().contains(MODEL));
+    assert!(hop(v, "completion")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("[DONE]"));
+    assert_eq!(v["throwaway_key"]["revoked"], true, "{v}");
+    eprintln!(
+        "healthy doctor: {took:?} wall, {} ms inside",
+        v["elapsed_ms"]
+    );
+
+    // The human checklist of the same.
+    let human = c.doctor_raw(false, &ca);
+    let out = text(&human.stdout);
+    eprintln!("{out}");
+    assert!(human.status.success(), "{out}");
+    assert!(out.contains("✓ 3 certificate"), "{out}");
+    assert!(out.contains("✓ 8 completion"), "{out}");
+    assert!(out.contains("OK: 8 hops pass"), "{out}");
+
+    // Without the test CA: not publicly trusted (hop 3), while the probes still run and pass.
+    let untrusted = c.doctor(&[]);
+    assert_first_failure(&untrusted, "certificate", "not publicly trusted");
+    assert_eq!(
+        hop(&untrusted.1, "completion")["ok"],
+        true,
+        "{}",
+        untrusted.1
+    );
+    let human = c.doctor_raw(false, &[]);
+    let out = text(&human.stdout);
+    eprintln!("{out}");
+    assert_eq!(human.status.code(), Some(1));
+    assert!(out.contains("✗ 3 certificate"), "{out}");
+    assert!(out.contains("      fix: "), "{out}");
+    assert!(out.contains("FAILED at hop 3 (certificate)"), "{out}");
+    assert!(text(&human.stderr).contains("hop 3 (certificate) failed"));
+
+    // A config that is not the one the daemon on that socket runs: hop 2 says so.
+    let copy = c.app.cfg.with_file_name("copy.toml");
+    fs::copy(&c.app.cfg, &copy).unwrap();
+    let out = c.lab.exec(
+        &c.lab.edge,
+        &[
+            c.app.bin.to_str().unwrap(),
+            "--config",
+            copy.to_str().unwrap(),
+            "doctor",
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    assert_eq!(v["first_failing_hop"], "listener", "{v:#}");
+    assert!(
+        v["first_failure"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("runs {}, not", c.app.cfg.display())),
+        "{v:#}"
+    );
+
+    // A name no resolver can answer for (the edge namespace has no way to a DNS server): hop 4
+    // is skipped, not failed; hop 3 fails because the certificate is for gw.test.
+    let (code, v, took) = c.doctor_named("nowhere.test", &ca);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["first_failing_hop"], "certificate", "{v:#}");
+    let dns = hop(&v, "dns");
+    assert_eq!(dns["status"], "skip", "{dns}");
+    assert_eq!(dns["ok"], Value::Null);
+    assert!(
+        dns["detail"]
+            .as_str()
+            .unwrap()
+            .contains("DNS is not reachable"),
+        "{dns}"
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+
+    // Fault: wrong public name (a certificate for other.test).
+    c.ca.issue("other.test", -1, 90, &c.cert, &c.key);
+    c.reload();
+    let r = c.doctor(&ca);
+    assert_first_failure(
+        &r,
+        "certificate",
+        "not valid for gw.test: it covers other.test",
+    );
+
+    // Fault: certificate expired.
+    c.ca.issue(NAME, -60, -2, &c.cert, &c.key);
+    c.reload();
+    let r = c.doctor(&ca);
+    assert_first_failure(&r, "certificate", "EXPIRED");
+    // Near expiry is a failure too (--min-days).
+    c.ca.issue(NAME, -60, 5, &c.cert, &c.key);
+    c.reload();
+    assert_first_failure(&c.doctor(&ca), "certificate", "less than --min-days 14");
+    let (code, v, _) = c.doctor(&[ca[0], ca[1], "--min-days", "3"]);
+    assert_eq!(code, 0, "{v:#}");
+    c.ca.issue(NAME, -1, 90, &c.cert, &c.key);
+    c.reload();
+
+    // Fault: upstream stopped (the fake model killed by PID). The reload starts a discovery
+    // round at once instead of waiting up to 30 s for the next one.
+    c.model.kill9();
+    c.reload();
+    c.wait_upstream(false);
+    let r = c.doctor(&ca);
+    assert_first_failure(&r, "upstreams", "vllm at http://10.20.0.5:8000/v1");
+    assert_eq!(hop(&r.1, "completion")["ok"], false, "{}", r.1);
+    assert_eq!(r.1["throwaway_key"]["revoked"], true);
+    c.model = c.lab.start_fake_vllm(
+        &c.lab.dir.path().join("fake-vllm2.jsonl"),
+        &["--models", MODEL],
+    );
+    c.reload();
+    c.wait_upstream(true);
+    let (code, v, _) = c.doctor(&ca);
+    assert_eq!(code, 0, "{v:#}");
+
+    // Fault: corp peer stopped (wireguard-go killed by PID). Its handshake ages from here on;
+    // --handshake-max-age = its age now + 2 s passes before the kill and fails 3 s after it.
+    let age = c.status()["peers"][0]["latest_handshake_seconds_ago"]
+        .as_u64()
+        .unwrap();
+    let max_age = (age + 2).to_string();
+    let (code, v, _) = c.doctor(&[ca[0], ca[1], "--handshake-max-age", &max_age]);
+    assert_eq!(code, 0, "{v:#}");
+    c.corp.kill9();
+    // No handshake can complete from here on: the age only grows.
+    let age = c.status()["peers"][0]["latest_handshake_seconds_ago"]
+        .as_u64()
+        .unwrap();
+    let max_age = (age + 2).to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status();
+        if s["peers"][0]["latest_handshake_seconds_ago"]
+            .as_u64()
+            .unwrap()
+            > age + 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "handshake age never grew: {s}");
+        thread::sleep(Duration::from_millis(250));
+    }
+    // --timeout 5s: a request into the dead tunnel may hang (see the README); keep it short.
+    let r = c.doctor(&[
+        ca[0],
+        ca[1],
+        "--handshake-max-age",
+        &max_age,
+        "--timeout",
+        "5s",
+    ]);
+    assert_first_failure(&r, "peers", "corp: latest handshake");
+    let h8 = hop(&r.1, "completion");
+    eprintln!("completion with the corp peer dead: {h8}");
+    assert_eq!(h8["ok"], false, "{}", r.1);
+    assert!(
+        r.1["first_failure"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("(more than {max_age} s)")),
+        "{}",
+        r.1
+    );
+
+    // SIGTERM while the probe hangs in the dead tunnel: doctor stops, still revokes its key,
+    // prints its report (interrupted) and exits 1.
+    let mut slow = c.lab.spawn(
+        "doctor-interrupted",
+        Some(&c.lab.edge),
+        &c.doctor_argv(NAME, true, &[ca[0], ca[1], "--handshake-max-age", &max_age]),
+        &[],
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        slow.is_running(),
+        "doctor ended before the signal:\n{}",
+        slow.log()
+    );
+    let t = Instant::now();
+    slow.stop(); // SIGTERM by PID, SIGKILL only after 5 s
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "doctor ignored SIGTERM"
+    );
+    let log = slow.log();
+    let json_text = &log[log.find('{').unwrap()..=log.rfind("\n}").unwrap() + 1];
+    let v: Value = serde_json::from_str(json_text).unwrap_or_else(|e| panic!("{e}:\n{log}"));
+    assert_eq!(v["interrupted"], true, "{v:#}");
+    assert_eq!(v["throwaway_key"]["revoked"], true, "{v:#}");
+    assert_eq!(v["first_failing_hop"], "peers", "{v:#}");
+    assert_eq!(hop(&v, "models")["status"], "pass", "{v:#}");
+    assert_eq!(hop(&v, "completion")["status"], "skip", "{v:#}");
+    assert!(log.contains("doctor: hop 5 (peers) failed"), "{log}");
+
+    // Daemon stopped, port free: hop 2 says it is not running; later hops are skipped.
+    c.mg.stop();
+    let r = c.doctor(&ca);
+    assert_first_failure(&r, "listener", "daemon is not running");
+    for id in ["certificate", "peers", "upstreams", "models", "completion"] {
+        assert_eq!(hop(&r.1, id)["status"], "skip", "{}", r.1);
+    }
+
+    // Fault: listener port taken (daemon stopped, another program on 192.0.2.1:443).
+    let squatter = c.lab.spawn(
+        "squatter",
+        Some(&c.lab.edge),
+        &[
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('192.0.2.1',443))\ns.listen()\nprint('listening',flush=True)\ntime.sleep(120)",
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !squatter.log().contains("listening") {
+        assert!(Instant::now() < deadline, "squatter did not listen");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let r = c.doctor(&ca);
+    assert_first_failure(&r, "listener", "listener port taken");
+    let detail = r.1["first_failure"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("python3"),
+        "the holder is not named: {detail}"
+    );
+    drop(squatter);
+
+    // Every throwaway key doctor created is revoked.
+    let keys: Value = serde_json::from_str(&c.app.cli(&["key", "list", "--json"])).unwrap();
+    let doctor_keys: Vec<&Value> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"].as_str().unwrap().starts_with("doctor-"))
+        .collect();
+    assert!(doctor_keys.len() >= 8, "{keys:#}");
+    for k in doctor_keys {
+        assert_eq!(k["status"], "revoked", "{k}");
+    }
+    eprintln!("whole doctor lab test: {:?}", started.elapsed());
+}
+
+/// No root needed: an invalid config is hop 1 and exit 64 (JSON and human), the other hops are
+/// skipped, and `--help` documents the hops and exit codes.
+#[test]
+fn invalid_config_is_hop_one_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("modelgate.toml");
+    fs::write(&cfg, "[server]\nlisten = \"nope\"\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_modelgate");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["first_failing_hop"], "config", "{v:#}");
+    assert!(v["first_failure"]["fix"].as_str().is_some(), "{v:#}");
+    let statuses: Vec<&str> = v["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["fail", "skip", "skip", "skip", "skip", "skip", "skip", "skip"]
+    );
+    assert!(text(&out.stderr).contains("doctor: hop 1 (config) failed"));
+    let human = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert_eq!(human.status.code(), Some(64));
+    let t = text(&human.stdout);
+    assert!(t.contains("✗ 1 config") && t.contains("      fix: "), "{t}");
+    assert!(t.contains("- 2 listener"), "{t}");
+
+    let help = Command::new(bin)
+        .args(["doctor", "--help"])
+        .output()
+        .unwrap();
+    let h = text(&help.stdout);
+    for want in [
+        "3 certificate",
+        "listener port taken",
+        "--ca-file",
+        "--min-days",
+        "64 invalid config",
+    ] {
+        assert!(h.contains(want), "--help lacks {want:?}:\n{h}");
+    }
+    assert!(
+        !h.contains("--handshake-max-age"),
+        "the test flag is hidden"
+    );
+}
