@@ -299,3 +299,40 @@ async fn dropping_a_stream_resets_the_server_side() {
         "server noticed after {noticed:?}"
     );
 }
+
+/// A corp peer that dies (its stack stops: no data, no ACK, no keep-alive answer) no longer
+/// leaves a connection hanging: a request written on it fails after `dead_after`, and a silent
+/// but live peer keeps its connection through several keep-alive rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_aborts_connections_after_dead_after() {
+    let tcp = TcpTuning {
+        keepalive: Duration::from_millis(200),
+        dead_after: Duration::from_millis(1000),
+        ..TcpTuning::default()
+    };
+    let LoopbackPair { appliance, corp } = LoopbackPair::start(&[], true, tcp).unwrap();
+    let p = Pair { appliance, corp };
+    let listener = p.corp.listen(8000).await.unwrap();
+    spawn_echo(listener);
+    let mut s = dial_when_up(&p, "10.99.0.2:8000".parse().unwrap()).await;
+    // Live but silent for 3 × dead_after: keep-alive probes are answered, nothing is cut.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // The peer dies.
+    p.corp.shutdown().await;
+    let t = Instant::now();
+    let _ = s.write_all(b"request").await;
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    let waited = t.elapsed();
+    match r {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("read {n} bytes from a dead peer"),
+        Err(_) => panic!("the connection to a dead peer still hangs after 10 s"),
+    }
+    println!("dead peer noticed after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+}

@@ -58,6 +58,16 @@ pub struct TcpTuning {
     pub max_connections: usize,
     /// Pending connections per listening port.
     pub listen_backlog: usize,
+    /// TCP keep-alive probes on a connection silent for this long (smoltcp `set_keep_alive`).
+    pub keepalive: Duration,
+    /// A connection whose remote sends nothing for this long — no data, no ACK, no answer to a
+    /// keep-alive probe — is aborted (smoltcp `set_timeout`). Without it, a request sent on a
+    /// pooled connection to a corp peer that died (router reboot) waited for the gateway's
+    /// 600 s first-byte timeout; now it fails with a reset (502) after this long. Longer than
+    /// one WireGuard rekey timeout (15 s), so a re-handshake does not kill streams. A model
+    /// that is silent while it prefills a long prompt still answers the probes (its kernel
+    /// does), so long prefills are not cut.
+    pub dead_after: Duration,
 }
 
 impl Default for TcpTuning {
@@ -70,6 +80,8 @@ impl Default for TcpTuning {
             ack_delay: Duration::from_millis(1),
             max_connections: 8192,
             listen_backlog: 64,
+            keepalive: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
         }
     }
 }
@@ -638,6 +650,9 @@ impl Driver {
             self.tcp.ack_delay.as_micros() as u64,
         )));
         s.set_congestion_control(tcp::CongestionControl::Cubic);
+        let d = |d: Duration| smoltcp::time::Duration::from_millis(d.as_millis() as u64);
+        s.set_keep_alive(Some(d(self.tcp.keepalive)));
+        s.set_timeout(Some(d(self.tcp.dead_after)));
         s
     }
 
