@@ -135,7 +135,30 @@ impl From<ConfigError> for CliError {
 }
 
 /// Runs the parsed command. `main` maps the error to its exit status.
+///
+/// Verbs that may create files in the state directory (keys, peers, init, doctor's throwaway
+/// key) give them to the directory's owner afterwards, so `sudo modelgate key create` does not
+/// leave root-owned files that lock out a daemon running as `modelgate`
+/// ([`crate::fsutil::adopt_dir_owner`]).
 pub fn execute(cli: Cli) -> Result<(), CliError> {
+    let touches_state = matches!(
+        cli.command,
+        Command::Init(_) | Command::Peer(_) | Command::Key(_) | Command::Doctor(_)
+    );
+    let config = cli.config.clone();
+    let result = dispatch(cli);
+    if touches_state {
+        if let Ok(c) = crate::config::Config::load(&config) {
+            let n = crate::fsutil::adopt_dir_owner(&c.server.state_dir);
+            if n > 0 {
+                tracing::debug!(files = n, dir = %c.server.state_dir.display(), "gave new state files to the state directory's owner");
+            }
+        }
+    }
+    result
+}
+
+fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init(args) => init::execute(&cli.config, args),
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
