@@ -202,7 +202,10 @@ impl Live {
                     .routes
                     .upstreams()
                     .iter()
-                    .map(|u| (u.spec.name.clone(), u.reachable(), u.in_flight()))
+                    .map(|u| {
+                        let queued = u.queue.as_ref().map_or(0, |q| q.load().1 as u64);
+                        (u.spec.name.clone(), u.reachable(), u.in_flight(), queued)
+                    })
                     .collect(),
                 g.tls.not_after(),
             ),

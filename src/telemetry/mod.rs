@@ -384,8 +384,8 @@ pub fn record_refusal(
 #[derive(Debug, Default)]
 pub struct Scrape {
     pub peers: Vec<PeerStats>,
-    /// `(name, reachable, in flight)` of every configured upstream.
-    pub upstreams: Vec<(String, bool, u64)>,
+    /// `(name, reachable, in flight, waiting for a slot)` of every configured upstream.
+    pub upstreams: Vec<(String, bool, u64, u64)>,
     pub certificate_not_after: Option<SystemTime>,
 }
 
@@ -432,7 +432,7 @@ pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
         "1 when the upstream answered its last GET /models, else 0.",
         "gauge",
     );
-    for (name, up, _) in &scrape.upstreams {
+    for (name, up, _, _) in &scrape.upstreams {
         let _ = writeln!(
             out,
             "modelgate_upstream_up{{upstream=\"{}\"}} {}",
@@ -446,10 +446,23 @@ pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
         "Requests in flight at the upstream.",
         "gauge",
     );
-    for (name, _, n) in &scrape.upstreams {
+    for (name, _, n, _) in &scrape.upstreams {
         let _ = writeln!(
             out,
             "modelgate_upstream_in_flight{{upstream=\"{}\"}} {n}",
+            escape(name)
+        );
+    }
+    header(
+        &mut out,
+        "modelgate_upstream_queued",
+        "Requests waiting for a slot at a saturated upstream (max_concurrent; fair-share queue).",
+        "gauge",
+    );
+    for (name, _, _, q) in &scrape.upstreams {
+        let _ = writeln!(
+            out,
+            "modelgate_upstream_queued{{upstream=\"{}\"}} {q}",
             escape(name)
         );
     }
@@ -578,7 +591,7 @@ mod tests {
                 tx_bytes: 9,
                 keepalive: None,
             }],
-            upstreams: vec![("vllm".into(), true, 3), ("down".into(), false, 0)],
+            upstreams: vec![("vllm".into(), true, 3, 2), ("down".into(), false, 0, 0)],
             certificate_not_after: Some(
                 SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
             ),
@@ -593,6 +606,7 @@ mod tests {
         assert!(text.contains("modelgate_upstream_up{upstream=\"vllm\"} 1\n"));
         assert!(text.contains("modelgate_upstream_up{upstream=\"down\"} 0\n"));
         assert!(text.contains("modelgate_upstream_in_flight{upstream=\"vllm\"} 3\n"));
+        assert!(text.contains("modelgate_upstream_queued{upstream=\"vllm\"} 2\n"));
         assert!(text.contains("modelgate_config_reloads_total{result=\"refused\"} 2\n"));
         assert!(text.contains("modelgate_certificate_not_after_seconds 1900000000\n"));
         // Every line is a comment or `name{labels} value` with a numeric value; each family
