@@ -2,6 +2,7 @@
 //!
 //! Module map (see `DESIGN.md` in the shared folder and the README):
 //! - [`config`]: TOML config, raw serde structs validated into [`config::Config`]; CLI edits keep comments.
+//! - [`civil`]: calendar arithmetic on UTC day numbers (budgets, certificates, RFC 3339).
 //! - [`cli`]: the `modelgate` verbs (clap), human tables and `--json`.
 //! - [`wgkey`]: WireGuard key parsing/formatting with masked private keys.
 //! - [`tunnel`]: WireGuard peers over one UDP socket (boringtun `Tunn`), AllowedIPs routing.
@@ -17,6 +18,7 @@
 //! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
 #![forbid(unsafe_code)]
 
+pub mod civil;
 pub mod cli;
 pub mod config;
 pub mod control;

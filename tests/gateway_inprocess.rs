@@ -697,10 +697,11 @@ async fn concurrency_slot_is_released_after_a_client_disconnect() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settled_usage_reaches_the_ledger() {
+/// An environment whose gateway writes usage to a ledger in a temporary state directory every
+/// 20 ms, with the models discovered.
+async fn env_with_ledger() -> (tempfile::TempDir, Env, modelgate::keys::ledger::LedgerTask) {
     let dir = tempfile::tempdir().unwrap();
-    let (writer, _task) = LedgerWriter::start(
+    let (writer, task) = LedgerWriter::start(
         Ledger::open(dir.path()).unwrap(),
         LedgerOptions {
             flush_every: Duration::from_millis(20),
@@ -709,6 +710,12 @@ async fn settled_usage_reaches_the_ledger() {
     );
     let env = env_full(true, Some(writer)).await;
     wait_for_models(&env).await;
+    (dir, env, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_usage_reaches_the_ledger() {
+    let (dir, env, _task) = env_with_ledger().await;
     let usage = || {
         Ledger::open(dir.path())
             .unwrap()
@@ -825,16 +832,7 @@ fn sse_events(body: &str) -> (Vec<serde_json::Value>, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_asked_upstream_and_stripped_when_the_client_did_not_ask() {
-    let dir = tempfile::tempdir().unwrap();
-    let (writer, _task) = LedgerWriter::start(
-        Ledger::open(dir.path()).unwrap(),
-        LedgerOptions {
-            flush_every: Duration::from_millis(20),
-            ..LedgerOptions::default()
-        },
-    );
-    let env = env_full(true, Some(writer)).await;
-    wait_for_models(&env).await;
+    let (dir, env, _task) = env_with_ledger().await;
     let body = serde_json::json!({
         "model": "echo", "stream": true,
         "messages": [{"role": "user", "content": "one two three four"}]

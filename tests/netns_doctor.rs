@@ -58,15 +58,8 @@ fn ymd(offset: i64) -> (i32, u8, u8) {
         .as_secs() as i64
         / 86_400
         + offset;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    ((yoe + era * 400 + i64::from(m <= 2)) as i32, m, d)
+    let (y, m, d) = modelgate::civil::civil_from_days(days);
+    (y as i32, m as u8, d as u8)
 }
 
 impl TestCa {

@@ -191,27 +191,8 @@ pub fn now_rfc3339() -> String {
     rfc3339_utc(secs)
 }
 
-/// Formats seconds since the Unix epoch as RFC 3339 UTC (proleptic Gregorian calendar; the
-/// days→date step is H. Hinnant's `civil_from_days`).
-pub fn rfc3339_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+/// Formats seconds since the Unix epoch as RFC 3339 UTC ([`crate::civil::rfc3339_utc`]).
+pub use crate::civil::rfc3339_utc;
 
 #[cfg(test)]
 mod tests {

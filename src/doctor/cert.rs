@@ -459,17 +459,8 @@ mod tests {
                 .unwrap()
                 .as_secs() as i64
                 / 86_400;
-            let days = today + offset_days;
-            // Hinnant's civil_from_days.
-            let z = days + 719_468;
-            let era = z.div_euclid(146_097);
-            let doe = z.rem_euclid(146_097);
-            let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-            let mp = (5 * doy + 2) / 153;
-            let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-            let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-            let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+            let (y, m, d) = crate::civil::civil_from_days(today + offset_days);
+            let (y, m, d) = (y as i32, m as u8, d as u8);
             (y, m, d)
         }
     }

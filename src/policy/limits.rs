@@ -37,6 +37,7 @@
 //! most once a minute, amortised into [`Limiter::admit`]). Keys are authenticated before they
 //! reach the limiter, so the number of entries is bounded by the key store.
 
+use crate::civil::{civil_from_days, days_from_civil};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -624,31 +625,6 @@ fn periods(wall: SystemTime) -> (u64, u64) {
 fn month_start_ms(month: u64) -> u64 {
     let (y, m) = ((month / 12) as i64, (month % 12) as u32 + 1);
     days_from_civil(y, m, 1).max(0) as u64 * DAY_MS
-}
-
-/// (year, month 1-12, day 1-31) of a day number; Howard Hinnant's `civil_from_days`.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// Day number of a civil date; Howard Hinnant's `days_from_civil`.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 impl fmt::Display for RefusalKind {
