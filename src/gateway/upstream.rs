@@ -55,8 +55,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An upstream with the default `[gateway]` queue settings.
     pub fn new(spec: UpstreamSpec) -> Arc<Upstream> {
-        Upstream::with_queue(spec, 1024, Duration::from_secs(30))
+        let d = crate::config::GatewayConfig::default();
+        Upstream::with_queue(spec, d.max_queued, d.queue_timeout)
     }
 
     /// An upstream whose queue (if `max_concurrent` is set) holds at most `max_queued`
@@ -116,10 +118,10 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// Routes with the default `[gateway]` queue settings.
     pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
-        Routes {
-            upstreams: specs.into_iter().map(Upstream::new).collect(),
-        }
+        let d = crate::config::GatewayConfig::default();
+        Routes::with_queues(specs, d.max_queued, d.queue_timeout)
     }
 
     /// Routes whose upstream queues use the gateway's queue settings.
