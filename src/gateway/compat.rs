@@ -24,7 +24,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::StatusCode;
@@ -37,39 +36,30 @@ pub use crate::config::CompatConfig;
 use crate::policy::Endpoint;
 
 /// Top-level fields with raw values, in the client's order.
-type Fields = IndexMap<String, Box<RawValue>>;
+/// A request's top-level JSON object with raw values, in the client's order, so re-serialising
+/// changes nothing but what was edited. The proxy parses a body into this once.
+pub type Fields = IndexMap<String, Box<RawValue>>;
 
 /// Most bytes of an upstream error body read to classify it.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Deadline for reading an upstream error body.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The request body the rest of the pipeline sees: for chat completions, [`translate`]d;
-/// otherwise (and when nothing needed changing) the client's bytes, untouched.
-pub fn request_body(
+/// Rewrites a parsed `/chat/completions` body in place: a Responses-shaped body becomes Chat
+/// Completions, then empty content lists are normalised. Returns whether anything changed
+/// (when not, the proxy forwards the client's bytes untouched). Other endpoints are never
+/// touched, even a Responses-shaped body at `/v1/responses`.
+pub fn translate_fields(
     endpoint: Endpoint,
-    body: Bytes,
+    fields: &mut Fields,
     cfg: &CompatConfig,
-) -> Result<Bytes, ApiError> {
+) -> Result<bool, ApiError> {
     if !matches!(endpoint, Endpoint::ChatCompletions) {
-        return Ok(body);
+        return Ok(false);
     }
-    Ok(translate(&body, cfg)?.map_or(body, Bytes::from))
-}
-
-/// Rewrites a `/chat/completions` body: a Responses-shaped body becomes Chat Completions, then
-/// empty content lists are normalised. `Ok(None)`: nothing to change (also for a body that is
-/// not a JSON object: the caller reports that as it always does).
-pub fn translate(body: &[u8], cfg: &CompatConfig) -> Result<Option<Vec<u8>>, ApiError> {
-    if !cfg.responses_translation && !cfg.empty_content {
-        return Ok(None);
-    }
-    let Ok(mut fields) = serde_json::from_slice::<Fields>(body) else {
-        return Ok(None);
-    };
     let mut changed = false;
-    if cfg.responses_translation && is_responses_shaped(&fields) {
-        fields = responses_to_chat(fields)?;
+    if cfg.responses_translation && is_responses_shaped(fields) {
+        *fields = responses_to_chat(std::mem::take(fields))?;
         changed = true;
     }
     if cfg.empty_content {
@@ -80,7 +70,16 @@ pub fn translate(body: &[u8], cfg: &CompatConfig) -> Result<Option<Vec<u8>>, Api
             }
         }
     }
-    if !changed {
+    Ok(changed)
+}
+
+/// [`translate_fields`] on raw bytes (tests and measurements): `Ok(None)` when nothing changes,
+/// also for a body that is not a JSON object.
+pub fn translate(body: &[u8], cfg: &CompatConfig) -> Result<Option<Vec<u8>>, ApiError> {
+    let Ok(mut fields) = serde_json::from_slice::<Fields>(body) else {
+        return Ok(None);
+    };
+    if !translate_fields(Endpoint::ChatCompletions, &mut fields, cfg)? {
         return Ok(None);
     }
     serde_json::to_vec(&fields)

@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tokio::time::Sleep;
 
+use super::compat::Fields;
 use super::error::ApiError;
 use super::fair::{QueueError, Slot};
 use super::meter::{Meter, StreamKind};
@@ -246,17 +247,16 @@ async fn forward_inner(
             return Err(refuse(err, None));
         }
     };
-    // Cursor compatibility (Responses-shaped bodies, empty content lists): from here on the
-    // body is what goes upstream.
-    let body = super::compat::request_body(endpoint, body, &state.settings.compat)
-        .map_err(|e| refuse(e, None))?;
-    // Parse the top level only: values stay raw, so unknown fields pass through untouched.
-    let raw: indexmap_free::Fields = serde_json::from_slice(&body).map_err(|e| {
+    // Parse the top level only, once: values stay raw, so unknown fields pass through untouched.
+    let mut raw: Fields = serde_json::from_slice(&body).map_err(|e| {
         refuse(
             ApiError::BadRequest(format!("The request body is not a JSON object: {e}")),
             None,
         )
     })?;
+    // Cursor compatibility (Responses-shaped bodies, empty content lists), in place.
+    let translated = super::compat::translate_fields(endpoint, &mut raw, &state.settings.compat)
+        .map_err(|e| refuse(e, None))?;
     let model = raw
         .get("model")
         .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
@@ -326,9 +326,9 @@ async fn forward_inner(
         .and_then(|v| v.get("include_usage").and_then(|b| b.as_bool()))
         .unwrap_or(false);
     let inject_usage = stream_kind.is_some() && !client_wants_usage;
-    // Rewrite only for aliases and the usage request; otherwise forward the client's bytes as
-    // they are.
-    let out_body = if upstream_model != model || inject_usage {
+    // Re-encode only for a translation, an alias or the usage request; otherwise forward the
+    // client's bytes as they are.
+    let out_body = if translated || upstream_model != model || inject_usage {
         let mut raw = raw;
         let bad = || {
             refuse(
@@ -478,7 +478,7 @@ fn raw_bool(v: Option<&RawValue>) -> Option<bool> {
 
 /// The request's `max_tokens`, `max_completion_tokens` (chat) or `max_output_tokens`
 /// (responses), read from the raw top-level fields.
-fn max_tokens_field(raw: &indexmap_free::Fields) -> Option<u64> {
+fn max_tokens_field(raw: &Fields) -> Option<u64> {
     ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .find_map(|f| {
@@ -552,12 +552,6 @@ impl Drop for Settlement {
     }
 }
 
-mod indexmap_free {
-    /// Top-level JSON object with raw values, in the client's order, so re-serialising
-    /// changes nothing but what we edit.
-    pub type Fields = indexmap::IndexMap<String, Box<serde_json::value::RawValue>>;
-}
-
 /// The upstream body on its way to the client: counts bytes, remembers the tail for usage,
 /// inserts SSE comments during silences, and writes the audit line when it ends or is dropped.
 ///
@@ -601,19 +595,23 @@ impl ProxyBody {
                 a.ttfb = Some(a.started.elapsed());
             }
             a.bytes_out += data.len() as u64;
-            if data.len() >= AUDIT_TAIL {
-                a.tail.clear();
-                a.tail.extend_from_slice(&data[data.len() - AUDIT_TAIL..]);
-            } else {
-                let overflow = (a.tail.len() + data.len()).saturating_sub(AUDIT_TAIL);
-                a.tail.drain(..overflow);
-                a.tail.extend_from_slice(data);
+            // A metered stream's usage and token count come from its meter; only unmetered
+            // bodies keep a tail to find the usage in.
+            if self.meter.is_none() {
+                if data.len() >= AUDIT_TAIL {
+                    a.tail.clear();
+                    a.tail.extend_from_slice(&data[data.len() - AUDIT_TAIL..]);
+                } else {
+                    let overflow = (a.tail.len() + data.len()).saturating_sub(AUDIT_TAIL);
+                    a.tail.drain(..overflow);
+                    a.tail.extend_from_slice(data);
+                }
             }
         }
         if !data.is_empty() {
             self.at_boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
         }
-        if self.sse {
+        if self.sse && self.meter.is_none() {
             self.events += data.windows(2).filter(|w| w == b"\n\n").count() as u64;
         }
     }
@@ -625,7 +623,8 @@ impl ProxyBody {
         self.slot = None;
         let outcome = if self.cut { "limit_cut" } else { outcome };
         let metered_usage = self.meter.as_ref().and_then(|m| m.usage);
-        let usage = metered_usage.or_else(|| self.audit.as_ref().and_then(|a| find_usage(&a.tail)));
+        let mut usage =
+            metered_usage.or_else(|| self.audit.as_ref().and_then(|a| find_usage(&a.tail)));
         if let Some(mut s) = self.settlement.take() {
             let used = match usage {
                 // A cut stream never saw the upstream's usage chunk: the prompt estimate and
@@ -653,6 +652,11 @@ impl ProxyBody {
                     Some((s.estimate.prompt_tokens, completion, true))
                 }
             };
+            // The audit line and metrics carry reported usage; for a cut stream, the counted
+            // tokens it was charged for.
+            if self.cut {
+                usage = used.map(|(p, c, _)| (p, c));
+            }
             s.settle(used);
         }
         if let Some(a) = self.audit.take() {
@@ -884,11 +888,10 @@ mod tests {
 
     #[test]
     fn admission_estimate_reads_max_tokens_and_counts_bytes() {
-        let raw: indexmap_free::Fields =
+        let raw: Fields =
             serde_json::from_str(r#"{"model":"m","max_completion_tokens":64}"#).unwrap();
         assert_eq!(max_tokens_field(&raw), Some(64));
-        let raw: indexmap_free::Fields =
-            serde_json::from_str(r#"{"model":"m","max_tokens":"lots"}"#).unwrap();
+        let raw: Fields = serde_json::from_str(r#"{"model":"m","max_tokens":"lots"}"#).unwrap();
         assert_eq!(max_tokens_field(&raw), None);
         let e = estimate(Endpoint::ChatCompletions, &[b'x'; 400], Some(64));
         assert_eq!((e.prompt_tokens, e.max_tokens), (100, Some(64)));
