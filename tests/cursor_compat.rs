@@ -9,6 +9,12 @@
 //! package is available (`MODELGATE_PYTHON`, default `.venv/bin/python`), parsed by the openai
 //! SDK, tool calls included. Without python3 or the fixture the tests print SKIPPED and pass.
 
+// Shared by several test targets; not every helper is used by each.
+#[allow(dead_code)]
+#[path = "common/sdk.rs"]
+mod sdk;
+use sdk::{manifest_path, sdk_python};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,10 +44,6 @@ const GPT_MODEL: &str = "gpt-5-acme";
 /// The fake's context window in tokens (it counts body bytes / 4).
 const MAX_MODEL_LEN: usize = 60_000;
 
-fn manifest_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
 fn have_python_and_fixture(test: &str) -> bool {
     let py = Command::new("python3")
         .arg("--version")
@@ -52,18 +54,6 @@ fn have_python_and_fixture(test: &str) -> bool {
         return false;
     }
     true
-}
-
-/// The interpreter with the openai SDK, if any.
-fn sdk_python() -> Option<PathBuf> {
-    let py = std::env::var_os("MODELGATE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_path(".venv/bin/python"));
-    Command::new(&py)
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-        .then_some(py)
 }
 
 /// `cursor_requests.py SHAPE --history-kb KB [--model M]` → the body.

@@ -18,6 +18,9 @@
 
 #[path = "netns/helper.rs"]
 mod helper;
+#[path = "common/sdk.rs"]
+mod sdk;
+use sdk::manifest_path;
 // Shared with tests/netns.rs; not every helper is used by both targets.
 #[allow(dead_code)]
 #[path = "netns/lab.rs"]
@@ -48,32 +51,12 @@ fn netns_helper_entry() {
     helper::run_from_env();
 }
 
-fn manifest_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
 /// The interpreter with the openai SDK, or None after printing why the test is skipped.
 fn python_or_skip(test: &str) -> Option<PathBuf> {
     if lab::skip_unless_root(test) {
         return None;
     }
-    let py = std::env::var_os("MODELGATE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_path(".venv/bin/python"));
-    let ok = Command::new(&py)
-        .args(["-c", "import openai"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!(
-            "SKIPPED {test}: no Python with the openai SDK at {} (set MODELGATE_PYTHON, or run \
-             scripts/test.sh, which creates .venv with `pip install openai`)",
-            py.display()
-        );
-        return None;
-    }
-    Some(py)
+    sdk::sdk_python_or_skip(test)
 }
 
 fn unix_now() -> f64 {
