@@ -2,7 +2,7 @@
 # Gateway benchmark: modelgate (TLS + key auth + userspace tunnel, in the edge) against nginx (TLS
 # with its own self-signed certificate + a static Bearer-key check + proxy_pass over a
 # wireguard-go ↔ wireguard-go TUN tunnel), in one namespace lab (scripts/lab.sh), one run, against
-# the same fake vLLM (tests/netns/fake_vllm.py) in the model namespace.
+# the same fake vLLM (tests/python/fake_vllm.py) in the model namespace.
 #
 #   N (anchor)    nginx on 192.0.2.1:443 in the edge; `map $http_authorization $ok` + `return 401`;
 #                 proxy_pass to 10.20.0.5:8000 over wireguard-go (kernel route via its TUN),
@@ -80,7 +80,7 @@ STREAM_BODY='{"model":"acme-coder","messages":[{"role":"user","content":"Say hel
 
 # --- model namespace -----------------------------------------------------------------------------
 start_model() {
-    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/netns/fake_vllm.py" "$MODEL_ADDR" 8000 \
+    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/python/fake_vllm.py" "$MODEL_ADDR" 8000 \
         --models "$MODEL" --token-delay-ms 0 >"$WORK/fake-vllm.log" 2>&1 &
     MODEL_PID=$!
     PIDS+=("$MODEL_PID")

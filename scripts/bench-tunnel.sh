@@ -14,7 +14,7 @@
 #   2. HTTP keep-alive GET latency p50/p99, one connection: wrk -t1 -c1 -dDURATION --latency
 #      against nginx in the model namespace serving a small static body
 #   3. time to the first SSE event p50/p99, one keep-alive connection, 500 requests
-#      (scripts/lib/sse_first_chunk.py against tests/netns/model_server.py)
+#      (scripts/lib/sse_first_chunk.py against tests/python/model_server.py)
 #   4. idle CPU of the appliance-side process (modelgate, or the edge wireguard-go for A) with the
 #      peer connected, over IDLE seconds, from /proc/PID/stat utime+stime, % of one core
 #
@@ -98,7 +98,7 @@ EOF
     PIDS+=("$!")
     ip netns exec "$NS_MODEL" iperf3 -s -B "$MODEL_ADDR" -p 5201 >"$WORK/iperf3-server.log" 2>&1 &
     PIDS+=("$!")
-    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/netns/model_server.py" "$MODEL_ADDR" 8000 \
+    ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/python/model_server.py" "$MODEL_ADDR" 8000 \
         >"$WORK/model-server.log" 2>&1 &
     PIDS+=("$!")
     # Wait until both listen (bounded).

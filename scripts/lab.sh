@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Network-namespace lab for modelgate: the topology of LAB.md, built and torn down by name tag.
+# Network-namespace lab for modelgate: the test topology, built and torn down by name tag.
 #
 #   [client] 192.0.2.10 ── 192.0.2.1 [edge]      the appliance's "public" address; modelgate runs here
 #                          198.51.100.1          (edge forwards nothing: ip_forward=0)

@@ -10,7 +10,8 @@
 # Needs root, systemd-container and debootstrap (installed with apt when missing) and Debian's
 # archive. The debootstrapped root is cached as a tarball ($MODELGATE_BOOT_CACHE, default
 # /var/tmp/modelgate-boot-root.tar) so only the first run on a machine pays for it (~2 min).
-# tests/systemd.rs runs this with the .deb that scripts/build-deb.sh makes from the debug binary.
+# tests/system/systemd.rs runs this with the .deb that scripts/build-deb.sh makes from the debug
+# binary.
 #
 # The daemon side of sd_notify may not be in the binary under test: when the binary never
 # mentions NOTIFY_SOCKET, a drop-in switches the unit to Type=exec for this boot (everything

@@ -40,8 +40,8 @@ install_python() {
 }
 
 install_cargo_deb() {
-  # tests/packaging.rs builds the .deb with cargo-deb (not in Debian's archive). A few minutes
-  # once per machine; MODELGATE_SKIP_DEB=1 skips it and that test.
+  # tests/system/packaging.rs builds the .deb with cargo-deb (not in Debian's archive). A few
+  # minutes once per machine; MODELGATE_SKIP_DEB=1 skips it and that test.
   [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
   [ "${MODELGATE_SKIP_DEB:-0}" = 1 ] && return 0
   command -v cargo-deb >/dev/null 2>&1 && return 0

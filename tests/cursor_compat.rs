@@ -1,6 +1,6 @@
 //! Cursor's request shapes end to end, in one process and without root: the gateway (HTTPS on
 //! loopback, port 0) → a real WireGuard tunnel (two netstacks over loopback UDP) → a bridge →
-//! `tests/netns/fake_vllm.py` (a vLLM-like server with tool calls, a context limit, and vLLM's
+//! `tests/python/fake_vllm.py` (a vLLM-like server with tool calls, a context limit, and vLLM's
 //! request validation) on loopback.
 //!
 //! The bodies come from `../shared/fixtures/cursor_requests.py` (Chat Completions with tools and
@@ -105,7 +105,7 @@ impl Env {
             .unwrap()
             .port();
         let fake = Command::new("python3")
-            .arg(manifest_path("tests/netns/fake_vllm.py"))
+            .arg(manifest_path("tests/python/fake_vllm.py"))
             .args(["127.0.0.1", &port.to_string(), "--log"])
             .arg(&fake_log)
             .args(["--models", &format!("{CHAT_MODEL},{GPT_MODEL}")])
@@ -284,7 +284,7 @@ impl Env {
         let file = self.dir.path().join(format!("body-{}.json", body.len()));
         std::fs::write(&file, body).unwrap();
         let out = Command::new(py)
-            .arg(manifest_path("tests/netns/openai_client.py"))
+            .arg(manifest_path("tests/python/openai_client.py"))
             .args([
                 "--base",
                 &format!("https://localhost:{}{base}", self.addr.port()),

@@ -7,7 +7,7 @@
 
 Sends COUNT sequential requests on one connection (Nagle off) and prints "p50_ms p99_ms" of the
 time from sending a request to receiving its first event. Without options each request is
-`GET /stream?n=2&delay_ms=5` to tests/netns/model_server.py over plain HTTP; with --post it is a
+`GET /stream?n=2&delay_ms=5` to tests/python/model_server.py over plain HTTP; with --post it is a
 POST of JSON (e.g. a streaming chat completion) and with --tls the connection is HTTPS, verified
 against CAFILE for NAME. Any status but 200 ends the run with an error. The loop is bounded by
 COUNT and a 60 s deadline.

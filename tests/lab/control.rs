@@ -3,87 +3,29 @@
 //!
 //! - `notify_status_reload_and_stop_on_loopback` needs no root: the daemon on loopback ports
 //!   with `NOTIFY_SOCKET` pointing at a datagram socket the test reads.
-//! - The others (root) use the namespace lab of `tests/netns/lab.rs` (see `netns_gateway.rs`):
-//!   client → edge (modelgate, HTTPS on 192.0.2.1:443) → corp wireguard-go from the exact
-//!   `peer add` text → model (tests/netns/fake_vllm.py). Clients are curl and
-//!   `scripts/lib/sse_hold.py` (stdlib asyncio, N concurrent SSE streams counted to `[DONE]`),
-//!   so no Python venv is needed.
-//!
-//! Run: `cargo test --test netns_control` (as root for the lab tests; without root they print
-//! SKIPPED and pass).
-
-#[path = "netns/helper.rs"]
-mod helper;
-#[allow(dead_code)]
-#[path = "netns/lab.rs"]
-mod lab;
+//! - The others (root) use the whole chain of `harness::chain` (client → edge → corp
+//!   wireguard-go → fake model). Clients are curl and `scripts/lib/sse_hold.py` (stdlib asyncio,
+//!   N concurrent SSE streams counted to `[DONE]`), so no Python venv is needed.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::{Appliance, Lab, Proc, EDGE_PUBLIC, MODEL_ADDR, MODEL_PORT};
 use serde_json::Value;
 
-const GATEWAY_LISTEN: &str = "192.0.2.1:443";
-const MODEL: &str = "acme-coder";
-
-/// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`).
-#[test]
-#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
-fn netns_helper_entry() {
-    helper::run_from_env();
-}
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_modelgate"))
-}
-
-fn manifest_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn mg(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .expect("run modelgate")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn status_json(cfg: &Path) -> Value {
-    let out = mg(cfg, &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "status --json failed: {}",
-        text(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
-}
+use crate::harness::chain::{Chain, Key, Spec, GATEWAY_LISTEN, MODEL, NAME};
+use crate::harness::lab::{EDGE_PUBLIC, MODEL_ADDR, MODEL_PORT};
+use crate::harness::prereq::{check, Needs};
+use crate::harness::proc::{
+    self, bin, manifest_path, modelgate, signal, status_json, text, wait_for, Proc,
+};
 
 fn peer<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["peers"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == name))
         .unwrap_or_else(|| panic!("no peer {name} in {status}"))
-}
-
-/// `kill -SIG PID` (the daemon's PID, from its own status or its Child).
-fn signal(pid: u64, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill -{sig} {pid} failed");
 }
 
 /// A plain HTTP GET of `path` on `addr` (std only); returns the whole answer.
@@ -98,18 +40,6 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
-}
-
-/// A daemon started by the non-root test, killed by PID if the test fails before stopping it.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
 }
 
 /// The next sd_notify datagram (bounded wait).
@@ -131,10 +61,9 @@ fn notify_status_reload_and_stop_on_loopback() {
     let d = dir.path();
     let cfg = d.join("modelgate.toml");
     let sock = d.join("run/control.sock");
-    let init = Command::new(bin())
-        .arg("--config")
-        .arg(&cfg)
-        .args([
+    let init = modelgate(
+        &cfg,
+        &[
             "init",
             "--public-endpoint",
             "127.0.0.1:51820",
@@ -146,13 +75,12 @@ fn notify_status_reload_and_stop_on_loopback() {
             "127.0.0.1:0",
             "--self-signed",
             "localhost",
-        ])
-        .arg("--state-dir")
-        .arg(d.join("state"))
-        .arg("--control-socket")
-        .arg(&sock)
-        .output()
-        .unwrap();
+            "--state-dir",
+            d.join("state").to_str().unwrap(),
+            "--control-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
     assert!(init.status.success(), "{}", text(&init.stderr));
 
     let notify_path = d.join("notify.sock");
@@ -160,20 +88,20 @@ fn notify_status_reload_and_stop_on_loopback() {
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let log = std::fs::File::create(d.join("run.log")).unwrap();
-    let child = Command::new(bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child);
-    let pid = u64::from(daemon.0.id());
-    let log = || std::fs::read_to_string(d.join("run.log")).unwrap_or_default();
+    let b = bin();
+    let mut daemon = proc::spawn(
+        d,
+        "modelgate",
+        None,
+        &[
+            b.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "run",
+        ],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let pid = u64::from(daemon.pid());
 
     let ready = next_notify(&notify);
     assert!(ready.starts_with("READY=1\nSTATUS=serving"), "{ready}");
@@ -186,7 +114,7 @@ fn notify_status_reload_and_stop_on_loopback() {
         s["https"]["certificate_days_left"].as_i64().unwrap() > 300,
         "{s}"
     );
-    let human = mg(&cfg, &["status"]);
+    let human = modelgate(&cfg, &["status"]);
     assert!(human.status.success());
     let human = text(&human.stdout);
     assert!(human.starts_with("interface: modelgate"), "{human}");
@@ -199,7 +127,7 @@ fn notify_status_reload_and_stop_on_loopback() {
     signal(pid, "HUP");
     assert!(next_notify(&notify).starts_with("RELOADING=1"));
     assert!(next_notify(&notify).starts_with("READY=1"));
-    let r = mg(&cfg, &["reload"]);
+    let r = modelgate(&cfg, &["reload"]);
     assert!(r.status.success(), "{}", text(&r.stderr));
     assert!(
         text(&r.stdout).starts_with("reloaded\n"),
@@ -213,14 +141,14 @@ fn notify_status_reload_and_stop_on_loopback() {
     // A broken config is refused with its reason; the daemon keeps serving the old one.
     let good = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("{good}\n[bogus]\nx = 1\n")).unwrap();
-    let r = mg(&cfg, &["reload"]);
+    let r = modelgate(&cfg, &["reload"]);
     assert_eq!(r.status.code(), Some(64), "{}", text(&r.stderr));
     assert!(
         text(&r.stderr).contains("unknown field `bogus`"),
         "{}",
         text(&r.stderr)
     );
-    let r = mg(&cfg, &["reload", "--json"]);
+    let r = modelgate(&cfg, &["reload", "--json"]);
     assert_eq!(r.status.code(), Some(64));
     let j: Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(j["applied"], false);
@@ -235,10 +163,14 @@ fn notify_status_reload_and_stop_on_loopback() {
         scrape.contains("modelgate_config_reloads_total{result=\"refused\"} 2\n"),
         "{scrape}"
     );
-    assert!(log().contains("configuration reload refused"), "{}", log());
+    assert!(
+        daemon.log().contains("configuration reload refused"),
+        "{}",
+        daemon.log()
+    );
 
     // A second daemon on the same control socket is refused, and the first keeps it.
-    let second = mg(&cfg, &["run"]);
+    let second = modelgate(&cfg, &["run"]);
     assert_eq!(second.status.code(), Some(1));
     assert!(
         text(&second.stderr).contains("another modelgate daemon answers on it"),
@@ -259,21 +191,10 @@ fn notify_status_reload_and_stop_on_loopback() {
             "{m}"
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(st) = daemon.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not stop within 15 s:\n{}",
-            log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "exit {exit}:\n{}", log());
+    let exit = daemon.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "exit {exit}:\n{}", daemon.log());
     assert!(!sock.exists(), "control socket left behind");
-    let gone = mg(&cfg, &["status"]);
+    let gone = modelgate(&cfg, &["status"]);
     assert_eq!(gone.status.code(), Some(1));
     let err = text(&gone.stderr);
     assert!(
@@ -285,140 +206,7 @@ fn notify_status_reload_and_stop_on_loopback() {
 // ---------------------------------------------------------------------------------------------
 // The namespace lab (root).
 
-/// The whole chain: fake vLLM, modelgate (HTTPS on 192.0.2.1:443, upstream `vllm` with
-/// discovered models), corp wireguard-go. Fields drop in order: processes first, the lab last.
-struct Chain {
-    mg: Proc,
-    corp: Proc,
-    _model: Proc,
-    app: Appliance,
-    lab: Lab,
-}
-
 impl Chain {
-    /// `extra_config` is appended to the config before the daemon starts.
-    fn up(token_delay_ms: &str, extra_config: &str) -> Chain {
-        let lab = Lab::up();
-        lab.add_host(&lab.client, EDGE_PUBLIC, "gw.test");
-        let model_log = lab.dir.path().join("fake-vllm.jsonl");
-        let model = lab.start_fake_vllm(
-            &model_log,
-            &[
-                "--models",
-                &format!("{MODEL},acme-small"),
-                "--token-delay-ms",
-                token_delay_ms,
-            ],
-        );
-        let app = Appliance::init_with(&lab, GATEWAY_LISTEN);
-        let url = format!("http://{MODEL_ADDR}:{MODEL_PORT}");
-        app.cli(&["upstream", "add", "vllm", "--url", &url]);
-        if !extra_config.is_empty() {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&app.cfg)
-                .unwrap();
-            writeln!(f, "\n{extra_config}").unwrap();
-        }
-        let mg = app.run_gateway(&lab);
-        let corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &app.corp_conf, true);
-        assert!(
-            lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
-            "corp wireguard-go did not complete a handshake with modelgate within 10 s"
-        );
-        let chain = Chain {
-            mg,
-            corp,
-            _model: model,
-            app,
-            lab,
-        };
-        chain.wait_upstream_models("vllm");
-        chain
-    }
-
-    fn status(&self) -> Value {
-        status_json(&self.app.cfg)
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.app.state.join("self-signed.crt")
-    }
-
-    /// Waits (bounded) until `status` lists models for `upstream` (discovery through the tunnel).
-    fn wait_upstream_models(&self, upstream: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.status();
-            let found = s["upstreams"].as_array().and_then(|us| {
-                us.iter()
-                    .find(|u| u["name"] == upstream)
-                    .filter(|u| {
-                        u["reachable"] == true
-                            && u["models"].as_array().is_some_and(|m| !m.is_empty())
-                    })
-                    .cloned()
-            });
-            if found.is_some() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "upstream {upstream} never became reachable with models: {s}"
-            );
-            thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    /// `key create NAME --json` → (id, secret).
-    fn key(&self, name: &str) -> (String, String) {
-        let out: Value =
-            serde_json::from_str(&self.app.cli(&["key", "create", name, "--json"])).unwrap();
-        // Key changes reach the daemon within 1 s (DESIGN.md): allow 1.5 s.
-        thread::sleep(Duration::from_millis(1500));
-        (
-            out["id"].as_str().unwrap().to_string(),
-            out["secret"].as_str().unwrap().to_string(),
-        )
-    }
-
-    /// One non-streaming chat completion with curl from the client namespace: (HTTP status,
-    /// body). The key goes in a header file, not in argv.
-    fn chat(&self, secret: &str, model: &str) -> (u16, String) {
-        let hdr = self
-            .lab
-            .dir
-            .path()
-            .join(format!("auth-{}.hdr", &secret[..12]));
-        std::fs::write(&hdr, format!("Authorization: Bearer {secret}\n")).unwrap();
-        let body = format!(
-            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":3}}"#
-        );
-        let out = self.lab.exec(
-            &self.lab.client,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "--cacert",
-                self.cert().to_str().unwrap(),
-                "-H",
-                &format!("@{}", hdr.display()),
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                &body,
-                "-w",
-                "\n%{http_code}",
-                "https://gw.test/v1/chat/completions",
-            ],
-        );
-        let t = text(&out.stdout);
-        let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
     /// Starts `sse_hold.py` in the client namespace: `n` concurrent streaming chats of `tokens`
     /// tokens, each counted when it ends with `[DONE]`.
     fn hold_streams(&self, secret: &str, n: usize, tokens: usize, token_ms: u64) -> Proc {
@@ -434,12 +222,12 @@ impl Chain {
             &[
                 "python3",
                 script.to_str().unwrap(),
-                "gw.test",
+                NAME,
                 "443",
                 "--cafile",
                 cert.to_str().unwrap(),
                 "--sni",
-                "gw.test",
+                NAME,
                 "--path",
                 "/v1/chat/completions",
                 "--body",
@@ -455,49 +243,45 @@ impl Chain {
         )
     }
 
-    /// Waits (bounded) until `status` shows `n` active streams for `key_id`.
+    /// Waits (bounded: 30 s) until `status` shows `n` active streams for `key_id`.
     fn wait_active_streams(&self, key_id: &str, n: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.status();
-            let active = s["streams"]
-                .as_array()
-                .and_then(|ks| ks.iter().find(|k| k["key_id"] == key_id))
-                .and_then(|k| k["active"].as_u64())
-                .unwrap_or(0);
-            if active == n {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never saw {n} active streams for {key_id} (last {active}): {s}"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Waits (bounded) for a background process to exit and returns its log.
-fn wait_exit(p: &mut Proc, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    while p.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "{} still running after {limit:?}:\n{}",
-            p.name,
-            p.log()
+        let mut last = Value::Null;
+        wait_for(
+            &format!("{n} active streams for {key_id}"),
+            Duration::from_secs(30),
+            || {
+                last = self.status();
+                let active = last["streams"]
+                    .as_array()
+                    .and_then(|ks| ks.iter().find(|k| k["key_id"] == key_id))
+                    .and_then(|k| k["active"].as_u64())
+                    .unwrap_or(0);
+                active == n
+            },
         );
-        thread::sleep(Duration::from_millis(100));
+        last
     }
-    p.log()
 }
 
-/// The last JSON line of sse_hold.py's log.
-fn hold_result(log: &str) -> Value {
-    log.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or_else(|| panic!("sse_hold.py printed no result:\n{log}"))
+/// Waits (bounded) for sse_hold.py to exit and returns its result line.
+fn hold_result(hold: &mut Proc, limit: Duration) -> Value {
+    hold.wait_exit(limit);
+    hold.last_json()
+}
+
+/// `test`'s chain (the fake model's tokens without delay, `extra_config` appended) with
+/// upstream `vllm` discovered, and a key `key` the daemon has; `None` when the test is skipped.
+fn chain(test: &str, extra_config: &'static str, key: &str) -> Option<(Chain, Key)> {
+    check(test, Needs::LAB)?;
+    let c = Chain::up(Spec {
+        token_delay_ms: Some("0"),
+        extra_config,
+        ..Spec::default()
+    });
+    c.wait_upstream("vllm", true);
+    let key = c.key(key, &[]);
+    c.keys_settle();
+    Some((c, key))
 }
 
 /// `status --json` shows the corp wireguard-go peer with its real public key, a recent
@@ -506,11 +290,13 @@ fn hold_result(log: &str) -> Value {
 /// handshake age and bytes, and the upstream's health.
 #[test]
 fn status_and_metrics_follow_the_corp_peer_and_requests() {
-    if lab::skip_unless_root("status_and_metrics_follow_the_corp_peer_and_requests") {
+    let Some((c, Key { id: key_id, secret })) = chain(
+        "control::status_and_metrics_follow_the_corp_peer_and_requests",
+        "",
+        "dev",
+    ) else {
         return;
-    }
-    let c = Chain::up("0", "");
-    let (key_id, secret) = c.key("dev");
+    };
     let corp_pub = c
         .lab
         .wg_show(&c.lab.corp, &c.lab.wg_corp, "public-key")
@@ -544,8 +330,8 @@ fn status_and_metrics_follow_the_corp_peer_and_requests() {
         p1["tx_bytes"].as_u64().unwrap(),
     );
     for round in 0..3 {
-        let (code, body) = c.chat(&secret, MODEL);
-        assert_eq!(code, 200, "{body}");
+        let r = c.curl_chat(&secret, MODEL, 3);
+        assert_eq!(r.status, 200, "{}", r.body);
         let p = peer(&c.status(), "corp").clone();
         let now = (
             p["rx_bytes"].as_u64().unwrap(),
@@ -568,7 +354,7 @@ fn status_and_metrics_follow_the_corp_peer_and_requests() {
         "{up}"
     );
     assert_eq!(s["https"]["listen"], GATEWAY_LISTEN);
-    let human = text(&mg(&c.app.cfg, &["status"]).stdout);
+    let human = text(&c.app.mg(&["status"]).stdout);
     eprintln!("{human}");
     assert!(
         human.contains(&format!("peer: {corp_pub} (corp)")),
@@ -577,8 +363,8 @@ fn status_and_metrics_follow_the_corp_peer_and_requests() {
     assert!(human.contains("seconds ago"), "{human}");
 
     // A refused request counts too (by key id "-": no valid key).
-    let (code, _) = c.chat("mg_this_is_not_a_key_0000000000000000", MODEL);
-    assert_eq!(code, 401);
+    let r = c.curl_chat("mg_this_is_not_a_key_0000000000000000", MODEL, 3);
+    assert_eq!(r.status, 401, "{}", r.body);
     let scrape = c.lab.exec_ok(
         &c.lab.edge,
         &[
@@ -619,11 +405,13 @@ fn status_and_metrics_follow_the_corp_peer_and_requests() {
 /// previous config.
 #[test]
 fn reload_under_100_streams_drops_none_and_applies_changes() {
-    if lab::skip_unless_root("reload_under_100_streams_drops_none_and_applies_changes") {
+    let Some((c, Key { id: key_id, secret })) = chain(
+        "control::reload_under_100_streams_drops_none_and_applies_changes",
+        "",
+        "load",
+    ) else {
         return;
-    }
-    let c = Chain::up("0", "");
-    let (key_id, secret) = c.key("load");
+    };
     let before = c.status();
     let corp_hs = peer(&before, "corp")["latest_handshake_unix"]
         .as_u64()
@@ -648,10 +436,14 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
     c.app
         .cli(&["peer", "add", "lab2", "--allowed-ips", "10.30.0.0/24"]);
     c.app.cli(&["upstream", "remove", "vllm", "--yes"]);
-    let (code, _) = c.chat(&secret, "newmodel");
-    assert_eq!(code, 404, "the new model must not exist before the reload");
+    let r = c.curl_chat(&secret, "newmodel", 3);
+    assert_eq!(
+        r.status, 404,
+        "the new model must not exist before the reload: {}",
+        r.body
+    );
     let t = Instant::now();
-    let r = mg(&c.app.cfg, &["reload"]);
+    let r = c.app.mg(&["reload"]);
     let out = text(&r.stdout);
     eprintln!("reload took {:?}:\n{out}", t.elapsed());
     assert!(r.status.success(), "{}", text(&r.stderr));
@@ -663,12 +455,13 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
         "the corp peer must be untouched: {out}"
     );
 
-    let (code, body) = c.chat(&secret, "newmodel");
-    assert_eq!(code, 200, "{body}");
-    let (code, body) = c.chat(&secret, MODEL);
+    let r = c.curl_chat(&secret, "newmodel", 3);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = c.curl_chat(&secret, MODEL, 3);
     assert_eq!(
-        code, 404,
-        "the removed upstream's model still answers: {body}"
+        r.status, 404,
+        "the removed upstream's model still answers: {}",
+        r.body
     );
     let s = c.status();
     assert!(
@@ -701,19 +494,18 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
     // A broken config is refused with the reason; the running config stays.
     let good = std::fs::read_to_string(&c.app.cfg).unwrap();
     std::fs::write(&c.app.cfg, good.replace("mtu = 1420", "mtu = 100")).unwrap();
-    let r = mg(&c.app.cfg, &["reload"]);
+    let r = c.app.mg(&["reload"]);
     assert_eq!(r.status.code(), Some(64), "{}", text(&r.stderr));
     assert!(
         text(&r.stderr).contains("wireguard.mtu"),
         "{}",
         text(&r.stderr)
     );
-    let (code, body) = c.chat(&secret, "newmodel");
-    assert_eq!(code, 200, "service after a refused reload: {body}");
+    let r = c.curl_chat(&secret, "newmodel", 3);
+    assert_eq!(r.status, 200, "service after a refused reload: {}", r.body);
     std::fs::write(&c.app.cfg, good).unwrap();
 
-    let log = wait_exit(&mut hold, Duration::from_secs(90));
-    let res = hold_result(&log);
+    let res = hold_result(&mut hold, Duration::from_secs(90));
     eprintln!("100 streams across the reload: {res}");
     assert_eq!(res["ok"], 100, "{res}");
     assert_eq!(res["broken"], 0, "{res}");
@@ -731,11 +523,13 @@ fn reload_under_100_streams_drops_none_and_applies_changes() {
 /// exits 0 well before the grace period ends.
 #[test]
 fn sigterm_drains_streams_and_refuses_new_connections() {
-    if lab::skip_unless_root("sigterm_drains_streams_and_refuses_new_connections") {
+    let Some((mut c, Key { id: key_id, secret })) = chain(
+        "control::sigterm_drains_streams_and_refuses_new_connections",
+        "[gateway]\ndrain_timeout = \"20s\"",
+        "drain",
+    ) else {
         return;
-    }
-    let mut c = Chain::up("0", "[gateway]\ndrain_timeout = \"20s\"");
-    let (key_id, secret) = c.key("drain");
+    };
     // 20 tokens 250 ms apart: each stream lasts ≈ 5 s.
     let mut hold = c.hold_streams(&secret, 20, 20, 250);
     let s = c.wait_active_streams(&key_id, 20);
@@ -765,21 +559,17 @@ fn sigterm_drains_streams_and_refuses_new_connections() {
         "the daemon exited before its streams finished"
     );
 
-    let log = wait_exit(&mut hold, Duration::from_secs(30));
-    let res = hold_result(&log);
+    let res = hold_result(&mut hold, Duration::from_secs(30));
     eprintln!("20 streams across SIGTERM: {res}");
     assert_eq!(res["ok"], 20, "{res}");
     assert_eq!(res["broken"], 0, "{res}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.mg.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "modelgate did not exit after draining"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let exit = c.mg.wait_exit(Duration::from_secs(20));
     let took = t.elapsed();
-    eprintln!("modelgate exited {took:?} after SIGTERM");
+    eprintln!("modelgate exited ({exit}) {took:?} after SIGTERM");
+    assert!(
+        exit.success(),
+        "modelgate did not exit 0 after draining: {exit}"
+    );
     assert!(
         took < Duration::from_secs(20),
         "exit took {took:?}, past the grace period"

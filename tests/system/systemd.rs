@@ -13,14 +13,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_modelgate")
-}
+use crate::harness::{bin, build_deb, deb_test_runs, repo, run};
 
 fn unit_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("systemd")
-        .join(name)
+    repo("systemd").join(name)
 }
 
 fn unit(name: &str) -> String {
@@ -217,59 +213,18 @@ fn exec_lines_parse_with_the_real_binary() {
 /// `MODELGATE_SKIP_BOOT=1` skips it (it needs Debian's archive on the first run).
 #[test]
 fn units_boot_under_systemd_nspawn() {
-    let name = "units_boot_under_systemd_nspawn";
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    let skip = |why: &str| {
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "SKIPPED {name}: {why}");
-    };
-    if !root {
-        return skip("booting a container needs root; CI runs it as root");
-    }
-    if std::env::var("MODELGATE_SKIP_BOOT").as_deref() == Ok("1") {
-        return skip("MODELGATE_SKIP_BOOT=1");
-    }
-    let have = |t: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !have("dpkg") || !have("cargo-deb") {
-        return skip("needs dpkg and cargo-deb (scripts/test.sh installs cargo-deb)");
+    if !deb_test_runs(
+        "systemd::units_boot_under_systemd_nspawn",
+        Some("MODELGATE_SKIP_BOOT"),
+    ) {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let build = Command::new("bash")
-        .arg(repo.join("scripts/build-deb.sh"))
-        .args(["--binary", bin(), "--fast", "--out"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "build-deb.sh: {}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let deb = fs::read_dir(tmp.path())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("a .deb");
-    let out = Command::new("bash")
-        .arg(repo.join("scripts/systemd-boot-test.sh"))
+    let deb = build_deb(tmp.path(), None);
+    let out = run(Command::new("bash")
+        .arg(repo("scripts/systemd-boot-test.sh"))
         .arg("--deb")
-        .arg(&deb)
-        .output()
-        .unwrap();
+        .arg(&deb));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -14,56 +14,10 @@
 //! reused UID would inherit them) nor the operator's config and state.
 
 use std::fs;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_modelgate")
-}
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
+use crate::harness::{bin, build_deb, deb_test_runs, have, is_root, repo, run, run_ok, skip};
 
 fn install_sh(args: &[&str]) -> Command {
     let mut c = Command::new("bash");
@@ -230,18 +184,9 @@ fn installed_version() -> Option<String> {
 
 #[test]
 fn deb_installs_a_working_modelgate_and_removes_cleanly() {
-    let name = "deb_installs_a_working_modelgate_and_removes_cleanly";
-    if !is_root() {
-        return skip(name, "dpkg -i needs root; CI runs it as root");
-    }
-    if !have("dpkg") {
-        return skip(name, "not a Debian system (no dpkg)");
-    }
-    if !have("cargo-deb") {
-        if std::env::var("MODELGATE_SKIP_DEB").as_deref() == Ok("1") {
-            return skip(name, "MODELGATE_SKIP_DEB is set");
-        }
-        panic!("cargo-deb is not installed; fix: cargo install cargo-deb --locked (scripts/test.sh does), or set MODELGATE_SKIP_DEB=1");
+    let name = "packaging::deb_installs_a_working_modelgate_and_removes_cleanly";
+    if !deb_test_runs(name, None) {
+        return;
     }
     match installed_version() {
         Some(v) if v.ends_with(TEST_SUFFIX) => {
@@ -259,26 +204,8 @@ fn deb_installs_a_working_modelgate_and_removes_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let version = format!("{}-0{TEST_SUFFIX}", env!("CARGO_PKG_VERSION"));
     let started = std::time::Instant::now();
-    run_ok(
-        Command::new("bash")
-            .arg(repo("scripts/build-deb.sh"))
-            .args([
-                "--binary",
-                bin(),
-                "--fast",
-                "--deb-version",
-                &version,
-                "--out",
-            ])
-            .arg(tmp.path()),
-    );
+    let deb = build_deb(tmp.path(), Some(&version));
     let build_ms = started.elapsed().as_millis();
-    let deb = fs::read_dir(tmp.path())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("build-deb.sh wrote a .deb");
     let fields = run_ok(
         Command::new("dpkg-deb")
             .args(["-f"])
@@ -322,7 +249,7 @@ fn deb_installs_a_working_modelgate_and_removes_cleanly() {
         run_ok(Command::new("getent").args(["passwd", "modelgate"])).contains("/usr/sbin/nologin")
     );
     assert!(Path::new("/etc/modelgate/firewall.env").is_file());
-    // Installed for real, the units verify without the temp-copy tricks of tests/systemd.rs.
+    // Installed for real, the units verify without the temp-copy tricks of systemd.rs.
     if have("systemd-analyze") {
         run_ok(Command::new("systemd-analyze").args([
             "verify",

@@ -1,5 +1,5 @@
-//! Root-only: the appliance obtains and renews its certificate over ACME TLS-ALPN-01 on its one
-//! HTTPS port, against pebble (Debian's ACME test CA) in the lab of LAB.md:
+//! The appliance obtains and renews its certificate over ACME TLS-ALPN-01 on its one
+//! HTTPS port, against pebble (Debian's ACME test CA) in the lab:
 //!
 //! ```text
 //! [client] 192.0.2.10  pebble :14000 (ACME API) :15000 (management: /roots/0)
@@ -8,7 +8,7 @@
 //!     │
 //! [edge]   192.0.2.1   modelgate run, [tls] mode = "acme", domain gw.test, :443 only
 //!     │                (/etc/hosts: pebble.test → 192.0.2.10)
-//! [corp] ── [model]    wireguard-go ── tests/netns/fake_vllm.py
+//! [corp] ── [model]    wireguard-go ── tests/python/fake_vllm.py
 //! ```
 //!
 //! pebble issues 45-second certificates here (`certificateValidityPeriod`), so the product's own
@@ -16,18 +16,9 @@
 //! needs no knob that production lacks. `PEBBLE_AUTHZREUSE=0` makes the renewal validate over
 //! TLS-ALPN-01 again; pebble's default 5 % `badNonce` rejections stay on.
 //!
-//! Run: `cargo test --test netns_acme` as root, with `pebble` and `pebble-challtestsrv`
-//! installed (scripts/test.sh installs them) and a Python with the `openai` package
-//! (`MODELGATE_PYTHON`, default `.venv/bin/python`). Otherwise it prints SKIPPED and passes.
-
-#[path = "netns/helper.rs"]
-mod helper;
-#[path = "common/sdk.rs"]
-mod sdk;
-use sdk::manifest_path;
-#[allow(dead_code)]
-#[path = "netns/lab.rs"]
-mod lab;
+//! Needs root, `pebble` and `pebble-challtestsrv` (scripts/test.sh installs them) and, for the
+//! issuance test, a Python with the `openai` package (`MODELGATE_PYTHON`, default
+//! `.venv/bin/python`); `harness::prereq` decides.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -35,8 +26,12 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::{Appliance, Lab, Proc, EDGE_PUBLIC, MODEL_ADDR, MODEL_PORT};
 use serde_json::Value;
+
+use crate::harness::lab::{Appliance, Lab, EDGE_PUBLIC, MODEL_ADDR, MODEL_PORT};
+use crate::harness::prereq::{check, Needs};
+use crate::harness::proc::{run_ok, Proc};
+use crate::harness::sdk::Sdk;
 
 const CLIENT_ADDR: &str = "192.0.2.10";
 const GATEWAY_LISTEN: &str = "192.0.2.1:443";
@@ -44,32 +39,8 @@ const DOMAIN: &str = "gw.test";
 const MODEL: &str = "acme-coder";
 /// Lifetime of pebble's certificates in this test: renewal is due 30 s after issuance.
 const CERT_VALIDITY_S: u64 = 45;
-
-/// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`).
-#[test]
-#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
-fn netns_helper_entry() {
-    helper::run_from_env();
-}
-
-/// The interpreter with the openai SDK, or None after printing why the test is skipped.
-fn prerequisites(test: &str) -> Option<PathBuf> {
-    if lab::skip_unless_root(test) {
-        return None;
-    }
-    for tool in ["pebble", "pebble-challtestsrv", "openssl"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{test}: `{tool}` is not installed; apt-get install pebble openssl (scripts/test.sh does)"
-        );
-    }
-    sdk::sdk_python_or_skip(test)
-}
+/// pebble, its DNS and openssl (the client that checks what :443 serves), in the lab.
+const NEEDS: Needs = Needs::LAB.and_tools(&["pebble", "pebble-challtestsrv", "openssl"]);
 
 /// A CA for pebble's own API and a leaf for `pebble.test` it signed, written to `dir`
 /// (Debian's pebble ships no certificate for its API). Returns the CA file.
@@ -213,28 +184,6 @@ fn served_cert(lab: &Lab, root: &Path) -> Option<(String, String)> {
     Some((fp, field("serial")?))
 }
 
-/// Runs `openai_client.py --base BASE --cert ROOT ARGS…` in the client namespace.
-fn client(lab: &Lab, py: &Path, root: &Path, key: &str, base: &str, args: &[&str]) -> Value {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.client, "timeout", "90"])
-        .arg(py)
-        .arg(manifest_path("tests/netns/openai_client.py"))
-        .args(["--base", base, "--cert"])
-        .arg(root)
-        .args(args)
-        .env("MG_KEY", key)
-        .output()
-        .expect("run openai_client.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "openai_client.py {args:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
 /// The `took_ms` of every "ACME certificate installed" line of the daemon's log.
 fn issuance_times_ms(log: &str) -> Vec<u64> {
     log.lines()
@@ -258,8 +207,8 @@ fn issuance_times_ms(log: &str) -> Vec<u64> {
 /// certificate at once with the stored account.
 #[test]
 fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
-    let test = "acme_tls_alpn_issuance_and_renewal_on_the_https_port";
-    let Some(py) = prerequisites(test) else {
+    let test = "acme::acme_tls_alpn_issuance_and_renewal_on_the_https_port";
+    let Some(ready) = check(test, NEEDS.and_sdk()) else {
         return;
     };
     let t_test = Instant::now();
@@ -267,6 +216,11 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     lab.add_host(&lab.client, EDGE_PUBLIC, DOMAIN);
     lab.add_host(&lab.edge, CLIENT_ADDR, "pebble.test");
     let pebble = Pebble::start(&lab);
+    let sdk = Sdk {
+        py: ready.python(),
+        ns: lab.client.clone(),
+        cert: pebble.root.clone(),
+    };
     let model_log = lab.dir.path().join("fake-vllm.jsonl");
     let _model = lab.start_fake_vllm(&model_log, &["--models", MODEL, "--token-delay-ms", "20"]);
 
@@ -318,26 +272,20 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     );
 
     // 2. A streamed chat through the ACME certificate (openai SDK, only pebble's root).
-    assert!(
-        lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
-        "corp wireguard-go did not complete a handshake with modelgate within 10 s"
-    );
+    lab.assert_corp_handshake();
     let out: Value = serde_json::from_str(&app.cli(&["key", "create", "dev", "--json"])).unwrap();
     let key = out["secret"].as_str().unwrap().to_string();
     let base = format!("https://{DOMAIN}/v1");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let m = client(&lab, &py, &pebble.root, &key, &base, &["models"]);
+        let m = sdk.run(&key, &base, &["models"]);
         if m["models"].as_array().is_some_and(|m| !m.is_empty()) {
             break;
         }
         assert!(Instant::now() < deadline, "models never discovered: {m}");
         thread::sleep(Duration::from_millis(300));
     }
-    let chat = client(
-        &lab,
-        &py,
-        &pebble.root,
+    let chat = sdk.run(
         &key,
         &base,
         &["chat", "--model", MODEL, "--stream", "--max-tokens", "4"],
@@ -374,18 +322,12 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     )
     .unwrap();
     let stream_started = Instant::now();
-    let mut stream = lab.spawn(
+    let mut stream = sdk.spawn(
+        &lab,
         "long-stream",
-        Some(&lab.client),
+        &key,
+        &format!("https://{DOMAIN}"),
         &[
-            py.to_str().unwrap(),
-            manifest_path("tests/netns/openai_client.py")
-                .to_str()
-                .unwrap(),
-            "--base",
-            &format!("https://{DOMAIN}"),
-            "--cert",
-            pebble.root.to_str().unwrap(),
             "--timeout",
             "60",
             "raw-post",
@@ -394,7 +336,6 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
             "--body-file",
             body.to_str().unwrap(),
         ],
-        &[("MG_KEY", &key)],
     );
     let deadline = Instant::now() + Duration::from_secs(40);
     let (second_fp, second_serial) = loop {
@@ -416,17 +357,8 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
         stream.is_running(),
         "the long stream ended before the swap; cannot show it survives one"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stream.is_running() {
-        assert!(Instant::now() < deadline, "the long stream did not end");
-        thread::sleep(Duration::from_millis(100));
-    }
-    let log = stream.log();
-    let r: Value = log
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("long stream printed no JSON:\n{log}"));
+    stream.wait_exit(Duration::from_secs(60));
+    let r = stream.last_json();
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(
         r["done"], true,
@@ -452,10 +384,7 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     );
 
     // 4. New connections get the new certificate and work.
-    let chat = client(
-        &lab,
-        &py,
-        &pebble.root,
+    let chat = sdk.run(
         &key,
         &base,
         &["chat", "--model", MODEL, "--stream", "--max-tokens", "2"],
@@ -488,7 +417,7 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
     let mut mg = app.run_gateway(&lab);
     let served = served_cert(&lab, &pebble.root).map(|c| c.0);
     let stored_fp = {
-        let out = lab::run_ok(
+        let out = run_ok(
             Command::new("openssl")
                 .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
                 .arg(app.state.join("acme/cert.pem")),
@@ -517,8 +446,12 @@ fn acme_tls_alpn_issuance_and_renewal_on_the_https_port() {
 /// schedules a retry with backoff instead of hammering the CA.
 #[test]
 fn acme_validation_failure_is_reported_and_retried() {
-    let test = "acme_validation_failure_is_reported_and_retried";
-    if prerequisites(test).is_none() {
+    if check(
+        "acme::acme_validation_failure_is_reported_and_retried",
+        NEEDS,
+    )
+    .is_none()
+    {
         return;
     }
     let lab = Lab::up();

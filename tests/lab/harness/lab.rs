@@ -1,17 +1,20 @@
 //! The namespace lab as seen from Rust: builds the topology with `scripts/lab.sh` (the one source
 //! of truth for namespaces, links, routes and nftables, shared with `scripts/bench-tunnel.sh`),
-//! starts processes inside it and tears everything down in `Drop`.
+//! starts processes inside it and tears everything down in `Drop`; and the [`Appliance`]
+//! configured in it with the real `modelgate` binary.
 //!
-//! Every process is a [`Proc`] that is stopped by its own PID (SIGTERM, bounded wait, SIGKILL);
-//! nothing is ever killed by name. Each [`Lab`] has a unique tag, so tests run in parallel.
+//! Every process is a [`Proc`] stopped by its own PID; nothing is ever killed by name. Each
+//! [`Lab`] has a unique tag (PID and counter), so tests run in parallel.
 
 use std::fs;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use super::helper::{self, HelperOutput};
+use super::netns::unique_tag;
+use super::proc::{self, bin, manifest_path, run_ok, Proc};
 
 pub const EDGE_PUBLIC: &str = "192.0.2.1";
 pub const WG_PORT: u16 = 51820;
@@ -20,147 +23,6 @@ pub const MODEL_PORT: u16 = 8000;
 pub const LAN_NET: &str = "10.20.0.0/24";
 /// The appliance's address inside the tunnel (`init --tunnel-address`).
 pub const TUNNEL_ADDRESS: &str = "10.99.0.1/24";
-
-fn manifest_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// True when the effective UID is 0. Read from `/proc` to keep the test free of `unsafe`/libc.
-pub fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Returns true (after printing why) when the test must be skipped: namespaces need root.
-/// As root, missing tools are a broken CI image, so that panics instead of skipping.
-pub fn skip_unless_root(test: &str) -> bool {
-    if !is_root() {
-        // Written to the stderr handle, not with eprintln!, so libtest's capture does not hide it.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: the namespace lab needs root (ip netns, TUN, nftables); \
-             run `sudo -E cargo test --test netns` or run it in CI, which is root"
-        );
-        return true;
-    }
-    for tool in ["ip", "nft", "wg", "wg-quick", "wireguard-go", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{test}: `{tool}` is not installed; apt-get install wireguard-go wireguard-tools \
-             nftables iproute2 python3"
-        );
-    }
-    false
-}
-
-/// Runs a command to completion and panics with its output when it fails.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A process started by a test, stopped by PID when dropped. Its stdout+stderr go to a log file
-/// that is printed when the test is failing.
-pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// True while the process has not exited.
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL by PID (no chance to clean up, like a crash or `kill -9`) and reap it.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM by PID, wait up to 5 s, then SIGKILL; always reaps the child.
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if !matches!(child.try_wait(), Ok(None)) {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-        if thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "----- last lines of {} ({}) -----",
-                self.name,
-                self.log.display()
-            );
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-/// Output lines of one in-namespace helper run (see `helper.rs`), without the `HELPER ` prefix.
-#[derive(Debug)]
-pub struct HelperOutput {
-    pub lines: Vec<String>,
-}
-
-impl HelperOutput {
-    pub fn first(&self) -> &str {
-        self.lines.first().map(String::as_str).unwrap_or("")
-    }
-}
 
 /// One instance of the topology in `scripts/lab.sh`, removed (namespaces, stale wireguard-go
 /// sockets, temp dir) on drop.
@@ -176,13 +38,10 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 impl Lab {
     pub fn up() -> Lab {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        // [a-z0-9]{1,10}: "t" + pid (6 digits at most) + counter.
-        let tag = format!("t{}{}", std::process::id() % 1_000_000, n % 100);
+        // lab.sh wants [a-z0-9]{1,10}: "t" + the 8 digits of the unique tag.
+        let tag = format!("t{}", unique_tag());
         let lab = Lab {
             client: format!("mg-{tag}-client"),
             edge: format!("mg-{tag}-edge"),
@@ -215,49 +74,18 @@ impl Lab {
 
     /// Runs a command inside namespace `ns` to completion (does not check the exit status).
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(cmd)
-            .output()
-            .unwrap_or_else(|e| panic!("ip netns exec {ns} {cmd:?}: {e}"))
+        proc::exec(ns, cmd)
     }
 
     /// Runs a command inside `ns` and panics when it fails; returns stdout.
     pub fn exec_ok(&self, ns: &str, cmd: &[&str]) -> String {
-        let out = run_ok(Command::new("ip").args(["netns", "exec", ns]).args(cmd));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        proc::exec_ok(ns, cmd)
     }
 
-    /// Starts `cmd` inside `ns` (or the test's own namespace for `None`). `ip netns exec` execs
-    /// the command in place, so the child's PID is the program's.
+    /// Starts `cmd` inside `ns` (or the test's own namespace for `None`), logging to the lab's
+    /// directory.
     pub fn spawn(&self, name: &str, ns: Option<&str>, cmd: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let log = self.dir.path().join(format!("{name}.log"));
-        let out = fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let mut c = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).args(cmd);
-                c
-            }
-            None => {
-                let mut c = Command::new(cmd[0]);
-                c.args(&cmd[1..]);
-                c
-            }
-        };
-        c.envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {name} ({cmd:?}): {e}"));
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
+        proc::spawn(self.dir.path(), name, ns, cmd, envs)
     }
 
     /// Starts wireguard-go `ifname` in `ns` and configures it from wg-quick text `conf` exactly as
@@ -315,50 +143,12 @@ impl Lab {
         false
     }
 
-    /// Starts `model_server.py` on 10.20.0.5:8000 in the model namespace and waits until it listens.
-    pub fn start_model_server(&self) -> Proc {
-        let script = manifest_path("tests/netns/model_server.py");
-        let port = MODEL_PORT.to_string();
-        let p = self.spawn(
-            "model-server",
-            Some(&self.model),
-            &["python3", "-u", script.to_str().unwrap(), MODEL_ADDR, &port],
-            &[],
+    /// Waits (bounded: 10 s) for the corp wireguard-go's first handshake with the appliance.
+    pub fn assert_corp_handshake(&self) {
+        assert!(
+            self.wait_handshake(&self.corp, &self.wg_corp, 0, Duration::from_secs(10)),
+            "corp wireguard-go did not complete a handshake with modelgate within 10 s"
         );
-        self.wait_model_listen(p)
-    }
-
-    /// Starts `fake_vllm.py` (a vLLM-like OpenAI server) on 10.20.0.5:8000 in the model
-    /// namespace, logging requests to `log` (JSON lines), with extra arguments `args`; waits
-    /// until it listens.
-    pub fn start_fake_vllm(&self, log: &Path, args: &[&str]) -> Proc {
-        let script = manifest_path("tests/netns/fake_vllm.py");
-        let port = MODEL_PORT.to_string();
-        let mut cmd = vec![
-            "python3",
-            "-u",
-            script.to_str().unwrap(),
-            MODEL_ADDR,
-            &port,
-            "--log",
-            log.to_str().unwrap(),
-        ];
-        cmd.extend_from_slice(args);
-        let p = self.spawn("fake-vllm", Some(&self.model), &cmd, &[]);
-        self.wait_model_listen(p)
-    }
-
-    fn wait_model_listen(&self, p: Proc) -> Proc {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let filter = format!("sport = :{MODEL_PORT}");
-        while Instant::now() < deadline {
-            let out = self.exec(&self.model, &["ss", "-Htln", &filter]);
-            if !out.stdout.is_empty() {
-                return p;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{} did not listen within 10 s:\n{}", p.name, p.log());
     }
 
     /// Makes `name` resolve to `ip` inside namespace `ns` (`lab.sh hosts`; removed on drop).
@@ -366,61 +156,14 @@ impl Lab {
         self.sh(&["hosts", ns, &format!("{ip} {name}")]);
     }
 
-    /// Runs this test binary's helper entry point inside `ns` (see `helper.rs`): `args` is the
-    /// helper command. Panics when the helper itself fails.
+    /// Runs the in-namespace helper command `args` inside `ns` (see `helper.rs`).
     pub fn helper(&self, ns: &str, args: &[&str]) -> HelperOutput {
-        let out = self.helper_cmd(ns, args).output().expect("run helper");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "helper {args:?} in {ns} failed ({}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        HelperOutput {
-            lines: stdout
-                .lines()
-                .filter_map(|l| l.strip_prefix("HELPER "))
-                .map(str::to_string)
-                .collect(),
-        }
+        helper::run(ns, args)
     }
 
     /// Starts the helper in `ns` in the background (for traffic that must run meanwhile).
     pub fn spawn_helper(&self, name: &str, ns: &str, args: &[&str]) -> Proc {
-        let exe = std::env::current_exe().expect("current exe");
-        let joined = args.join(" ");
-        self.spawn(
-            name,
-            Some(ns),
-            &[
-                exe.to_str().unwrap(),
-                "netns_helper_entry",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-                "--quiet",
-            ],
-            &[("MODELGATE_NETNS_HELPER", &joined)],
-        )
-    }
-
-    fn helper_cmd(&self, ns: &str, args: &[&str]) -> Command {
-        let exe = std::env::current_exe().expect("current exe");
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns])
-            .arg(exe)
-            .args([
-                "netns_helper_entry",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-                "--quiet",
-            ])
-            .env("MODELGATE_NETNS_HELPER", args.join(" "));
-        c
+        helper::spawn(self.dir.path(), name, ns, args)
     }
 
     /// The (source address, source port) pairs WireGuard traffic reached the edge from, as
@@ -477,17 +220,13 @@ impl Appliance {
     /// `modelgate init` + `modelgate peer add corp --allowed-ips 10.20.0.0/24`, HTTPS on
     /// 127.0.0.1:8443 (unused by the `--forward` tests).
     pub fn init(lab: &Lab) -> Appliance {
-        Appliance::init_with(lab, "127.0.0.1:8443")
+        Appliance::init_tls(lab, "127.0.0.1:8443", &["--self-signed", "gw.test"])
     }
 
-    /// [`Appliance::init`] with the HTTPS gateway on `listen` (self-signed for gw.test).
-    pub fn init_with(lab: &Lab, listen: &str) -> Appliance {
-        Appliance::init_tls(lab, listen, &["--self-signed", "gw.test"])
-    }
-
-    /// [`Appliance::init_with`] with the `init` TLS options `tls` (e.g. `--acme-domain …`).
+    /// `init` with the HTTPS gateway on `listen` and the TLS options `tls` (e.g.
+    /// `--self-signed gw.test`, `--acme-domain …`, `--tls-cert … --tls-key …`).
     pub fn init_tls(lab: &Lab, listen: &str, tls: &[&str]) -> Appliance {
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_modelgate"));
+        let bin = bin();
         let dir = lab.dir.path().join("modelgate");
         fs::create_dir_all(dir.join("state")).unwrap();
         let cfg = dir.join("modelgate.toml");
@@ -533,6 +272,11 @@ impl Appliance {
         }
     }
 
+    /// `modelgate --config CFG ARGS…` to completion, whatever its exit status.
+    pub fn mg(&self, args: &[&str]) -> Output {
+        proc::modelgate(&self.cfg, args)
+    }
+
     /// `modelgate --config CFG ARGS…`, which must succeed; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = run_ok(
@@ -541,7 +285,12 @@ impl Appliance {
                 .arg(&self.cfg)
                 .args(args),
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        proc::text(&out.stdout)
+    }
+
+    /// `status --json`, which must succeed.
+    pub fn status(&self) -> serde_json::Value {
+        proc::status_json(&self.cfg)
     }
 
     /// `modelgate run` (no forwards) in the edge; returns once the HTTPS listener accepts

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The client side of the gateway lab: the openai Python SDK (a real client), run inside the client
-namespace by tests/netns_gateway.rs with the interpreter from MODELGATE_PYTHON.
+namespace by the lab tests (tests/lab/) and on loopback by tests/cursor_compat.rs, with the
+interpreter from MODELGATE_PYTHON.
 
     openai_client.py --base URL --cert PEM COMMAND [options]      key in env MG_KEY (never argv)
 

@@ -1,6 +1,7 @@
 //! Client side of the lab, run inside a namespace: the test binary re-executes itself with
-//! `ip netns exec NS <test-exe> netns_helper_entry --exact` and the command in
-//! `MODELGATE_NETNS_HELPER` (a std-only way to own sockets in another namespace, no setns/unsafe).
+//! `ip netns exec NS <test-exe> helper_entry --exact --ignored` and the command in
+//! `MODELGATE_LAB_HELPER` (a std-only way to own sockets in another namespace, no setns/unsafe).
+//! [`run`] and [`spawn`] start it; `helper_entry` in `main.rs` calls [`run_from_env`].
 //!
 //! Each command prints its results as `HELPER …` lines on stdout; every loop is bounded by a
 //! count and a deadline.
@@ -14,18 +15,83 @@
 //! | `http-stream ADDR PATH MS` | `chunk I MS_SINCE_REQUEST` per SSE event, then `done STATUS` |
 //! | `udp-garbage ADDR COUNT` | `sent N` |
 //! | `udp-drive ADDR COUNT INTERVAL_MS` | `sent N` |
+//! | `listen tcp:PORT… udp:PORT…` | `in-use tcp:PORT` per port taken, then `ready`; serves ≤ 600 s |
+//! | `probe-tcp ADDR MS` | `open`, `refused` or `timeout` |
+//! | `probe-udp ADDR MS` | `reply` (the echo), `other`, `refused` or `timeout` |
+//! | `probe-wg ADDR PRIVATE PUBLIC MS` | `handshake` (a real WireGuard handshake) or `timeout` |
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub const ENV: &str = "MODELGATE_NETNS_HELPER";
+use super::proc::{self, Proc};
 
-/// Runs the helper command from the environment, if any. Returns false when not a helper run.
-pub fn run_from_env() -> bool {
+const ENV: &str = "MODELGATE_LAB_HELPER";
+
+/// The libtest arguments that select the helper's entry point and nothing else.
+const ENTRY_ARGS: [&str; 6] = [
+    "helper_entry",
+    "--exact",
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+    "--quiet",
+];
+
+/// Output lines of one helper run, without the `HELPER ` prefix.
+#[derive(Debug)]
+pub struct HelperOutput {
+    pub lines: Vec<String>,
+}
+
+impl HelperOutput {
+    pub fn first(&self) -> &str {
+        self.lines.first().map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Runs the helper command `args` inside `ns` to completion. Panics when the helper fails.
+pub fn run(ns: &str, args: &[&str]) -> HelperOutput {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(ENTRY_ARGS)
+        .env(ENV, args.join(" "))
+        .output()
+        .expect("run helper");
+    let stdout = proc::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helper {args:?} in {ns} failed ({}):\n{stdout}\n{}",
+        out.status,
+        proc::text(&out.stderr)
+    );
+    HelperOutput {
+        lines: stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("HELPER "))
+            .map(str::to_string)
+            .collect(),
+    }
+}
+
+/// Starts the helper command `args` in `ns` in the background (traffic that must run meanwhile,
+/// listeners), logging to `dir/NAME.log`.
+pub fn spawn(dir: &Path, name: &str, ns: &str, args: &[&str]) -> Proc {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut argv = vec![exe.to_str().unwrap()];
+    argv.extend(ENTRY_ARGS);
+    proc::spawn(dir, name, Some(ns), &argv, &[(ENV, &args.join(" "))])
+}
+
+/// Runs the helper command from the environment, if any (in the child).
+pub fn run_from_env() {
     let Ok(cmd) = std::env::var(ENV) else {
-        return false;
+        return;
     };
     let args: Vec<&str> = cmd.split_whitespace().collect();
     match args.as_slice() {
@@ -40,9 +106,14 @@ pub fn run_from_env() -> bool {
         ["udp-drive", addr, count, ms] => {
             udp_drive(parse(addr), count.parse().unwrap(), ms_arg(ms))
         }
+        ["listen", specs @ ..] => listen(specs),
+        ["probe-tcp", to, ms] => say(probe_tcp(parse(to), ms_arg(ms))),
+        ["probe-udp", to, ms] => say(probe_udp(parse(to), ms_arg(ms))),
+        ["probe-wg", to, private, public, ms] => {
+            say(probe_wg(parse(to), private, public, ms_arg(ms)))
+        }
         _ => panic!("unknown helper command {cmd:?}"),
     }
-    true
 }
 
 fn parse(addr: &str) -> SocketAddr {
@@ -56,6 +127,7 @@ fn ms_arg(ms: &str) -> Duration {
 
 fn say(line: &str) {
     println!("HELPER {line}");
+    let _ = io::stdout().flush();
 }
 
 /// FNV-1a 64: a cheap checksum to compare bodies without printing them.
@@ -285,4 +357,105 @@ fn udp_drive(addr: SocketAddr, count: usize, interval: Duration) {
         thread::sleep(interval);
     }
     say(&format!("sent {sent}"));
+}
+
+/// `tcp:PORT` listeners that accept and close, `udp:PORT` echo sockets; all on `[::]`
+/// (dual-stack). A TCP port already in use (the daemon's metrics listener) is reported and
+/// skipped. Serves until killed; bounded: the test kills it long before 600 s.
+fn listen(specs: &[&str]) {
+    for spec in specs {
+        let (proto, port) = spec.split_once(':').expect("PROTO:PORT");
+        let port: u16 = port.parse().unwrap();
+        let bind = SocketAddr::from(([0u16; 8], port));
+        match proto {
+            "tcp" => match TcpListener::bind(bind) {
+                Ok(l) => {
+                    thread::spawn(move || {
+                        for s in l.incoming().flatten() {
+                            drop(s);
+                        }
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    say(&format!("in-use tcp:{port}"));
+                }
+                Err(e) => panic!("bind tcp {port}: {e}"),
+            },
+            "udp" => {
+                let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp {port}: {e}"));
+                thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&buf[..n], from);
+                    }
+                });
+            }
+            _ => panic!("bad listener {spec}"),
+        }
+    }
+    say("ready");
+    thread::sleep(Duration::from_secs(600));
+}
+
+fn probe_tcp(to: SocketAddr, timeout: Duration) -> &'static str {
+    match TcpStream::connect_timeout(&to, timeout) {
+        Ok(_) => "open",
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => "timeout",
+        Err(e) => panic!("tcp {to}: {e}"),
+    }
+}
+
+fn probe_udp(to: SocketAddr, timeout: Duration) -> &'static str {
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.send_to(b"probe", to).unwrap();
+    let mut buf = [0u8; 64];
+    match s.recv_from(&mut buf) {
+        Ok((n, from)) if from == to && &buf[..n] == b"probe" => "reply",
+        Ok(_) => "other",
+        // An ICMP port unreachable surfaces as ECONNREFUSED on the next receive.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+        Err(_) => "timeout",
+    }
+}
+
+/// A real WireGuard handshake: initiation with the peer's `private` key to the appliance's
+/// `public` key, and a response that completes the handshake within `timeout`.
+fn probe_wg(to: SocketAddr, private: &str, public: &str, timeout: Duration) -> &'static str {
+    let private: modelgate::wgkey::PrivateKey = private.parse().expect("private key");
+    let public: modelgate::wgkey::PublicKey = public.parse().expect("public key");
+    let mut tunn =
+        boringtun::noise::Tunn::new(private.to_dalek(), public.to_dalek(), None, None, 7, None);
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + timeout;
+    if let boringtun::noise::TunnResult::WriteToNetwork(p) =
+        tunn.format_handshake_initiation(&mut out, false)
+    {
+        s.send_to(p, to).unwrap();
+    } else {
+        panic!("no handshake initiation");
+    }
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            break;
+        };
+        if from != to {
+            continue;
+        }
+        let mut dst = vec![0u8; 2048];
+        let _ = tunn.decapsulate(Some(from.ip()), &buf[..n], &mut dst);
+        if tunn.stats().0.is_some() {
+            return "handshake";
+        }
+    }
+    "timeout"
 }

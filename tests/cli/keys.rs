@@ -1,10 +1,7 @@
-//! End-to-end tests of `modelgate key …` on temporary directories: the binary writes the store,
+//! `modelgate key …` on temporary directories: the binary writes the store,
 //! the library's `KeyRing::load` authenticates what it printed, and a watching daemon-side
 //! `Keys` sees CLI changes within a second. Also exit codes, error lines and file modes.
 
-#[path = "common/cli_env.rs"]
-mod cli_env;
-use cli_env::{code, mode, stderr, stdout, Env};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
@@ -14,28 +11,11 @@ use std::time::{Duration, Instant, SystemTime};
 use modelgate::keys::{AuthError, KeyRing, KeyStore, Keys};
 use serde_json::Value;
 
-impl Env {
-    /// A directory with `modelgate init` done.
-    fn initialised() -> Env {
-        let env = Env::new();
-        let state = env.state();
-        let cfg = env.config();
-        let out = env.mg(&[
-            "init",
-            "--public-endpoint",
-            "127.0.0.1:51820",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-        ]);
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
-        env
-    }
-    fn ring(&self) -> KeyRing {
-        let config = modelgate::config::Config::load(&self.config()).unwrap();
-        KeyRing::load(&KeyStore::open(&self.state()).unwrap(), &config.policies).unwrap()
-    }
+use crate::env::{code, mode, stderr, stdout, Env};
+
+/// A directory with `modelgate init` done.
+fn initialised() -> Env {
+    Env::initialised("127.0.0.1:51820")
 }
 
 fn secs(v: &Value) -> SystemTime {
@@ -44,7 +24,7 @@ fn secs(v: &Value) -> SystemTime {
 
 #[test]
 fn create_list_show_authenticate_revoke() {
-    let env = Env::initialised();
+    let env = initialised();
     let out = env.mg(&[
         "key",
         "create",
@@ -136,9 +116,7 @@ fn create_list_show_authenticate_revoke() {
     );
 
     // Revoke without --yes and without a terminal: usage error, nothing changes.
-    let out = env.mg(&["key", "revoke", "alice"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("--yes"));
+    env.fails(&["key", "revoke", "alice"], 2, &["--yes"]);
     assert!(env.ring().authenticate(&secret, now).is_ok());
 
     let out = env.ok(&["key", "revoke", "alice", "--yes"]);
@@ -152,9 +130,7 @@ fn create_list_show_authenticate_revoke() {
         "revoked"
     );
     // Revoking again is a runtime error; the name is free again.
-    let out = env.mg(&["key", "revoke", "alice", "--yes"]);
-    assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+    env.fails(&["key", "revoke", "alice", "--yes"], 1, &["revoked"]);
     env.ok(&["key", "create", "alice"]);
     assert_eq!(
         env.json(&["key", "list", "--json"])
@@ -177,7 +153,7 @@ fn expires_within_ms(env: &Env, id: &str) -> SystemTime {
 
 #[test]
 fn create_json_shape() {
-    let env = Env::initialised();
+    let env = initialised();
     let v = env.json(&["key", "create", "bot", "--json", "--models", "m"]);
     for field in ["id", "name", "secret", "created_at", "expires_at", "policy"] {
         assert!(v.get(field).is_some(), "{field} missing: {v}");
@@ -191,7 +167,7 @@ fn create_json_shape() {
 
 #[test]
 fn rotate_with_and_without_grace() {
-    let env = Env::initialised();
+    let env = initialised();
     let old = env.json(&["key", "create", "ci", "--json"]);
     let old = old["secret"].as_str().unwrap().to_string();
 
@@ -226,11 +202,8 @@ fn rotate_with_and_without_grace() {
     assert_eq!(ring.authenticate(&old, now), Err(AuthError::Unknown));
     assert!(ring.authenticate(&newest, now).is_ok());
 
-    let out = env.mg(&["key", "rotate", "nope"]);
-    assert_eq!(code(&out), 1);
-    let out = env.mg(&["key", "rotate", "ci", "--grace", "soon"]);
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("--grace"), "{}", stderr(&out));
+    env.fails(&["key", "rotate", "nope"], 1, &[]);
+    env.fails(&["key", "rotate", "ci", "--grace", "soon"], 2, &["--grace"]);
 }
 
 fn truncate_s(t: SystemTime) -> SystemTime {
@@ -240,7 +213,7 @@ fn truncate_s(t: SystemTime) -> SystemTime {
 
 #[test]
 fn expiry() {
-    let env = Env::initialised();
+    let env = initialised();
     let v = env.json(&["key", "create", "temp", "--expires", "1h", "--json"]);
     let secret = v["secret"].as_str().unwrap();
     let ring = env.ring();
@@ -270,14 +243,12 @@ fn expiry() {
         Err(AuthError::Expired)
     );
     // Rotating an expired key would hand out a useless secret.
-    let out = env.mg(&["key", "rotate", "brief"]);
-    assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains("expired"));
+    env.fails(&["key", "rotate", "brief"], 1, &["expired"]);
 }
 
 #[test]
 fn file_modes() {
-    let env = Env::initialised();
+    let env = initialised();
     env.ok(&["key", "create", "a"]);
     assert_eq!(mode(&env.state().join("keys.db")), 0o600);
     assert_eq!(mode(&env.state().join("keys.secret")), 0o600);
@@ -291,19 +262,17 @@ fn file_modes() {
     // A readable secret file is refused with the file name and the fix.
     let secret_file = env.state().join("keys.secret");
     fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o644)).unwrap();
-    let out = env.mg(&["key", "list"]);
-    assert_eq!(code(&out), 1);
-    let err = stderr(&out);
-    assert!(
-        err.contains(&secret_file.display().to_string()) && err.contains("chmod 600"),
-        "{err}"
+    let err = env.fails(
+        &["key", "list"],
+        1,
+        &[&secret_file.display().to_string(), "chmod 600"],
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
 fn wrong_checksum_is_malformed() {
-    let env = Env::initialised();
+    let env = initialised();
     let v = env.json(&["key", "create", "a", "--json"]);
     let secret = v["secret"].as_str().unwrap();
     let ring = env.ring();
@@ -322,11 +291,9 @@ fn wrong_checksum_is_malformed() {
 
 #[test]
 fn errors_and_exit_codes() {
-    let env = Env::initialised();
+    let env = initialised();
     env.ok(&["key", "create", "dup"]);
-    let out = env.mg(&["key", "create", "dup"]);
-    assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    env.fails(&["key", "create", "dup"], 1, &["already exists"]);
 
     for (args, flag) in [
         (vec!["--budget", "5/week"], "--budget"),
@@ -342,35 +309,30 @@ fn errors_and_exit_codes() {
     ] {
         let mut full = vec!["key", "create", "x"];
         full.extend(&args);
-        let out = env.mg(&full);
-        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
-        let err = stderr(&out);
-        assert!(
-            err.contains(flag) && err.contains("fix:"),
-            "{args:?}: {err}"
-        );
+        env.fails(&full, 2, &[flag, "fix:"]);
     }
-    let out = env.mg(&["key", "create", "bad name"]);
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("fix:"));
-
-    let out = env.mg(&["key", "show", "nobody"]);
-    assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains("key list"), "{}", stderr(&out));
+    env.fails(&["key", "create", "bad name"], 2, &["fix:"]);
+    env.fails(&["key", "show", "nobody"], 1, &["key list"]);
 
     // No config file: runtime error; invalid config: 64.
     let missing = env.dir.path().join("missing.toml");
-    let out = env.mg(&["--config", missing.to_str().unwrap(), "key", "list"]);
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    env.fails(
+        &["--config", missing.to_str().unwrap(), "key", "list"],
+        1,
+        &[],
+    );
     let broken = env.dir.path().join("broken.toml");
     fs::write(&broken, "[server]\nlisten = 5\n").unwrap();
-    let out = env.mg(&["--config", broken.to_str().unwrap(), "key", "list"]);
-    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    env.fails(
+        &["--config", broken.to_str().unwrap(), "key", "list"],
+        64,
+        &[],
+    );
 }
 
 #[test]
 fn secret_never_logged() {
-    let env = Env::initialised();
+    let env = initialised();
     let out = env.mg_env(
         &["key", "create", "a", "--json"],
         &[("MODELGATE_LOG", "trace")],
@@ -394,7 +356,7 @@ fn secret_never_logged() {
 /// A change made by the CLI (another process) reaches a watching `Keys` within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_cli_changes_within_a_second() {
-    let env = Env::initialised();
+    let env = initialised();
     let keys = Keys::new(KeyRing::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(keys.clone().watch(env.state(), stop_rx));
@@ -467,7 +429,7 @@ async fn watch_sees_cli_changes_within_a_second() {
 #[test]
 fn list_and_show_report_ledger_usage() {
     use modelgate::keys::ledger::{Ledger, UsageEvent};
-    let env = Env::initialised();
+    let env = initialised();
     env.ok(&["key", "create", "alice"]);
     env.ok(&["key", "create", "bob"]);
     let id = env.json(&["key", "show", "alice", "--json"])["id"]
@@ -533,7 +495,7 @@ fn list_and_show_report_ledger_usage() {
 
 #[test]
 fn named_policies_are_shared_and_overridden_per_key() {
-    let env = Env::initialised();
+    let env = initialised();
     let cfg = env.config();
     let mut text = fs::read_to_string(&cfg).unwrap();
     text.push_str(
@@ -542,12 +504,10 @@ fn named_policies_are_shared_and_overridden_per_key() {
     fs::write(&cfg, text).unwrap();
 
     // An unknown policy name is a usage error naming the defined ones.
-    let out = env.mg(&["key", "create", "x", "--policy", "nope"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("--policy nope") && stderr(&out).contains("developers"),
-        "{}",
-        stderr(&out)
+    env.fails(
+        &["key", "create", "x", "--policy", "nope"],
+        2,
+        &["--policy nope", "developers"],
     );
 
     let out = env.mg(&[

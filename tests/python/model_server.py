@@ -8,7 +8,7 @@ GET /bytes/N                    200, N bytes of the pattern (i * 7 + 3) % 251 (C
 GET /stream?n=N&delay_ms=D      200, chunked, N SSE events "data: chunk I\\n\\n", each flushed,
                                 D ms apart (the first is sent at once)
 
-Nagle is off on every connection (LAB.md: without TCP_NODELAY a keep-alive request stalls 40 ms)
+Nagle is off on every connection (without TCP_NODELAY a keep-alive request stalls 40 ms)
 and each chunk is flushed, so a streamed response leaves chunk by chunk.
 """
 

@@ -1,38 +1,13 @@
-//! End-to-end tests of `modelgate upstream add|list|remove` on temporary directories: the
+//! `modelgate upstream add|list|remove` on temporary directories: the
 //! operator workflow, the no-open-proxy refusal (exit 2, nothing written, the fix named), flag
 //! errors, API key files, and that operator comments survive every edit.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-#[path = "common/cli_env.rs"]
-mod cli_env;
-use cli_env::{code, stderr, Env};
-
 use serde_json::{json, Value};
 
-impl Env {
-    /// init + one corp peer routing 10.20.0.0/24, plus an operator comment.
-    fn with_corp_peer() -> Env {
-        let env = Env::new();
-        let state = env.dir.path().join("state");
-        env.ok(&[
-            "init",
-            "--public-endpoint",
-            "gw.example.com:51820",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ]);
-        env.ok(&["peer", "add", "corp", "--allowed-ips", "10.20.0.0/24"]);
-        let mut text = fs::read_to_string(env.config()).unwrap();
-        text.push_str("\n# operator note: ticket OPS-42\n");
-        fs::write(env.config(), text).unwrap();
-        env
-    }
-    fn text(&self) -> String {
-        fs::read_to_string(self.config()).unwrap()
-    }
-}
+use crate::env::Env;
 
 #[test]
 fn operator_workflow_add_list_refuse_remove() {
@@ -113,55 +88,56 @@ fn operator_workflow_add_list_refuse_remove() {
 
     // An upstream outside every peer's networks: refused, nothing written, the fix named.
     let before = env.text();
-    let out = env.mg(&["upstream", "add", "cloud", "--url", "http://8.8.8.8:80"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains("upstream \"cloud\" not added (nothing written)"),
-        "{err}"
-    );
-    assert!(
-        err.contains("8.8.8.8 is not inside any peer's allowed networks"),
-        "{err}"
-    );
-    assert!(
-        err.contains("fix: ") && err.contains("--allowed-ips 8.8.8.8/32"),
-        "{err}"
+    env.fails(
+        &["upstream", "add", "cloud", "--url", "http://8.8.8.8:80"],
+        2,
+        &[
+            "upstream \"cloud\" not added (nothing written)",
+            "8.8.8.8 is not inside any peer's allowed networks",
+            "fix: ",
+            "--allowed-ips 8.8.8.8/32",
+        ],
     );
     assert_eq!(env.text(), before);
 
     // A public model name already routed elsewhere: refused as well.
-    let out = env.mg(&[
-        "upstream",
-        "add",
-        "other",
-        "--url",
-        "http://10.20.0.7:8000",
-        "--model",
-        "coder",
-    ]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("already routed by upstream \"vllm\""));
+    env.fails(
+        &[
+            "upstream",
+            "add",
+            "other",
+            "--url",
+            "http://10.20.0.7:8000",
+            "--model",
+            "coder",
+        ],
+        2,
+        &["already routed by upstream \"vllm\""],
+    );
 
     // The same name twice is a runtime failure like `peer add`.
-    let out = env.mg(&["upstream", "add", "vllm", "--url", "http://10.20.0.8:8000"]);
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("already exists"));
+    env.fails(
+        &["upstream", "add", "vllm", "--url", "http://10.20.0.8:8000"],
+        1,
+        &["already exists"],
+    );
 
     // The peer that carries an upstream cannot be removed from under it.
-    let out = env.mg(&["peer", "remove", "corp", "--yes"]);
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("upstream remove"), "{}", stderr(&out));
+    env.fails(
+        &["peer", "remove", "corp", "--yes"],
+        1,
+        &["upstream remove"],
+    );
     assert!(env.text().contains("name = \"corp\""));
 
     // Removing needs --yes without a terminal.
-    let out = env.mg(&["upstream", "remove", "vllm"]);
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("fix: pass --yes"));
+    env.fails(&["upstream", "remove", "vllm"], 2, &["fix: pass --yes"]);
     env.ok(&["upstream", "remove", "vllm", "--yes"]);
-    let out = env.mg(&["upstream", "remove", "vllm", "--yes"]);
-    assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains("no such upstream"));
+    env.fails(
+        &["upstream", "remove", "vllm", "--yes"],
+        1,
+        &["no such upstream"],
+    );
 
     let text = env.text();
     assert!(!text.contains("name = \"vllm\""), "{text}");
@@ -182,21 +158,18 @@ fn api_key_file_must_be_private_and_is_stored_absolute() {
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
 
     // Relative to the working directory, like any command-line path.
-    let out = env.mg(&[
-        "upstream",
-        "add",
-        "vllm",
-        "--url",
-        "http://10.20.0.5:8000",
-        "--api-key-file",
-        "vllm.key",
-    ]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(err.contains("--api-key-file"), "{err}");
-    assert!(
-        err.contains(&format!("chmod 600 {}", key.display())),
-        "{err}"
+    let err = env.fails(
+        &[
+            "upstream",
+            "add",
+            "vllm",
+            "--url",
+            "http://10.20.0.5:8000",
+            "--api-key-file",
+            "vllm.key",
+        ],
+        2,
+        &["--api-key-file", &format!("chmod 600 {}", key.display())],
     );
     assert!(!err.contains("sk-secret"));
 
@@ -297,9 +270,7 @@ fn bad_flags_exit_2_naming_the_flag_and_fix() {
         ),
         (vec!["upstream", "add", "x"], "--url"),
     ] {
-        let out = env.mg(&args);
-        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        env.fails(&args, 2, &[needle]);
     }
     assert_eq!(env.text(), before, "nothing written");
 
@@ -309,7 +280,9 @@ fn bad_flags_exit_2_naming_the_flag_and_fix() {
         format!("{before}\n[[upstream]]\nname = \"x\"\n"),
     )
     .unwrap();
-    let out = env.mg(&["upstream", "list"]);
-    assert_eq!(code(&out), 64, "{}", stderr(&out));
-    assert!(stderr(&out).contains("upstream \"x\".url: (missing)"));
+    env.fails(
+        &["upstream", "list"],
+        64,
+        &["upstream \"x\".url: (missing)"],
+    );
 }

@@ -1,23 +1,13 @@
-//! `modelgate doctor` in the namespace lab (`tests/netns/lab.rs`, see `netns_gateway.rs`):
-//! client → edge (modelgate, HTTPS on 192.0.2.1:443, `[tls] mode = "files"` with a leaf signed
-//! by a test CA made here with rcgen) → corp wireguard-go from the exact `peer add` text →
-//! model (tests/netns/fake_vllm.py). Doctor runs inside the edge namespace, like an operator on
-//! the appliance; `gw.test` resolves to 192.0.2.1 there (`lab.sh hosts`).
+//! `modelgate doctor` on the whole chain of `harness::chain`, with `[tls] mode = "files"` and a
+//! leaf signed by a test CA made here with rcgen. Doctor runs inside the edge namespace, like an
+//! operator on the appliance; `gw.test` resolves to 192.0.2.1 there (`lab.sh hosts`).
 //!
 //! One lab, faults injected one at a time, each undone before the next: with nothing broken
 //! doctor passes (with `--ca-file` for the test CA; without it the certificate is "not publicly
 //! trusted" while the later hops still pass); then wrong public name, expired certificate,
 //! upstream stopped, corp peer stopped, daemon stopped, listener port taken. Each time doctor
 //! must name THAT hop as the first failure and exit non-zero. Every throwaway key it created is
-//! revoked at the end.
-//!
-//! Run: `cargo test --test netns_doctor` (root; without root it prints SKIPPED and passes).
-
-#[path = "netns/helper.rs"]
-mod helper;
-#[allow(dead_code)]
-#[path = "netns/lab.rs"]
-mod lab;
+//! revoked at the end. Without root only `invalid_config_is_hop_one_exit_64` runs.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -26,28 +16,18 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lab::{run_ok, Appliance, Lab, Proc, EDGE_PUBLIC, LAN_NET, MODEL_ADDR, MODEL_PORT, WG_PORT};
 use serde_json::Value;
 
-const LISTEN: &str = "192.0.2.1:443";
-const NAME: &str = "gw.test";
-const MODEL: &str = "acme-coder";
+use crate::harness::chain::{Chain, Spec, MODEL, NAME};
+use crate::harness::prereq::{check, Needs};
+use crate::harness::proc::{bin, text};
 
-/// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`).
-#[test]
-#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
-fn netns_helper_entry() {
-    helper::run_from_env();
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A test CA that issues leaves into the appliance's tls.cert / tls.key files.
+/// A test CA that issues leaves into the appliance's tls.cert / tls.key files, and those files.
 struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     pem: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// (year, month, day) `offset` days from today (UTC).
@@ -63,6 +43,7 @@ fn ymd(offset: i64) -> (i32, u8, u8) {
 }
 
 impl TestCa {
+    /// A CA in `dir` and a leaf for gw.test valid from yesterday for 90 days.
     fn new(dir: &Path) -> TestCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -72,15 +53,20 @@ impl TestCa {
         let cert = p.self_signed(&key).unwrap();
         let pem = dir.join("test-ca.pem");
         fs::write(&pem, cert.pem()).unwrap();
-        TestCa {
+        let ca = TestCa {
             issuer: rcgen::Issuer::new(p, key),
             pem,
-        }
+            cert: dir.join("fullchain.pem"),
+            key: dir.join("privkey.pem"),
+        };
+        ca.issue(NAME, -1, 90);
+        ca
     }
 
-    /// Writes a leaf for `name`, valid from `from` to `until` days relative to today, to
-    /// `cert`/`key` (key first, both renamed into place, like a renewal tool does).
-    fn issue(&self, name: &str, from: i64, until: i64, cert: &Path, key: &Path) {
+    /// Writes a leaf for `name`, valid from `from` to `until` days relative to today, to the
+    /// cert and key files (key first, both renamed into place, like a renewal tool does).
+    fn issue(&self, name: &str, from: i64, until: i64) {
+        let (cert, key) = (&self.cert, &self.key);
         let k = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
         let (y, m, d) = ymd(from);
@@ -99,121 +85,7 @@ impl TestCa {
     }
 }
 
-/// The whole chain. Fields drop in order: processes first, the lab last.
-struct Chain {
-    mg: Proc,
-    corp: Proc,
-    model: Proc,
-    app: Appliance,
-    ca: TestCa,
-    cert: PathBuf,
-    key: PathBuf,
-    lab: Lab,
-}
-
 impl Chain {
-    fn up() -> Chain {
-        let lab = Lab::up();
-        lab.add_host(&lab.edge, EDGE_PUBLIC, NAME);
-        let model = lab.start_fake_vllm(
-            &lab.dir.path().join("fake-vllm.jsonl"),
-            &["--models", &format!("{MODEL},acme-small")],
-        );
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_modelgate"));
-        let dir = lab.dir.path().join("modelgate");
-        fs::create_dir_all(dir.join("tls")).unwrap();
-        let ca = TestCa::new(lab.dir.path());
-        let cert = dir.join("tls/fullchain.pem");
-        let key = dir.join("tls/privkey.pem");
-        ca.issue(NAME, -1, 90, &cert, &key);
-        let cfg = dir.join("modelgate.toml");
-        let endpoint = format!("{EDGE_PUBLIC}:{WG_PORT}");
-        run_ok(
-            Command::new(&bin)
-                .arg("--config")
-                .arg(&cfg)
-                .args([
-                    "init",
-                    "--public-endpoint",
-                    &endpoint,
-                    "--wg-listen",
-                    &endpoint,
-                ])
-                .args(["--tunnel-address", lab::TUNNEL_ADDRESS, "--listen", LISTEN])
-                .arg("--state-dir")
-                .arg(dir.join("state"))
-                .arg("--tls-cert")
-                .arg(&cert)
-                .arg("--tls-key")
-                .arg(&key)
-                .arg("--control-socket")
-                .arg(dir.join("control.sock")),
-        );
-        let out = run_ok(Command::new(&bin).arg("--config").arg(&cfg).args([
-            "peer",
-            "add",
-            "corp",
-            "--allowed-ips",
-            LAN_NET,
-        ]));
-        let app = Appliance {
-            bin,
-            cfg,
-            state: dir.join("state"),
-            listen: LISTEN.to_string(),
-            corp_conf: text(&out.stdout),
-        };
-        let url = format!("http://{MODEL_ADDR}:{MODEL_PORT}");
-        app.cli(&["upstream", "add", "vllm", "--url", &url]);
-        let mg = app.run_gateway(&lab);
-        let corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &app.corp_conf, true);
-        assert!(
-            lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
-            "corp wireguard-go did not complete a handshake with modelgate within 10 s"
-        );
-        let c = Chain {
-            mg,
-            corp,
-            model,
-            app,
-            ca,
-            cert,
-            key,
-            lab,
-        };
-        c.wait_upstream(true);
-        c
-    }
-
-    fn status(&self) -> Value {
-        let out = run_ok(
-            Command::new(&self.app.bin)
-                .arg("--config")
-                .arg(&self.app.cfg)
-                .args(["status", "--json"]),
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Waits (bounded) until status shows upstream `vllm` reachable (with models) or not.
-    fn wait_upstream(&self, reachable: bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.status();
-            let u = &s["upstreams"][0];
-            let up =
-                u["reachable"] == true && u["models"].as_array().is_some_and(|m| !m.is_empty());
-            if up == reachable && (reachable || u["reachable"] == false) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "upstream never became reachable={reachable}: {s}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     /// `modelgate reload` (new certificate files, a discovery round at once).
     fn reload(&self) {
         let out = self.app.cli(&["reload"]);
@@ -307,15 +179,35 @@ fn assert_first_failure(run: &(i32, Value, Duration), id: &str, needle: &str) {
 
 #[test]
 fn doctor_passes_then_names_each_injected_fault() {
-    if lab::skip_unless_root("doctor_passes_then_names_each_injected_fault") {
+    if check(
+        "doctor::doctor_passes_then_names_each_injected_fault",
+        Needs::LAB,
+    )
+    .is_none()
+    {
         return;
     }
     let started = Instant::now();
-    let mut c = Chain::up();
+    // Declared first, dropped last: the certificate files outlive the daemon that reads them.
+    let tls_dir = tempfile::Builder::new()
+        .prefix("mg-doctor-tls-")
+        .tempdir()
+        .unwrap();
+    let test_ca = TestCa::new(tls_dir.path());
+    let mut c = Chain::up(Spec {
+        tls: &[
+            "--tls-cert",
+            test_ca.cert.to_str().unwrap(),
+            "--tls-key",
+            test_ca.key.to_str().unwrap(),
+        ],
+        ..Spec::default()
+    });
+    c.wait_upstream("vllm", true);
     eprintln!("lab up in {:?}", started.elapsed());
 
     // Nothing broken (the test CA trusted): every hop passes, exit 0.
-    let ca_pem = c.ca.pem.to_str().unwrap().to_string();
+    let ca_pem = test_ca.pem.to_str().unwrap().to_string();
     let ca = ["--ca-file", ca_pem.as_str()];
     let healthy = c.doctor(&ca);
     let (code, v, took) = &healthy;
@@ -429,35 +321,35 @@ fn doctor_passes_then_names_each_injected_fault() {
     );
     assert!(took < Duration::from_secs(8), "{took:?}");
 
-    // Fault: wrong public name (a certificate for other.test).
-    c.ca.issue("other.test", -1, 90, &c.cert, &c.key);
-    c.reload();
-    let r = c.doctor(&ca);
-    assert_first_failure(
-        &r,
-        "certificate",
-        "not valid for gw.test: it covers other.test",
-    );
-
-    // Fault: certificate expired.
-    c.ca.issue(NAME, -60, -2, &c.cert, &c.key);
-    c.reload();
-    let r = c.doctor(&ca);
-    assert_first_failure(&r, "certificate", "EXPIRED");
-    // Near expiry is a failure too (--min-days).
-    c.ca.issue(NAME, -60, 5, &c.cert, &c.key);
-    c.reload();
-    assert_first_failure(&c.doctor(&ca), "certificate", "less than --min-days 14");
+    // Certificate faults, each a leaf (name, valid from, until: days from today) and what hop 3
+    // must say: wrong public name, expired, near expiry (the default --min-days 14).
+    for (fault, name, from, until, needle) in [
+        (
+            "wrong public name",
+            "other.test",
+            -1,
+            90,
+            "not valid for gw.test: it covers other.test",
+        ),
+        ("expired", NAME, -60, -2, "EXPIRED"),
+        ("near expiry", NAME, -60, 5, "less than --min-days 14"),
+    ] {
+        eprintln!("fault: {fault}");
+        test_ca.issue(name, from, until);
+        c.reload();
+        assert_first_failure(&c.doctor(&ca), "certificate", needle);
+    }
+    // The near-expiry leaf passes a lower --min-days.
     let (code, v, _) = c.doctor(&[ca[0], ca[1], "--min-days", "3"]);
     assert_eq!(code, 0, "{v:#}");
-    c.ca.issue(NAME, -1, 90, &c.cert, &c.key);
+    test_ca.issue(NAME, -1, 90);
     c.reload();
 
     // Fault: upstream stopped (the fake model killed by PID). The reload starts a discovery
     // round at once instead of waiting up to 30 s for the next one.
     c.model.kill9();
     c.reload();
-    c.wait_upstream(false);
+    c.wait_upstream("vllm", false);
     let r = c.doctor(&ca);
     assert_first_failure(&r, "upstreams", "vllm at http://10.20.0.5:8000/v1");
     assert_eq!(hop(&r.1, "completion")["ok"], false, "{}", r.1);
@@ -467,7 +359,7 @@ fn doctor_passes_then_names_each_injected_fault() {
         &["--models", MODEL],
     );
     c.reload();
-    c.wait_upstream(true);
+    c.wait_upstream("vllm", true);
     let (code, v, _) = c.doctor(&ca);
     assert_eq!(code, 0, "{v:#}");
 
@@ -605,8 +497,8 @@ fn invalid_config_is_hop_one_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("modelgate.toml");
     fs::write(&cfg, "[server]\nlisten = \"nope\"\n").unwrap();
-    let bin = env!("CARGO_BIN_EXE_modelgate");
-    let out = Command::new(bin)
+    let bin = bin();
+    let out = Command::new(&bin)
         .arg("--config")
         .arg(&cfg)
         .args(["doctor", "--json"])
@@ -627,7 +519,7 @@ fn invalid_config_is_hop_one_exit_64() {
         ["fail", "skip", "skip", "skip", "skip", "skip", "skip", "skip"]
     );
     assert!(text(&out.stderr).contains("doctor: hop 1 (config) failed"));
-    let human = Command::new(bin)
+    let human = Command::new(&bin)
         .arg("--config")
         .arg(&cfg)
         .arg("doctor")
@@ -638,7 +530,7 @@ fn invalid_config_is_hop_one_exit_64() {
     assert!(t.contains("✗ 1 config") && t.contains("      fix: "), "{t}");
     assert!(t.contains("- 2 listener"), "{t}");
 
-    let help = Command::new(bin)
+    let help = Command::new(&bin)
         .args(["doctor", "--help"])
         .output()
         .unwrap();

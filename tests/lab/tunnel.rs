@@ -1,32 +1,19 @@
-//! Root-only interop tests in network namespaces: modelgate's userspace WireGuard against
-//! wireguard-go, in the topology of LAB.md (built by `scripts/lab.sh`):
-//!
-//! ```text
-//! [client] 192.0.2.10 ── 192.0.2.1 [edge]      modelgate run --forward 127.0.0.1:18000=10.20.0.5:8000
-//!                        198.51.100.1
-//!                             │
-//!                        198.51.100.2 [corp]   wireguard-go from `peer add`; stateful firewall,
-//!                        10.20.0.1             WAN NAT with random ports; forwards to the LAN
-//!                             │
-//!                        10.20.0.5 [model]     tests/netns/model_server.py :8000
-//! ```
-//!
-//! Run: `cargo test --test netns` as root (CI is root). Without root every test prints SKIPPED and
-//! passes. Each test builds its own lab (unique names), so they run in parallel; everything is torn
-//! down by `Drop` (processes by PID, then `ip netns del`).
-
-#[path = "netns/helper.rs"]
-mod helper;
-// Shared with tests/netns_gateway.rs; not every helper is used by both targets.
-#[allow(dead_code)]
-#[path = "netns/lab.rs"]
-mod lab;
+//! modelgate's userspace WireGuard against wireguard-go in the lab: the corp peer configured
+//! from the exact `peer add` text, requests through `modelgate run --forward
+//! 127.0.0.1:18000=10.20.0.5:8000` to `tests/python/model_server.py`, a NAT port change, an
+//! appliance restart, garbage and an unknown peer; and the lab itself (no route inward, the
+//! wireguard-go ↔ wireguard-go anchor of the benchmark).
 
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use lab::{Appliance, Lab, MODEL_ADDR, MODEL_PORT};
+use crate::harness::helper::fnv64;
+use crate::harness::lab::{
+    Appliance, Lab, EDGE_PUBLIC, MODEL_ADDR, MODEL_PORT, TUNNEL_ADDRESS, WG_PORT,
+};
+use crate::harness::prereq::{check, Needs};
+use crate::harness::proc::{run_ok, Proc};
 
 /// The `--forward` every test uses: appliance-local port → the model server through the tunnel.
 const FORWARD_LISTEN: &str = "127.0.0.1:18000";
@@ -37,12 +24,39 @@ fn forward() -> String {
     format!("{FORWARD_LISTEN}={MODEL_ADDR}:{MODEL_PORT}")
 }
 
-/// Not a test: the entry point of the in-namespace helper (see `netns/helper.rs`). Does nothing
-/// unless `MODELGATE_NETNS_HELPER` is set.
-#[test]
-#[ignore = "not a test: the in-namespace helper's entry point, run by the lab with --ignored"]
-fn netns_helper_entry() {
-    helper::run_from_env();
+/// A lab with `model_server.py` and modelgate forwarding to it; the corp peer is the test's
+/// to start. Fields drop in order: processes first, the lab last.
+struct Forwarding {
+    mg: Proc,
+    model: Proc,
+    app: Appliance,
+    lab: Lab,
+}
+
+/// The [`Forwarding`] lab of `test`, or `None` when the test is skipped here.
+fn forwarding(test: &str) -> Option<Forwarding> {
+    check(test, Needs::LAB)?;
+    let lab = Lab::up();
+    let model = lab.start_model_server();
+    let app = Appliance::init(&lab);
+    let mg = app.run(&lab, &[&forward()]);
+    Some(Forwarding {
+        mg,
+        model,
+        app,
+        lab,
+    })
+}
+
+/// Retries `GET /hello` through the forward from the edge for up to `ms`; panics with `when`
+/// unless it is answered with 200.
+fn assert_forward_answers(lab: &Lab, ms: &str, when: &str) -> String {
+    let out = lab.helper(&lab.edge, &["http-get-retry", FORWARD_LISTEN, "/hello", ms]);
+    assert!(
+        out.first().starts_with("ok"),
+        "{when}: no 200 through the forward within {ms} ms: {out:?}"
+    );
+    out.first().to_string()
 }
 
 /// Expected body of the model server's `/bytes/N`.
@@ -54,10 +68,7 @@ fn pattern_bytes(n: usize) -> Vec<u8> {
 /// connection, and 1 MiB whose checksum must match.
 fn assert_http_works(lab: &Lab, ns: &str, addr: &str) {
     let hello = lab.helper(ns, &["http-get", addr, "/hello", "20", "10000"]);
-    let expect_hello = format!(
-        "response 200 21 {:016x}",
-        helper::fnv64(b"hello from the model\n")
-    );
+    let expect_hello = format!("response 200 21 {:016x}", fnv64(b"hello from the model\n"));
     assert_eq!(hello.lines.len(), 20, "{hello:?}");
     assert!(hello.lines.iter().all(|l| *l == expect_hello), "{hello:?}");
 
@@ -66,7 +77,7 @@ fn assert_http_works(lab: &Lab, ns: &str, addr: &str) {
         ns,
         &["http-get", addr, &format!("/bytes/{n}"), "1", "20000"],
     );
-    let expect = format!("response 200 {n} {:016x}", helper::fnv64(&pattern_bytes(n)));
+    let expect = format!("response 200 {n} {:016x}", fnv64(&pattern_bytes(n)));
     assert_eq!(big.first(), expect, "1 MiB body through {addr}");
 }
 
@@ -134,7 +145,7 @@ fn corp_nat_ports(lab: &Lab) -> BTreeSet<u16> {
 }
 
 /// Client addresses in the model server's request log.
-fn model_clients(model: &lab::Proc) -> Vec<String> {
+fn model_clients(model: &Proc) -> Vec<String> {
     let clients: BTreeSet<String> = model
         .log()
         .lines()
@@ -152,7 +163,7 @@ fn model_clients(model: &lab::Proc) -> Vec<String> {
 
 fn wg_keypair() -> (String, String) {
     let sh = |script: &str, key: &str| {
-        let out = lab::run_ok(Command::new("sh").args(["-c", script]).env("K", key));
+        let out = run_ok(Command::new("sh").args(["-c", script]).env("K", key));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let private = sh("wg genkey", "");
@@ -175,7 +186,7 @@ fn peer_public_key(conf: &str) -> String {
 /// inbound connections (its peer has to dial out).
 #[test]
 fn lab_edge_has_no_route_into_lan() {
-    if lab::skip_unless_root("lab_edge_has_no_route_into_lan") {
+    if check("tunnel::lab_edge_has_no_route_into_lan", Needs::LAB).is_none() {
         return;
     }
     let lab = Lab::up();
@@ -196,7 +207,7 @@ fn lab_edge_has_no_route_into_lan() {
 /// (NAT, firewall, forwarding) carries WireGuard before modelgate is involved.
 #[test]
 fn lab_anchor_wireguard_go_interop() {
-    if lab::skip_unless_root("lab_anchor_wireguard_go_interop") {
+    if check("tunnel::lab_anchor_wireguard_go_interop", Needs::LAB).is_none() {
         return;
     }
     let lab = Lab::up();
@@ -243,29 +254,24 @@ fn lab_anchor_wireguard_go_interop() {
 /// by chunk.
 #[test]
 fn interop_forward_http_and_streaming() {
-    if lab::skip_unless_root("interop_forward_http_and_streaming") {
+    let Some(mut f) = forwarding("tunnel::interop_forward_http_and_streaming") else {
         return;
-    }
-    let lab = Lab::up();
-    let model = lab.start_model_server();
-    let app = Appliance::init(&lab);
-    let mut mg = app.run(&lab, &[&forward()]);
+    };
+    let Forwarding {
+        mg,
+        model,
+        app,
+        lab,
+    } = &mut f;
     let _corp = lab.start_wg_with(&lab.corp, &lab.wg_corp, &app.corp_conf, true);
-    assert!(
-        lab.wait_handshake(&lab.corp, &lab.wg_corp, 0, Duration::from_secs(10)),
-        "corp wireguard-go did not complete a handshake with modelgate within 10 s"
-    );
-    let ready = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "10000"],
-    );
-    assert!(ready.first().starts_with("ok"), "{ready:?}");
-    assert_http_works(&lab, &lab.edge, FORWARD_LISTEN);
-    assert_stream_is_chunked(&lab, &lab.edge, FORWARD_LISTEN);
+    lab.assert_corp_handshake();
+    assert_forward_answers(lab, "10000", "after the handshake");
+    assert_http_works(lab, &lab.edge, FORWARD_LISTEN);
+    assert_stream_is_chunked(lab, &lab.edge, FORWARD_LISTEN);
     // The tunnel is the only way in: still no kernel route while modelgate forwards.
-    assert_edge_has_no_lan_route(&lab);
+    assert_edge_has_no_lan_route(lab);
     // PostUp's masquerade: the model sees the corp router, not the appliance's tunnel address.
-    assert_eq!(model_clients(&model), ["10.20.0.1"], "masquerade by PostUp");
+    assert_eq!(model_clients(model), ["10.20.0.1"], "masquerade by PostUp");
     assert!(mg.is_running(), "modelgate exited");
 }
 
@@ -273,13 +279,10 @@ fn interop_forward_http_and_streaming() {
 /// the new endpoint from the authenticated handshake and traffic resumes.
 #[test]
 fn corp_peer_restart_new_nat_port_resumes() {
-    if lab::skip_unless_root("corp_peer_restart_new_nat_port_resumes") {
+    let Some(mut f) = forwarding("tunnel::corp_peer_restart_new_nat_port_resumes") else {
         return;
-    }
-    let lab = Lab::up();
-    let _model = lab.start_model_server();
-    let app = Appliance::init(&lab);
-    let mut mg = app.run(&lab, &[&forward()]);
+    };
+    let Forwarding { mg, app, lab, .. } = &mut f;
     // No ListenPort in the file: wireguard-go picks a random port at each start, and the corp's
     // `masquerade random` maps it to a random WAN port. A fixed one would be kept by conntrack,
     // so pin two different ports in that case.
@@ -301,12 +304,8 @@ fn corp_peer_restart_new_nat_port_resumes() {
         app.corp_conf.clone()
     };
     let mut corp = lab.start_wg(&lab.corp, &lab.wg_corp, &first_conf);
-    let ok = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "15000"],
-    );
-    assert!(ok.first().starts_with("ok"), "before the restart: {ok:?}");
-    let before = corp_nat_ports(&lab);
+    assert_forward_answers(lab, "15000", "before the restart");
+    let before = corp_nat_ports(lab);
     let port_before = lab.wg_show(&lab.corp, &lab.wg_corp, "listen-port");
 
     corp.stop();
@@ -318,26 +317,19 @@ fn corp_peer_restart_new_nat_port_resumes() {
     };
     let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &second_conf);
     let port_after = lab.wg_show(&lab.corp, &lab.wg_corp, "listen-port");
-    let ok = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "30000"],
-    );
-    assert!(
-        ok.first().starts_with("ok"),
-        "traffic did not resume within 30 s after the corp peer restarted: {ok:?}"
-    );
-    let after = corp_nat_ports(&lab);
+    let resumed = assert_forward_answers(lab, "30000", "after the corp peer restarted");
+    let after = corp_nat_ports(lab);
     eprintln!(
         "corp listen port {} → {}; NAT ports seen by the edge {before:?} → {after:?}; resumed: {}",
         port_before.trim(),
         port_after.trim(),
-        ok.first()
+        resumed
     );
     assert!(
         after.len() > before.len(),
         "the restarted peer must come from a new NAT port (edge saw {before:?} then {after:?})"
     );
-    assert_http_works(&lab, &lab.edge, FORWARD_LISTEN);
+    assert_http_works(lab, &lab.edge, FORWARD_LISTEN);
     assert!(mg.is_running(), "modelgate exited");
 }
 
@@ -350,44 +342,29 @@ fn corp_peer_restart_new_nat_port_resumes() {
 /// paper §6.5); its 25 s persistent keepalives alone would not trigger one. Bound: 45 s.
 #[test]
 fn appliance_restart_resumes_after_corp_handshake() {
-    if lab::skip_unless_root("appliance_restart_resumes_after_corp_handshake") {
+    let Some(mut f) = forwarding("tunnel::appliance_restart_resumes_after_corp_handshake") else {
         return;
-    }
-    let lab = Lab::up();
-    let _model = lab.start_model_server();
-    let app = Appliance::init(&lab);
-    let mut mg = app.run(&lab, &[&forward()]);
+    };
+    let Forwarding { mg, app, lab, .. } = &mut f;
     let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &app.corp_conf);
-    let ok = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "15000"],
-    );
-    assert!(ok.first().starts_with("ok"), "before the restart: {ok:?}");
+    assert_forward_answers(lab, "15000", "before the restart");
     let handshake_before = lab.latest_handshake(&lab.corp, &lab.wg_corp);
 
     mg.stop();
-    drop(mg);
-    let mut mg = app.run(&lab, &[&forward()]);
-    let tunnel_ip = lab::TUNNEL_ADDRESS.split('/').next().unwrap();
+    *mg = app.run(lab, &[&forward()]);
+    let tunnel_ip = TUNNEL_ADDRESS.split('/').next().unwrap();
     let _drive = lab.spawn_helper(
         "corp-drive",
         &lab.corp,
         &["udp-drive", &format!("{tunnel_ip}:9"), "120", "500"],
     );
-    let ok = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "45000"],
-    );
-    eprintln!("after the appliance restart: {}", ok.first());
-    assert!(
-        ok.first().starts_with("ok"),
-        "traffic did not resume within 45 s after modelgate restarted: {ok:?}"
-    );
+    let resumed = assert_forward_answers(lab, "45000", "after modelgate restarted");
+    eprintln!("after the appliance restart: {resumed}");
     assert!(
         lab.latest_handshake(&lab.corp, &lab.wg_corp) > handshake_before,
         "traffic resumed without a new handshake?"
     );
-    assert_http_works(&lab, &lab.edge, FORWARD_LISTEN);
+    assert_http_works(lab, &lab.edge, FORWARD_LISTEN);
     assert!(mg.is_running(), "modelgate exited");
 }
 
@@ -396,19 +373,12 @@ fn appliance_restart_resumes_after_corp_handshake() {
 /// stranger never completes a handshake, and the corp peer's traffic still flows.
 #[test]
 fn garbage_and_unknown_peer_are_ignored() {
-    if lab::skip_unless_root("garbage_and_unknown_peer_are_ignored") {
+    let Some(mut f) = forwarding("tunnel::garbage_and_unknown_peer_are_ignored") else {
         return;
-    }
-    let lab = Lab::up();
-    let _model = lab.start_model_server();
-    let app = Appliance::init(&lab);
-    let mut mg = app.run(&lab, &[&forward()]);
+    };
+    let Forwarding { mg, app, lab, .. } = &mut f;
     let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &app.corp_conf);
-    let ok = lab.helper(
-        &lab.edge,
-        &["http-get-retry", FORWARD_LISTEN, "/hello", "15000"],
-    );
-    assert!(ok.first().starts_with("ok"), "{ok:?}");
+    assert_forward_answers(lab, "15000", "before the garbage");
 
     // A stranger in the client namespace that knows the appliance's public key but is not a
     // configured peer; keepalive 1 s plus traffic keep it trying to handshake.
@@ -425,7 +395,7 @@ fn garbage_and_unknown_peer_are_ignored() {
         &lab.client,
         &["udp-drive", "10.99.0.1:9", "40", "250"],
     );
-    let target = format!("{}:{}", lab::EDGE_PUBLIC, lab::WG_PORT);
+    let target = format!("{}:{}", EDGE_PUBLIC, WG_PORT);
     for _ in 0..3 {
         let sent = lab.helper(&lab.client, &["udp-garbage", &target, "3000"]);
         assert!(sent.first().starts_with("sent"), "{sent:?}");
@@ -434,7 +404,7 @@ fn garbage_and_unknown_peer_are_ignored() {
             "modelgate exited after garbage:\n{}",
             mg.log()
         );
-        assert_http_works(&lab, &lab.edge, FORWARD_LISTEN);
+        assert_http_works(lab, &lab.edge, FORWARD_LISTEN);
     }
     // wireguard-go retries its handshake every REKEY_TIMEOUT (5 s): give it two tries.
     std::thread::sleep(Duration::from_secs(6));
@@ -451,8 +421,8 @@ fn garbage_and_unknown_peer_are_ignored() {
         .unwrap_or(0);
     assert!(tx > 0, "the unknown peer never sent anything");
     assert!(mg.is_running(), "modelgate exited");
-    assert_http_works(&lab, &lab.edge, FORWARD_LISTEN);
-    assert_stream_is_chunked(&lab, &lab.edge, FORWARD_LISTEN);
+    assert_http_works(lab, &lab.edge, FORWARD_LISTEN);
+    assert_stream_is_chunked(lab, &lab.edge, FORWARD_LISTEN);
     assert!(
         !mg.log().contains("panicked"),
         "modelgate logged a panic:\n{}",
