@@ -3,8 +3,9 @@
 //! chunk when the gateway (not the client) asked for it, and writes the clean ending of a stream
 //! that a budget or TPM limit cut short.
 //!
-//! Pure and synchronous: bytes in, whole SSE events out. [`super::proxy`] owns the timing and
-//! the limiter. Memory is bounded: an event larger than [`MAX_EVENT_BYTES`] switches the meter
+//! Pure and synchronous: bytes in, whole SSE events out. The response body (`body`) owns the
+//! timing and the limiter. The same event parser reads the usage of unmetered streams
+//! ([`Meter::usage_in`]), and `UsageView` is the one shape of every answer's usage. Memory is bounded: an event larger than [`MAX_EVENT_BYTES`] switches the meter
 //! to pass-through (bytes forwarded unchanged, no more counting; the response then settles on
 //! an estimate).
 //!
@@ -98,11 +99,19 @@ struct DeltaView<'a> {
     reasoning_content: Option<&'a RawValue>,
 }
 
+/// An OpenAI `usage` object: the one shape every answer's usage is read with.
 #[derive(Deserialize)]
-struct UsageView {
+pub(super) struct UsageView {
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+}
+
+impl UsageView {
+    /// `(prompt_tokens, completion_tokens)`.
+    pub(super) fn pair(&self) -> (u64, u64) {
+        (self.prompt_tokens, self.completion_tokens)
+    }
 }
 
 /// A JSON value that carries something: not null, not `""`, not `[]`.
@@ -181,6 +190,18 @@ impl Meter {
         }
     }
 
+    /// The last usage reported in `events`, a run of SSE events such as the tail of a stream
+    /// that was not metered (a partial first event is skipped): the same parser as a metered
+    /// stream, run once.
+    pub fn usage_in(events: &[u8]) -> Option<(u64, u64)> {
+        let mut m = Meter::new(StreamKind::Chat, false);
+        m.push(events);
+        if let Some(rest) = m.finish() {
+            m.inspect(rest);
+        }
+        m.usage
+    }
+
     /// Offset just past the first event boundary (`\n\n` or `\r\n\r\n`) in the buffer.
     fn boundary(&mut self) -> Option<usize> {
         let b = &self.buf[..];
@@ -246,7 +267,7 @@ impl Meter {
         }
         self.tokens += ev.tokens;
         if let Some(u) = chunk.usage {
-            self.usage = Some((u.prompt_tokens, u.completion_tokens));
+            self.usage = Some(u.pair());
             if self.strip_usage && choices.is_empty() {
                 ev.forward = false;
             }
