@@ -34,16 +34,13 @@ fn flight_counts_streams_and_in_flight_until_dropped() {
     let b = Flight::start(&m, &principal("k1"), &u);
     let c = Flight::start(&m, &principal("k2"), &u);
     assert_eq!(u.in_flight(), 3);
-    let active = m.active_streams();
-    assert_eq!(active.len(), 2);
-    assert_eq!(
-        (
-            active[0].key_id.as_str(),
-            active[0].key_name.as_str(),
-            active[0].count
-        ),
-        ("k1", "k1-name", 2)
-    );
+    let active: Vec<_> = m
+        .active_streams()
+        .into_iter()
+        .map(|a| (a.key_id, a.key_name, a.count))
+        .collect();
+    let owned = |id: &str, n| (id.to_string(), format!("{id}-name"), n);
+    assert_eq!(active, [owned("k1", 2), owned("k2", 1)]);
     drop(a);
     drop(c);
     assert_eq!(u.in_flight(), 1);
@@ -76,6 +73,13 @@ fn audit_lines(f: impl FnOnce()) -> Vec<String> {
     tracing::subscriber::with_default(subscriber, f);
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     text.lines().map(str::to_string).collect()
+}
+
+/// Asserts that `text` contains every one of `parts`.
+fn assert_has(text: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(text.contains(p), "{p:?} in {text}");
+    }
 }
 
 /// The field names of an audit line, in order.
@@ -149,59 +153,62 @@ fn refused_and_answered_requests_write_one_line_shape_and_their_metrics() {
         assert!(line.contains(" audit: request "), "{line}");
         assert_eq!(field_names(line), shape, "{line}");
     }
-    let missing = &lines[0];
-    for field in [
-        "key_id=- ",
-        "key=- ",
-        "client=192.0.2.7 ",
-        "endpoint=chat/completions ",
-        "model=- ",
-        "upstream=- ",
-        "status=401 ",
-        "bytes_in=- ",
-        "bytes_out=0 ",
-        "prompt_tokens=- ",
-        "completion_tokens=- ",
-        "ttfb_ms=- ",
-        "outcome=MissingKey",
-    ] {
-        assert!(missing.contains(field), "{field} in {missing}");
-    }
-    for field in [
-        "key_id=k1 ",
-        "key=k1-name ",
-        "model=made-up ",
-        "status=404 ",
-    ] {
-        assert!(lines[1].contains(field), "{field} in {}", lines[1]);
-    }
-    assert!(lines[2].contains("status=429 "), "{}", lines[2]);
+    assert_has(
+        &lines[0],
+        &[
+            "key_id=- ",
+            "key=- ",
+            "client=192.0.2.7 ",
+            "endpoint=chat/completions ",
+            "model=- ",
+            "upstream=- ",
+            "status=401 ",
+            "bytes_in=- ",
+            "bytes_out=0 ",
+            "prompt_tokens=- ",
+            "completion_tokens=- ",
+            "ttfb_ms=- ",
+            "outcome=MissingKey",
+        ],
+    );
+    assert_has(
+        &lines[1],
+        &[
+            "key_id=k1 ",
+            "key=k1-name ",
+            "model=made-up ",
+            "status=404 ",
+        ],
+    );
+    assert_has(&lines[2], &["status=429 ", "outcome=RateLimited("]);
     let answered = &lines[3];
-    for field in [
-        "upstream=vllm ",
-        "status=200 ",
-        "bytes_in=120 ",
-        "bytes_out=42 ",
-        "prompt_tokens=10 ",
-        "completion_tokens=5 ",
-        "outcome=ok",
-    ] {
-        assert!(answered.contains(field), "{field} in {answered}");
-    }
+    assert_has(
+        answered,
+        &[
+            "upstream=vllm ",
+            "status=200 ",
+            "bytes_in=120 ",
+            "bytes_out=42 ",
+            "prompt_tokens=10 ",
+            "completion_tokens=5 ",
+            "outcome=ok",
+        ],
+    );
     assert!(!answered.contains("ttfb_ms=- "), "{answered}");
 
     let text = render(&m, &Scrape::default());
-    for series in [
-        "modelgate_requests_total{key_id=\"-\",model=\"-\",status=\"401\"} 1\n",
-        "modelgate_requests_total{key_id=\"k1\",model=\"-\",status=\"404\"} 1\n",
-        "modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"429\"} 1\n",
-        "modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"200\"} 1\n",
-        "modelgate_tokens_total{key_id=\"k1\",kind=\"prompt\"} 10\n",
-        "modelgate_tokens_total{key_id=\"k1\",kind=\"completion\"} 5\n",
-        "modelgate_request_ttfb_seconds_count 1\n",
-        "modelgate_request_duration_seconds_count 4\n",
-    ] {
-        assert!(text.contains(series), "{series} in {text}");
-    }
+    assert_has(
+        &text,
+        &[
+            "modelgate_requests_total{key_id=\"-\",model=\"-\",status=\"401\"} 1\n",
+            "modelgate_requests_total{key_id=\"k1\",model=\"-\",status=\"404\"} 1\n",
+            "modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"429\"} 1\n",
+            "modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"200\"} 1\n",
+            "modelgate_tokens_total{key_id=\"k1\",kind=\"prompt\"} 10\n",
+            "modelgate_tokens_total{key_id=\"k1\",kind=\"completion\"} 5\n",
+            "modelgate_request_ttfb_seconds_count 1\n",
+            "modelgate_request_duration_seconds_count 4\n",
+        ],
+    );
     assert!(!text.contains("made-up"), "{text}");
 }
