@@ -1,7 +1,7 @@
 //! OpenAI-shaped errors: one enum for everything a client can be told, one mapping to status,
 //! type and code. Messages are short and safe; causes go to the operator's log, not the client.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::keys::AuthError;
@@ -262,12 +262,17 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        for (name, value) in self.rate_headers() {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(name, v);
-            }
-        }
+        insert_rate_headers(h, self.rate_headers());
         resp
+    }
+}
+
+/// Adds the limiter's `x-ratelimit-*` headers (refusals and answers alike).
+pub fn insert_rate_headers(h: &mut HeaderMap, pairs: Vec<(&'static str, String)>) {
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
     }
 }
 

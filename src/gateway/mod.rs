@@ -5,13 +5,20 @@
 //! connection's own task, never in the accept loop; a connection permit is taken before
 //! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
 
+mod admission;
+mod audit;
+mod auth;
+mod body;
 pub mod compat;
 pub mod error;
 pub mod fair;
+mod forward;
 mod idle;
 pub mod meter;
 pub mod proxy;
+mod request;
 pub mod upstream;
+mod usage;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};

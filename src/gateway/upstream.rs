@@ -50,7 +50,7 @@ pub struct Upstream {
     pub queue: Option<Arc<FairQueue>>,
     discovered: RwLock<Vec<String>>,
     reachable: AtomicBool,
-    /// Requests routed here whose response has not ended (`telemetry::Flight`).
+    /// Requests routed here whose response has not ended (the audit record's `Flight`).
     pub(crate) in_flight: AtomicU64,
 }
 

@@ -2,11 +2,11 @@
 //! the Prometheus text format (version 0.0.4) on `server.metrics_listen` (plain HTTP,
 //! `GET /metrics`, loopback by default: metrics are for the operator, not the internet).
 //!
-//! Owns the metric families and their text form. The gateway records each finished request
-//! with one call ([`Flight::finish`]) from its audit record and each refusal with
-//! [`record_refusal`]; a [`Flight`] also counts the request as an active stream of its key and
-//! as in flight at its upstream until the response body ends or is dropped. Peer, upstream and
-//! certificate gauges are read at scrape time from the live state ([`Scrape`]), so nothing
+//! Owns the metric families and their text form, with plain types only: it never imports the
+//! gateway (the gateway's audit record calls in). Each finished or refused request is recorded
+//! with one call ([`Metrics::record`]); a request being answered counts as an active stream of
+//! its key between [`Metrics::stream_started`] and [`Metrics::stream_ended`]. Peer, upstream
+//! and certificate gauges are read at scrape time from the live state ([`Scrape`]), so nothing
 //! polls in the background.
 //!
 //! Hot path: one read lock of a map (to find the series of a known label set) and atomic
@@ -16,7 +16,8 @@
 //! by the key store; refusals without a valid key use `-`), `model` only public model names
 //! that a route served (bounded by the routes; a refused request for an unknown model uses
 //! `-`), `status` only HTTP statuses, `peer` and `upstream` only names from the config. Series
-//! of keys or models that went away stay until the daemon restarts.
+//! of keys or models that went away stay until the daemon restarts. Choosing the labels is the
+//! caller's job.
 
 pub mod server;
 
@@ -25,12 +26,8 @@ use std::fmt::Write as _;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use crate::gateway::error::ApiError;
-use crate::gateway::upstream::Upstream;
-use crate::gateway::GatewayState;
-use crate::policy::Principal;
 use crate::tunnel::PeerStats;
 
 /// Upper bounds (seconds) of the latency and TTFB histograms: from a cached 5 ms answer to a
@@ -218,6 +215,28 @@ impl Metrics {
             .collect()
     }
 
+    /// A response of key `key_id` (named `name`) started streaming.
+    pub fn stream_started(&self, key_id: &Arc<str>, name: &str) {
+        self.stream_delta(key_id, name, 1);
+    }
+
+    /// A response of key `key_id` ended (or was dropped).
+    pub fn stream_ended(&self, key_id: &Arc<str>) {
+        self.stream_delta(key_id, "", -1);
+    }
+
+    /// Records one finished or refused request: its counter, tokens, TTFB and latency.
+    pub fn record(&self, r: &RequestDone<'_>) {
+        self.request(r.key_id, r.model, r.status);
+        if let Some((p, c)) = r.usage {
+            self.tokens(r.key_id, p, c);
+        }
+        if let Some(t) = r.ttfb {
+            self.ttfb.observe(t);
+        }
+        self.duration.observe(r.duration);
+    }
+
     fn stream_delta(&self, key_id: &Arc<str>, name: &str, delta: i64) {
         self.active.with(
             key_id,
@@ -307,77 +326,18 @@ impl Metrics {
     }
 }
 
-/// One request between routing and the end of its response: an active stream of its key and
-/// a request in flight at its upstream until dropped.
-pub struct Flight {
-    metrics: Arc<Metrics>,
-    key_id: Arc<str>,
-    upstream: Arc<Upstream>,
-}
-
-impl Flight {
-    pub fn start(
-        metrics: &Arc<Metrics>,
-        principal: &Principal,
-        upstream: &Arc<Upstream>,
-    ) -> Flight {
-        let key_id: Arc<str> = Arc::from(principal.id.as_str());
-        metrics.stream_delta(&key_id, &principal.name, 1);
-        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-        Flight {
-            metrics: metrics.clone(),
-            key_id,
-            upstream: upstream.clone(),
-        }
-    }
-
-    /// Records the finished request (from the audit record): counter, tokens, latency, TTFB.
-    pub fn finish(
-        &self,
-        model: &str,
-        status: u16,
-        usage: Option<(u64, u64)>,
-        ttfb: Option<Duration>,
-        duration: Duration,
-    ) {
-        let m = &self.metrics;
-        m.request(&self.key_id, model, status);
-        if let Some((p, c)) = usage {
-            m.tokens(&self.key_id, p, c);
-        }
-        if let Some(t) = ttfb {
-            m.ttfb.observe(t);
-        }
-        m.duration.observe(duration);
-    }
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        self.metrics.stream_delta(&self.key_id, "", -1);
-        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts a refused request (auth, policy, routing, limits, upstream failure before an answer).
-/// The model label is kept only when a route serves it, so made-up model names cannot grow
-/// the series without bound.
-pub fn record_refusal(
-    state: &GatewayState,
-    principal: Option<&Principal>,
-    model: &Option<String>,
-    error: &ApiError,
-    started: Instant,
-) {
-    let model = model
-        .as_deref()
-        .filter(|m| state.routes.route(m).is_some())
-        .unwrap_or("-");
-    let key_id = principal.map_or("-", |p| p.id.as_str());
-    state
-        .metrics
-        .request(key_id, model, error.status().as_u16());
-    state.metrics.duration.observe(started.elapsed());
+/// One finished or refused request, as [`Metrics::record`] counts it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDone<'a> {
+    /// `-` when no key authenticated.
+    pub key_id: &'a str,
+    /// A public model name a route serves, or `-` (the caller keeps the label set bounded).
+    pub model: &'a str,
+    pub status: u16,
+    /// `(prompt, completion)` tokens the answer reported.
+    pub usage: Option<(u64, u64)>,
+    pub ttfb: Option<Duration>,
+    pub duration: Duration,
 }
 
 /// What a scrape reads from the live daemon besides [`Metrics`].
@@ -501,132 +461,4 @@ pub fn escape(v: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gateway::upstream::UpstreamSpec;
-    use crate::policy::KeyPolicy;
-
-    fn upstream() -> Arc<Upstream> {
-        Upstream::new(UpstreamSpec {
-            name: "vllm".into(),
-            addr: "10.20.0.5:8000".parse().unwrap(),
-            base_path: "/v1".into(),
-            api_key: None,
-            models: vec![("m".into(), "m".into())],
-            max_concurrent: None,
-        })
-    }
-
-    fn principal(id: &str) -> Principal {
-        Principal {
-            id: id.into(),
-            name: format!("{id}-name"),
-            policy: KeyPolicy::default(),
-        }
-    }
-
-    #[test]
-    fn flight_counts_streams_and_in_flight_until_dropped() {
-        let m = Arc::new(Metrics::new());
-        let u = upstream();
-        let a = Flight::start(&m, &principal("k1"), &u);
-        let b = Flight::start(&m, &principal("k1"), &u);
-        let c = Flight::start(&m, &principal("k2"), &u);
-        assert_eq!(u.in_flight(), 3);
-        let active = m.active_streams();
-        assert_eq!(active.len(), 2);
-        assert_eq!(
-            (
-                active[0].key_id.as_str(),
-                active[0].key_name.as_str(),
-                active[0].count
-            ),
-            ("k1", "k1-name", 2)
-        );
-        a.finish(
-            "m",
-            200,
-            Some((10, 5)),
-            Some(Duration::from_millis(30)),
-            Duration::from_secs(2),
-        );
-        drop(a);
-        drop(c);
-        assert_eq!(u.in_flight(), 1);
-        assert_eq!(m.active_streams().len(), 1);
-        drop(b);
-        assert_eq!(u.in_flight(), 0);
-        assert!(m.active_streams().is_empty());
-        assert_eq!(m.request_count("k1", "m", 200), 1);
-        let text = render(&m, &Scrape::default());
-        assert!(
-            text.contains("modelgate_requests_total{key_id=\"k1\",model=\"m\",status=\"200\"} 1\n"),
-            "{text}"
-        );
-        assert!(text.contains("modelgate_tokens_total{key_id=\"k1\",kind=\"prompt\"} 10\n"));
-        assert!(text.contains("modelgate_tokens_total{key_id=\"k1\",kind=\"completion\"} 5\n"));
-        assert!(text.contains("modelgate_active_streams{key_id=\"k1\"} 0\n"));
-        assert!(text.contains("modelgate_request_ttfb_seconds_bucket{le=\"0.025\"} 0\n"));
-        assert!(text.contains("modelgate_request_ttfb_seconds_bucket{le=\"0.05\"} 1\n"));
-        assert!(text.contains("modelgate_request_duration_seconds_bucket{le=\"+Inf\"} 1\n"));
-        assert!(text.contains("modelgate_request_duration_seconds_sum 2\n"));
-        assert!(text.contains("modelgate_request_duration_seconds_count 1\n"));
-    }
-
-    #[test]
-    fn exposition_is_well_formed() {
-        let m = Metrics::new();
-        m.request("k\"1", "a\\b\nc", 429);
-        m.reload(true);
-        m.reload(false);
-        m.reload(false);
-        let scrape = Scrape {
-            peers: vec![PeerStats {
-                name: "corp".into(),
-                public_key: crate::wgkey::PrivateKey::generate().public_key(),
-                endpoint: None,
-                allowed_ips: Vec::new(),
-                last_handshake: Some(Duration::from_millis(2500)),
-                rx_bytes: 7,
-                tx_bytes: 9,
-                keepalive: None,
-            }],
-            upstreams: vec![("vllm".into(), true, 3, 2), ("down".into(), false, 0, 0)],
-            certificate_not_after: Some(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
-            ),
-        };
-        let text = render(&m, &scrape);
-        assert!(text.contains(
-            "modelgate_requests_total{key_id=\"k\\\"1\",model=\"a\\\\b\\nc\",status=\"429\"} 1\n"
-        ));
-        assert!(text.contains("modelgate_peer_last_handshake_age_seconds{peer=\"corp\"} 2.5\n"));
-        assert!(text.contains("modelgate_peer_receive_bytes_total{peer=\"corp\"} 7\n"));
-        assert!(text.contains("modelgate_peer_transmit_bytes_total{peer=\"corp\"} 9\n"));
-        assert!(text.contains("modelgate_upstream_up{upstream=\"vllm\"} 1\n"));
-        assert!(text.contains("modelgate_upstream_up{upstream=\"down\"} 0\n"));
-        assert!(text.contains("modelgate_upstream_in_flight{upstream=\"vllm\"} 3\n"));
-        assert!(text.contains("modelgate_upstream_queued{upstream=\"vllm\"} 2\n"));
-        assert!(text.contains("modelgate_config_reloads_total{result=\"refused\"} 2\n"));
-        assert!(text.contains("modelgate_certificate_not_after_seconds 1900000000\n"));
-        // Every line is a comment or `name{labels} value` with a numeric value; each family
-        // has exactly one TYPE line.
-        let mut types = std::collections::HashSet::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap();
-                assert!(types.insert(name.to_string()), "duplicate TYPE for {name}");
-                continue;
-            }
-            if line.starts_with("# HELP ") {
-                continue;
-            }
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(
-                value.parse::<f64>().is_ok() || value == "+Inf",
-                "bad line {line:?}"
-            );
-            assert!(line.starts_with("modelgate_"), "bad line {line:?}");
-        }
-    }
-}
+mod tests;
