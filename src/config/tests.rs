@@ -1,6 +1,9 @@
 use super::edit::{add_peer, remove_peer, NewPeer};
 use super::*;
+use ipnet::IpNet;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
 const K1: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 const K2: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
