@@ -2,8 +2,8 @@
 //!
 //! Owns the way from the file to the model the daemon runs on: serde structs exactly as written
 //! ([`raw`]), one validator per table that reports every bad setting at once (exit 64,
-//! [`validate`]), the validated types and their defaults ([`model`]), the errors ([`error`]),
-//! the secret files the config names ([`secrets`]) and the comment-preserving edits the CLI
+//! [`validate`]), the validated types and their defaults (`model`), the errors (`error`),
+//! the secret files the config names (`secrets`) and the comment-preserving edits the CLI
 //! makes ([`edit`]). Never touches the network; the only files it looks at besides the config
 //! are the appliance key (to refuse a peer that reuses it) and the upstreams' API key files
 //! (only their mode, never their content, at load time).
@@ -11,7 +11,6 @@
 pub mod edit;
 mod error;
 mod model;
-mod policies;
 pub mod raw;
 mod secrets;
 mod validate;

@@ -156,7 +156,7 @@ pub struct UpstreamConfig {
     /// requests go to `base_path + "/chat/completions"` etc.
     pub base_path: String,
     /// 0600 file with the key sent upstream as `Authorization: Bearer` (read by the daemon with
-    /// [`read_api_key_file`]); `None` when the server needs none.
+    /// [`super::read_api_key_file`]); `None` when the server needs none.
     pub api_key_file: Option<PathBuf>,
     /// Static routes; empty means the models are discovered from the server's `GET /v1/models`.
     pub models: Vec<ModelRoute>,

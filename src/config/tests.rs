@@ -366,6 +366,7 @@ fn private_key_file_checks_mode_and_content() {
     assert!(e.contains("wg genkey"), "{e}");
 }
 
+mod policies;
 mod upstreams;
 
 #[test]
