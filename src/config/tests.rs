@@ -36,6 +36,22 @@ fn errors(text: &str) -> Vec<FieldError> {
     }
 }
 
+/// Whether some error is about `key` and mentions `needle` (in its value, problem or fix).
+fn has(errs: &[FieldError], key: &str, needle: &str) -> bool {
+    errs.iter()
+        .any(|e| e.key == key && e.to_string().contains(needle))
+}
+
+/// Asserts an error for each `(key, needle)` of `want` (see [`has`]).
+fn assert_errors(errs: &[FieldError], want: &[(&str, &str)]) {
+    for (key, needle) in want {
+        assert!(
+            has(errs, key, needle),
+            "no error for {key} mentioning {needle:?} in {errs:#?}"
+        );
+    }
+}
+
 #[test]
 fn example_config_parses_and_validates() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/modelgate.toml");
@@ -162,21 +178,21 @@ public_key = "{K2}"
 tunnel_address = "10.99.0.255"
 "#
     );
-    let errs = errors(&text);
-    let has = |key: &str, needle: &str| {
-        errs.iter()
-            .any(|e| e.key == key && e.to_string().contains(needle))
-    };
-    assert!(has("peer \"a\".name", "also used by peer #1"), "{errs:#?}");
-    assert!(has("peer \"a\".public_key", "also used by peer #1"));
-    assert!(has("peer \"a\".tunnel_address", "also used by peer #1"));
-    assert!(has(
-        "peer \"a\".allowed_ips",
-        "overlaps 10.20.0.0/16 of peer \"a\""
-    ));
-    assert!(has("peer \"c\".tunnel_address", "appliance's own"));
-    assert!(has("peer \"c\".allowed_ips", "overlaps the tunnel network"));
-    assert!(has("peer \"d\".tunnel_address", "broadcast"));
+    assert_errors(
+        &errors(&text),
+        &[
+            ("peer \"a\".name", "also used by peer #1"),
+            ("peer \"a\".public_key", "also used by peer #1"),
+            ("peer \"a\".tunnel_address", "also used by peer #1"),
+            (
+                "peer \"a\".allowed_ips",
+                "overlaps 10.20.0.0/16 of peer \"a\"",
+            ),
+            ("peer \"c\".tunnel_address", "appliance's own"),
+            ("peer \"c\".allowed_ips", "overlaps the tunnel network"),
+            ("peer \"d\".tunnel_address", "broadcast"),
+        ],
+    );
 }
 
 #[test]
