@@ -43,7 +43,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{BudgetPeriod, KeyPolicy};
+use super::{Budget, BudgetPeriod, KeyPolicy};
 
 /// Units per token (or request): the bucket refills `limit` units per millisecond.
 const UNITS: u64 = 60_000;
@@ -274,6 +274,99 @@ impl KeyState {
             tokens: self.tpm.map(|l| self.tokens.header(l)),
         }
     }
+    /// Takes the key's current limits from `policy` (they change at reload) and brings its
+    /// buckets up to `now_ms` and its budget usage to the UTC `day` and `month`.
+    fn update(&mut self, policy: &KeyPolicy, now_ms: u64, day: u64, month: u64) {
+        self.rpm = policy.rpm.map(u64::from);
+        self.tpm = policy.tpm.map(u64::from);
+        self.budgeted |= policy.budget.is_some();
+        self.refill(now_ms);
+        self.day.roll(day);
+        self.month.roll(month);
+    }
+    /// Tokens committed in the current budget `period`.
+    fn used(&self, period: BudgetPeriod) -> u64 {
+        match period {
+            BudgetPeriod::Day => self.day.tokens,
+            BudgetPeriod::Month => self.month.tokens,
+        }
+    }
+    fn refusal(&self, kind: RefusalKind, retry_after: Duration) -> Refusal {
+        Refusal {
+            kind,
+            retry_after,
+            headers: self.headers(),
+        }
+    }
+    /// The tokens to reserve for a request that needs at least `minimum` and asks for `asked`:
+    /// `asked`, clamped to what is left of the `budget` and to the TPM capacity. Refused when
+    /// `minimum` can never fit (budget or TPM too small), not before the next budget period
+    /// starts, or not until in-flight requests settle.
+    fn reservation(
+        &self,
+        budget: Option<Budget>,
+        minimum: u64,
+        asked: u64,
+        wall: SystemTime,
+    ) -> Result<u64, Refusal> {
+        let mut reserve = asked;
+        if let Some(b) = budget {
+            let used = self.used(b.period);
+            if minimum > b.tokens {
+                return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
+            }
+            if used.saturating_add(minimum) > b.tokens {
+                let wait = until_next(b.period, wall);
+                return Err(self.refusal(RefusalKind::InsufficientQuota, wait));
+            }
+            let available = b
+                .tokens
+                .saturating_sub(used)
+                .saturating_sub(self.in_flight_tokens);
+            if minimum > available {
+                // Only in-flight reservations stand in the way; they settle (usually lower)
+                // when those requests end.
+                return Err(self.refusal(RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
+            }
+            reserve = reserve.min(available);
+        }
+        if let Some(tpm) = self.tpm {
+            if minimum > tpm {
+                return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
+            }
+            reserve = reserve.min(tpm);
+        }
+        Ok(reserve)
+    }
+    /// Refuses a request of `reserve` tokens while `max_concurrent` requests are in flight or
+    /// the RPM or TPM bucket cannot take it yet (with the wait until both can).
+    fn check_rates(&self, max_concurrent: Option<u32>, reserve: u64) -> Result<(), Refusal> {
+        if max_concurrent.is_some_and(|max| self.in_flight >= max) {
+            return Err(self.refusal(RefusalKind::TooManyConcurrent, IN_FLIGHT_RETRY));
+        }
+        let rpm_wait = self.rpm.map_or(0, |l| self.requests.wait_ms(l, UNITS));
+        let tpm_wait = self
+            .tpm
+            .map_or(0, |l| self.tokens.wait_ms(l, reserve.saturating_mul(UNITS)));
+        let wait = rpm_wait.max(tpm_wait);
+        if wait > 0 {
+            let wait = Duration::from_millis(wait);
+            return Err(self.refusal(RefusalKind::RateLimitExceeded, wait));
+        }
+        Ok(())
+    }
+    /// Charges an admitted request of `reserve` tokens: one request, the tokens, one slot.
+    fn charge(&mut self, reserve: u64) {
+        if self.rpm.is_some() {
+            self.requests.used += UNITS;
+        }
+        if self.tpm.is_some() {
+            let units = reserve.saturating_mul(UNITS);
+            self.tokens.used = self.tokens.used.saturating_add(units);
+        }
+        self.in_flight += 1;
+        self.in_flight_tokens = self.in_flight_tokens.saturating_add(reserve);
+    }
     /// Whether dropping this entry loses nothing (at `now_ms`, already refilled).
     fn idle(&self, day: u64, month: u64) -> bool {
         self.in_flight == 0
@@ -388,19 +481,8 @@ impl Limiter {
             .max_tokens
             .unwrap_or(u64::from(self.config.default_max_tokens));
         let (day, month) = periods(wall);
-        let wall_ms = wall_ms(wall);
         let k = self.entry(key_id);
-        k.rpm = policy.rpm.map(u64::from);
-        k.tpm = policy.tpm.map(u64::from);
-        k.budgeted |= policy.budget.is_some();
-        k.refill(now_ms);
-        k.day.roll(day);
-        k.month.roll(month);
-        let refuse = |k: &KeyState, kind, retry_after| Refusal {
-            kind,
-            retry_after,
-            headers: k.headers(),
-        };
+        k.update(policy, now_ms, day, month);
 
         // The least a request can run with: its prompt and, unless it generates nothing
         // (embeddings), one completion token. A reservation above what is left of the budget or
@@ -408,72 +490,16 @@ impl Limiter {
         // gateway ends the stream with `finish_reason: "length"` when the clamp is reached
         // ([`Limiter::charge_mid_stream`] says when).
         let minimum = est.prompt_tokens.saturating_add(wanted.min(1));
-        let mut reserve = est.prompt_tokens.saturating_add(wanted);
-        if let Some(b) = policy.budget {
-            let used = match b.period {
-                BudgetPeriod::Day => k.day.tokens,
-                BudgetPeriod::Month => k.month.tokens,
-            };
-            if minimum > b.tokens {
-                return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
-            }
-            if used.saturating_add(minimum) > b.tokens {
-                let until = match b.period {
-                    BudgetPeriod::Day => (day + 1) * DAY_MS,
-                    BudgetPeriod::Month => month_start_ms(month + 1),
-                };
-                let wait = Duration::from_millis(until.saturating_sub(wall_ms));
-                return Err(refuse(k, RefusalKind::InsufficientQuota, wait));
-            }
-            let available = b
-                .tokens
-                .saturating_sub(used)
-                .saturating_sub(k.in_flight_tokens);
-            if minimum > available {
-                // Only in-flight reservations stand in the way; they settle (usually lower)
-                // when those requests end.
-                return Err(refuse(k, RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
-            }
-            reserve = reserve.min(available);
-        }
-        if let Some(tpm) = k.tpm {
-            if minimum > tpm {
-                return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
-            }
-            reserve = reserve.min(tpm);
-        }
-        if let Some(max) = policy.max_concurrent {
-            if k.in_flight >= max {
-                return Err(refuse(k, RefusalKind::TooManyConcurrent, IN_FLIGHT_RETRY));
-            }
-        }
-        let rpm_wait = k.rpm.map_or(0, |l| k.requests.wait_ms(l, UNITS));
-        let tpm_wait = k
-            .tpm
-            .map_or(0, |l| k.tokens.wait_ms(l, reserve.saturating_mul(UNITS)));
-        let wait = rpm_wait.max(tpm_wait);
-        if wait > 0 {
-            return Err(refuse(
-                k,
-                RefusalKind::RateLimitExceeded,
-                Duration::from_millis(wait),
-            ));
-        }
-
-        if k.rpm.is_some() {
-            k.requests.used += UNITS;
-        }
-        if k.tpm.is_some() {
-            k.tokens.used = k.tokens.used.saturating_add(reserve.saturating_mul(UNITS));
-        }
-        k.in_flight += 1;
-        k.in_flight_tokens = k.in_flight_tokens.saturating_add(reserve);
+        let asked = est.prompt_tokens.saturating_add(wanted);
+        let reserve = k.reservation(policy.budget, minimum, asked, wall)?;
+        k.check_rates(policy.max_concurrent, reserve)?;
+        k.charge(reserve);
         Ok(Admission {
             key: k.id.clone().expect("entries carry their id"),
             reserved: reserve,
             charged: reserve,
             produced: 0,
-            clamped: reserve < est.prompt_tokens.saturating_add(wanted),
+            clamped: reserve < asked,
             budget: policy.budget.map(|b| (b.period, b.tokens)),
             headers: k.headers(),
         })
@@ -505,11 +531,7 @@ impl Limiter {
         // The budget: the period's committed usage (as of the last admit or settle) plus every
         // in-flight charge must stay within the limit the request was admitted under.
         let budget_ok = adm.budget.is_none_or(|(period, limit)| {
-            let used = match period {
-                BudgetPeriod::Day => k.day.tokens,
-                BudgetPeriod::Month => k.month.tokens,
-            };
-            used.saturating_add(k.in_flight_tokens) <= limit
+            k.used(period).saturating_add(k.in_flight_tokens) <= limit
         });
         tpm_ok && budget_ok
     }
@@ -619,6 +641,16 @@ fn periods(wall: SystemTime) -> (u64, u64) {
     let day = wall_ms(wall) / DAY_MS;
     let (y, m, _) = civil_from_days(day as i64);
     (day, (y * 12 + i64::from(m) - 1) as u64)
+}
+
+/// Time from `wall` until the next UTC day or month (`period`) starts.
+fn until_next(period: BudgetPeriod, wall: SystemTime) -> Duration {
+    let (day, month) = periods(wall);
+    let until = match period {
+        BudgetPeriod::Day => (day + 1) * DAY_MS,
+        BudgetPeriod::Month => month_start_ms(month + 1),
+    };
+    Duration::from_millis(until.saturating_sub(wall_ms(wall)))
 }
 
 /// Milliseconds since the epoch at 00:00 UTC on the first day of month number `month`.
