@@ -37,18 +37,10 @@ fn limits() {
 
 #[test]
 fn expires_durations() {
-    assert_eq!(
-        parse_expires("30d"),
-        Ok(Expiry::After(Duration::from_secs(30 * 86_400)))
-    );
-    assert_eq!(
-        parse_expires("12h"),
-        Ok(Expiry::After(Duration::from_secs(12 * 3600)))
-    );
-    assert_eq!(
-        parse_expires("1h 30m"),
-        Ok(Expiry::After(Duration::from_secs(5400)))
-    );
+    for (given, secs) in [("30d", 30 * 86_400), ("12h", 12 * 3600), ("1h 30m", 5400)] {
+        let want = Expiry::After(Duration::from_secs(secs));
+        assert_eq!(parse_expires(given), Ok(want), "{given}");
+    }
     assert!(parse_expires("0s").is_err());
     assert!(parse_expires("soon").unwrap_err().contains("fix:"));
     assert!(parse_expires("").is_err());
@@ -57,20 +49,15 @@ fn expires_durations() {
 #[test]
 fn expires_instants() {
     let t = UNIX_EPOCH + Duration::from_secs(1_769_882_400); // 2026-01-31T18:00:00Z
-    assert_eq!(parse_expires("2026-01-31T18:00:00Z"), Ok(Expiry::At(t)));
-    assert_eq!(parse_expires("2026-01-31 18:00:00"), Ok(Expiry::At(t)));
-    assert_eq!(
-        parse_expires("2026-01-31T19:30:00+01:30"),
-        Ok(Expiry::At(t))
-    );
-    assert_eq!(
-        parse_expires("2026-01-31T13:00:00-05:00"),
-        Ok(Expiry::At(t))
-    );
-    assert_eq!(
-        parse_expires("2026-01-31"),
-        Ok(Expiry::At(t - Duration::from_secs(18 * 3600)))
-    );
+    for (given, at) in [
+        ("2026-01-31T18:00:00Z", t),
+        ("2026-01-31 18:00:00", t),
+        ("2026-01-31T19:30:00+01:30", t),
+        ("2026-01-31T13:00:00-05:00", t),
+        ("2026-01-31", t - Duration::from_secs(18 * 3600)),
+    ] {
+        assert_eq!(parse_expires(given), Ok(Expiry::At(at)), "{given}");
+    }
     for bad in [
         "2026-13-01",
         "2026-01-31T18:00:00+25:00",
@@ -101,9 +88,9 @@ fn expiry_must_be_in_the_future() {
 
 #[test]
 fn grace() {
-    assert_eq!(parse_grace("0"), Ok(Duration::ZERO));
-    assert_eq!(parse_grace("0s"), Ok(Duration::ZERO));
-    assert_eq!(parse_grace("10m"), Ok(Duration::from_secs(600)));
+    for (given, secs) in [("0", 0), ("0s", 0), ("10m", 600)] {
+        assert_eq!(parse_grace(given), Ok(Duration::from_secs(secs)), "{given}");
+    }
     assert!(parse_grace("ten").is_err());
 }
 
@@ -131,16 +118,14 @@ fn endpoints() {
 
 #[test]
 fn cidrs() {
-    assert_eq!(parse_cidr("10.0.0.7/8"), Ok("10.0.0.0/8".parse().unwrap()));
-    assert_eq!(
-        parse_cidr("203.0.113.5"),
-        Ok("203.0.113.5/32".parse().unwrap())
-    );
-    assert_eq!(
-        parse_cidr("2001:db8::1/32"),
-        Ok("2001:db8::/32".parse().unwrap())
-    );
-    assert_eq!(parse_cidr("::1"), Ok("::1/128".parse().unwrap()));
+    for (given, net) in [
+        ("10.0.0.7/8", "10.0.0.0/8"),
+        ("203.0.113.5", "203.0.113.5/32"),
+        ("2001:db8::1/32", "2001:db8::/32"),
+        ("::1", "::1/128"),
+    ] {
+        assert_eq!(parse_cidr(given), Ok(net.parse().unwrap()), "{given}");
+    }
     for bad in ["10.0.0.0/33", "::/129", "example.com", "", "10.0.0/8"] {
         assert!(parse_cidr(bad).unwrap_err().contains("fix:"), "{bad}");
     }
