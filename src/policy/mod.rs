@@ -2,8 +2,8 @@
 //!
 //! Owns "may this principal do this now?" and the parsing of the policy flags of `modelgate key
 //! create` ([`parse`]). Never does I/O and never reads a clock itself: callers pass `now`.
-//! Rate limits, concurrency and budgets are decided by [`limits::Limiter`]; the gateway wires
-//! it in (later).
+//! Rate limits, concurrency and budgets are decided by [`limits::Limiter`], which the gateway
+//! consults after [`check_access`].
 
 pub mod limits;
 pub mod parse;

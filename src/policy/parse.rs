@@ -2,6 +2,7 @@
 //!
 //! Each function returns `Err(message)` where the message describes the problem and ends with
 //! `fix: …`; clap prefixes it with the flag and the value, so the operator sees all three.
+//! Never reads a clock: [`Expiry::resolve`] takes `now`.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};

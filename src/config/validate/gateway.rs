@@ -1,5 +1,7 @@
 //! `[gateway]`: capacities and timeouts of the public HTTPS listener, and the Cursor
 //! compatibility switches. Every key is optional; [`GatewayConfig::default`] has the defaults.
+//! Each value has a bound (no "unlimited"), so a slow or hostile client can never hold a
+//! resource forever.
 
 use super::fields::{bounded, duration};
 use crate::config::raw::RawGateway;

@@ -4,6 +4,7 @@
 //! address in the tunnel network. Its allowed IPs follow the WireGuard paper §II ("cryptokey
 //! routing"): each inner address must map to exactly one peer, so networks that overlap another
 //! peer's, or the tunnel network, are refused instead of letting the last one silently win.
+//! Never resolves a host name: endpoints are `IP:PORT`.
 
 use ipnet::IpNet;
 use std::collections::HashMap;

@@ -4,7 +4,8 @@
 //! uses it, at the next reload.
 //!
 //! Values are written as the `key create` flags take them (`budget = "2000000/month"`, lists
-//! as TOML arrays) and checked by the same parsers, so the two never disagree.
+//! as TOML arrays) and checked by the same parsers ([`crate::policy::parse`]), so the two never
+//! disagree; this file never parses a value itself.
 
 use std::collections::HashMap;
 

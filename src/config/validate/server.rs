@@ -1,4 +1,5 @@
 //! `[server]`: the HTTPS and metrics listeners, the state directory and the control socket.
+//! Only parsed and resolved here: never creates the directory, never binds (the daemon does).
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! `[tls]`: where the HTTPS certificate comes from. `mode` picks the source and only that
 //! mode's keys may be present, so a leftover key of another mode cannot look as if it applied.
+//! Never reads the PEM files nor contacts the ACME directory: the TLS plane does, at start.
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -3,7 +3,8 @@
 //! Each upstream needs a unique name and an `http://IP:PORT[/PATH]` URL whose IP lies behind a
 //! peer (the no-open-proxy rule: modelgate never forwards anywhere else); optionally an API key
 //! file (checked without being read), static model routes (each public model name routed by
-//! one upstream) and a concurrency limit.
+//! one upstream) and a concurrency limit. Never connects to a model server: models that are not
+//! listed are discovered by the gateway at run time.
 
 use ipnet::IpNet;
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! `[wireguard]`: the appliance's WireGuard interface, and the tunnel network arithmetic that
 //! `[[peer]]` validation and `modelgate peer add` share (which addresses a peer may use, the
-//! next free one).
+//! next free one). Never reads the private key file: only its path is resolved here.
 
 use ipnet::IpNet;
 use std::collections::HashSet;
