@@ -1,10 +1,11 @@
 //! Text-level edits of `modelgate.toml` made by the CLI.
 //!
 //! Owns the initial file `modelgate init` writes and the `[[peer]]` / `[[upstream]]` additions
-//! and removals of `modelgate peer add/remove` and `modelgate upstream add/remove`. Edits go through `toml_edit` so the operator's comments, key order
-//! and formatting survive; these functions only transform text. Never writes files and never
-//! decides validity: callers validate the result with [`super::Config::from_toml_str`] before
-//! writing it with [`crate::fsutil::write_atomic`].
+//! and removals of `modelgate peer add/remove` and `modelgate upstream add/remove`. Edits go
+//! through `toml_edit` so the operator's comments, key order and formatting survive; these
+//! functions only transform text. Never writes files and never decides validity: callers
+//! validate the result with [`super::Config::from_toml_str`] before writing it with
+//! [`crate::fsutil::write_atomic`].
 
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table, Value};
 
@@ -199,42 +200,7 @@ pub struct InitSettings {
 
 /// The commented config file `modelgate init` writes.
 pub fn render_initial(s: &InitSettings) -> String {
-    let tls = match &s.tls {
-        InitTls::Files { cert, key } => format!(
-            "mode = \"files\"\n# PEM certificate chain and its key (re-read on reload).\ncert = {}\nkey = {}\n",
-            lit(cert),
-            lit(key)
-        ),
-        InitTls::SelfSigned { name } => format!(
-            "# A certificate generated at start. Fine for tests and the demo; Cursor's backend will\n\
-             # NOT accept it: switch to \"acme\" or \"files\" for real use.\n\
-             mode = \"self-signed\"\nself_signed_name = {}\n",
-            lit(name)
-        ),
-        InitTls::Acme {
-            domain,
-            email,
-            directory,
-            ca_root,
-        } => {
-            let mut t = format!(
-                "# Publicly trusted certificate via ACME TLS-ALPN-01 on the HTTPS port: {domain}\n\
-                 # must resolve to this appliance and port 443 must be reachable from the internet.\n\
-                 mode = \"acme\"\nacme_domain = {}\n",
-                lit(domain)
-            );
-            if let Some(e) = email {
-                t += &format!("acme_email = {}\n", lit(e));
-            }
-            if let Some(d) = directory {
-                t += &format!("acme_directory = {}\n", lit(d));
-            }
-            if let Some(c) = ca_root {
-                t += &format!("acme_ca_root = {}\n", lit(c));
-            }
-            t
-        }
-    };
+    let tls = tls_table(&s.tls);
     format!(
         r#"# modelgate configuration, written by `modelgate init` at {generated}.
 # Every key is documented in config/modelgate.toml of the modelgate sources.
@@ -277,4 +243,44 @@ mtu = 1420
         tunnel_address = lit(&s.tunnel_address),
         public_key = s.public_key,
     )
+}
+
+/// The body of the `[tls]` table `modelgate init` writes, with a comment on the choice.
+fn tls_table(tls: &InitTls) -> String {
+    match tls {
+        InitTls::Files { cert, key } => format!(
+            "mode = \"files\"\n# PEM certificate chain and its key (re-read on reload).\ncert = {}\nkey = {}\n",
+            lit(cert),
+            lit(key)
+        ),
+        InitTls::SelfSigned { name } => format!(
+            "# A certificate generated at start. Fine for tests and the demo; Cursor's backend will\n\
+             # NOT accept it: switch to \"acme\" or \"files\" for real use.\n\
+             mode = \"self-signed\"\nself_signed_name = {}\n",
+            lit(name)
+        ),
+        InitTls::Acme {
+            domain,
+            email,
+            directory,
+            ca_root,
+        } => {
+            let mut t = format!(
+                "# Publicly trusted certificate via ACME TLS-ALPN-01 on the HTTPS port: {domain}\n\
+                 # must resolve to this appliance and port 443 must be reachable from the internet.\n\
+                 mode = \"acme\"\nacme_domain = {}\n",
+                lit(domain)
+            );
+            if let Some(e) = email {
+                t += &format!("acme_email = {}\n", lit(e));
+            }
+            if let Some(d) = directory {
+                t += &format!("acme_directory = {}\n", lit(d));
+            }
+            if let Some(c) = ca_root {
+                t += &format!("acme_ca_root = {}\n", lit(c));
+            }
+            t
+        }
+    }
 }

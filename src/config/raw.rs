@@ -3,7 +3,7 @@
 //! Every value that needs checking is kept as a string (or a wide integer) here, so that a typo in
 //! one field does not hide the errors in the others: [`super::validate`] reports them all at once.
 //! Unknown keys are rejected (`deny_unknown_fields`) because a misspelt key silently ignored is a
-//! setting silently not applied.
+//! setting silently not applied. Never checks a value here.
 
 use serde::Deserialize;
 

@@ -1,6 +1,9 @@
 use super::edit::{add_peer, remove_peer, NewPeer};
 use super::*;
+use ipnet::IpNet;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
 const K1: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 const K2: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
@@ -30,6 +33,22 @@ fn errors(text: &str) -> Vec<FieldError> {
     match parse(text) {
         Err(ConfigError::Invalid { errors, .. }) => errors.0,
         other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+/// Whether some error is about `key` and mentions `needle` (in its value, problem or fix).
+fn has(errs: &[FieldError], key: &str, needle: &str) -> bool {
+    errs.iter()
+        .any(|e| e.key == key && e.to_string().contains(needle))
+}
+
+/// Asserts an error for each `(key, needle)` of `want` (see [`has`]).
+fn assert_errors(errs: &[FieldError], want: &[(&str, &str)]) {
+    for (key, needle) in want {
+        assert!(
+            has(errs, key, needle),
+            "no error for {key} mentioning {needle:?} in {errs:#?}"
+        );
     }
 }
 
@@ -159,21 +178,21 @@ public_key = "{K2}"
 tunnel_address = "10.99.0.255"
 "#
     );
-    let errs = errors(&text);
-    let has = |key: &str, needle: &str| {
-        errs.iter()
-            .any(|e| e.key == key && e.to_string().contains(needle))
-    };
-    assert!(has("peer \"a\".name", "also used by peer #1"), "{errs:#?}");
-    assert!(has("peer \"a\".public_key", "also used by peer #1"));
-    assert!(has("peer \"a\".tunnel_address", "also used by peer #1"));
-    assert!(has(
-        "peer \"a\".allowed_ips",
-        "overlaps 10.20.0.0/16 of peer \"a\""
-    ));
-    assert!(has("peer \"c\".tunnel_address", "appliance's own"));
-    assert!(has("peer \"c\".allowed_ips", "overlaps the tunnel network"));
-    assert!(has("peer \"d\".tunnel_address", "broadcast"));
+    assert_errors(
+        &errors(&text),
+        &[
+            ("peer \"a\".name", "also used by peer #1"),
+            ("peer \"a\".public_key", "also used by peer #1"),
+            ("peer \"a\".tunnel_address", "also used by peer #1"),
+            (
+                "peer \"a\".allowed_ips",
+                "overlaps 10.20.0.0/16 of peer \"a\"",
+            ),
+            ("peer \"c\".tunnel_address", "appliance's own"),
+            ("peer \"c\".allowed_ips", "overlaps the tunnel network"),
+            ("peer \"d\".tunnel_address", "broadcast"),
+        ],
+    );
 }
 
 #[test]
@@ -363,6 +382,7 @@ fn private_key_file_checks_mode_and_content() {
     assert!(e.contains("wg genkey"), "{e}");
 }
 
+mod policies;
 mod upstreams;
 
 #[test]

@@ -178,9 +178,28 @@ const PING_LIMIT: RateLimit = RateLimit {
     burst: 20,
 };
 
-/// The desired ruleset for `spec` (pure; the module docs explain each rule).
+/// The desired ruleset for `spec` (pure; the module docs explain each rule), group by group in
+/// the documented order.
 pub fn desired(spec: &FirewallSpec) -> Ruleset {
-    let mut rules = vec![
+    let mut rules = conntrack();
+    rules.push(Rule::accept(vec![Match::Iif("lo")], "loopback")); // group 2
+    rules.extend(icmp_essentials());
+    rules.extend(icmpv6_essentials());
+    rules.extend(listeners(spec));
+    rules.extend(ssh(spec));
+    rules.push(Rule {
+        matches: vec![],
+        limit: None,
+        counter: true,
+        verdict: Verdict::Continue,
+        comment: "dropped by policy".into(),
+    });
+    Ruleset { rules }
+}
+
+/// Group 1: invalid conntrack state dropped (and counted), then replies and their ICMP errors.
+fn conntrack() -> Vec<Rule> {
+    vec![
         Rule {
             matches: vec![Match::CtState(vec!["invalid"])],
             limit: None,
@@ -192,7 +211,12 @@ pub fn desired(spec: &FirewallSpec) -> Ruleset {
             vec![Match::CtState(vec!["established", "related"])],
             "replies and their ICMP errors (PMTUD)",
         ),
-        Rule::accept(vec![Match::Iif("lo")], "loopback"),
+    ]
+}
+
+/// Group 3, IPv4: ICMP errors and rate-limited ping.
+fn icmp_essentials() -> [Rule; 2] {
+    [
         Rule::accept(
             vec![Match::IcmpType(vec![
                 "destination-unreachable",
@@ -205,6 +229,13 @@ pub fn desired(spec: &FirewallSpec) -> Ruleset {
             limit: Some(PING_LIMIT),
             ..Rule::accept(vec![Match::IcmpType(vec!["echo-request"])], "ping")
         },
+    ]
+}
+
+/// Group 3, IPv6: RFC 4890's must-not-drop ICMPv6, neighbour discovery from the link only, MLD
+/// queries, rate-limited ping and the DHCPv6 client port.
+fn icmpv6_essentials() -> [Rule; 5] {
+    [
         Rule::accept(
             vec![Match::Icmpv6Type(vec![
                 "destination-unreachable",
@@ -240,32 +271,30 @@ pub fn desired(spec: &FirewallSpec) -> Ruleset {
             vec![Match::Saddr(link_local()), Match::Dport(L4::Udp, 546)],
             "DHCPv6 client",
         ),
-    ];
-    rules.push(listener_rule(
-        L4::Tcp,
-        spec.https,
-        "modelgate HTTPS (server.listen)",
-    ));
-    rules.push(listener_rule(
-        L4::Udp,
-        spec.wireguard,
-        "modelgate WireGuard (wireguard.listen)",
-    ));
-    for net in &spec.ssh_from {
+    ]
+}
+
+/// Group 4: modelgate's own listeners.
+fn listeners(spec: &FirewallSpec) -> [Rule; 2] {
+    [
+        listener_rule(L4::Tcp, spec.https, "modelgate HTTPS (server.listen)"),
+        listener_rule(
+            L4::Udp,
+            spec.wireguard,
+            "modelgate WireGuard (wireguard.listen)",
+        ),
+    ]
+}
+
+/// Group 5: SSH from each `--ssh-from` network.
+fn ssh(spec: &FirewallSpec) -> impl Iterator<Item = Rule> + '_ {
+    spec.ssh_from.iter().map(|net| {
         let net = net.trunc();
-        rules.push(Rule::accept(
+        Rule::accept(
             vec![Match::Saddr(net), Match::Dport(L4::Tcp, spec.ssh_port)],
             format!("SSH from {net} (--ssh-from)"),
-        ));
-    }
-    rules.push(Rule {
-        matches: vec![],
-        limit: None,
-        counter: true,
-        verdict: Verdict::Continue,
-        comment: "dropped by policy".into(),
-    });
-    Ruleset { rules }
+        )
+    })
 }
 
 fn link_local() -> IpNet {

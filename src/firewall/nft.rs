@@ -4,7 +4,8 @@
 //! to `nft -j -f -`, one kernel transaction per call. The process is run here rather than with
 //! `nftables::helper::apply_ruleset_raw`, which lets nft's stderr through to the terminal: this
 //! module needs it to tell "not root" from "nft rejected the batch". Listing uses the crate's
-//! `helper::get_current_ruleset_with_args`.
+//! `helper::get_current_ruleset_with_args`. Never builds a batch itself: [`apply`] and
+//! [`remove`] send only what [`super::render`] made for table `inet modelgate`.
 
 use nftables::helper::{get_current_ruleset_with_args, NftablesError};
 use nftables::schema::{NfListObject, NfObject, Nftables};

@@ -4,6 +4,7 @@
 //! again with the chain and rules. nft runs a file or a JSON batch as one kernel transaction, so
 //! the old table is replaced atomically and loading either form twice gives the same ruleset.
 //! The namespace test loads each form into its own namespace and compares `nft list` of both.
+//! Pure: never runs nft (that is [`super::nft`]).
 
 use ipnet::IpNet;
 use nftables::{

@@ -86,18 +86,13 @@ fn specific_listen_addresses_restrict_the_destination() {
 
 #[test]
 fn ssh_from_parsing() {
-    assert_eq!(
-        parse_ssh_from("10.1.2.3/8").unwrap().to_string(),
-        "10.0.0.0/8"
-    );
-    assert_eq!(
-        parse_ssh_from("10.1.2.3").unwrap().to_string(),
-        "10.1.2.3/32"
-    );
-    assert_eq!(
-        parse_ssh_from(" 2001:db8::5 ").unwrap().to_string(),
-        "2001:db8::5/128"
-    );
+    for (given, net) in [
+        ("10.1.2.3/8", "10.0.0.0/8"),
+        ("10.1.2.3", "10.1.2.3/32"),
+        (" 2001:db8::5 ", "2001:db8::5/128"),
+    ] {
+        assert_eq!(parse_ssh_from(given).unwrap().to_string(), net, "{given:?}");
+    }
     let e = parse_ssh_from("office").unwrap_err();
     assert!(e.contains("\"office\"") && e.contains("fix:"), "{e}");
     assert!(parse_ssh_from("10.0.0.0/33").is_err());
@@ -258,17 +253,12 @@ fn errors_say_what_to_do() {
 
 #[test]
 fn cap_net_admin_is_read_from_capeff() {
-    assert_eq!(
-        nft::cap_net_admin_in("Name:\tx\nCapEff:\t000001ffffffffff\n"),
-        Some(true)
-    );
-    assert_eq!(
-        nft::cap_net_admin_in("CapEff:\t0000000000000000\n"),
-        Some(false)
-    );
-    assert_eq!(
-        nft::cap_net_admin_in("CapEff:\t0000000000001000\n"),
-        Some(true)
-    );
-    assert_eq!(nft::cap_net_admin_in("nothing"), None);
+    for (status, want) in [
+        ("Name:\tx\nCapEff:\t000001ffffffffff\n", Some(true)),
+        ("CapEff:\t0000000000000000\n", Some(false)),
+        ("CapEff:\t0000000000001000\n", Some(true)),
+        ("nothing", None),
+    ] {
+        assert_eq!(nft::cap_net_admin_in(status), want, "{status:?}");
+    }
 }

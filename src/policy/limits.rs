@@ -43,7 +43,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{BudgetPeriod, KeyPolicy};
+use super::{Budget, BudgetPeriod, KeyPolicy};
 
 /// Units per token (or request): the bucket refills `limit` units per millisecond.
 const UNITS: u64 = 60_000;
@@ -274,6 +274,99 @@ impl KeyState {
             tokens: self.tpm.map(|l| self.tokens.header(l)),
         }
     }
+    /// Takes the key's current limits from `policy` (they change at reload) and brings its
+    /// buckets up to `now_ms` and its budget usage to the UTC `day` and `month`.
+    fn update(&mut self, policy: &KeyPolicy, now_ms: u64, day: u64, month: u64) {
+        self.rpm = policy.rpm.map(u64::from);
+        self.tpm = policy.tpm.map(u64::from);
+        self.budgeted |= policy.budget.is_some();
+        self.refill(now_ms);
+        self.day.roll(day);
+        self.month.roll(month);
+    }
+    /// Tokens committed in the current budget `period`.
+    fn used(&self, period: BudgetPeriod) -> u64 {
+        match period {
+            BudgetPeriod::Day => self.day.tokens,
+            BudgetPeriod::Month => self.month.tokens,
+        }
+    }
+    fn refusal(&self, kind: RefusalKind, retry_after: Duration) -> Refusal {
+        Refusal {
+            kind,
+            retry_after,
+            headers: self.headers(),
+        }
+    }
+    /// The tokens to reserve for a request that needs at least `minimum` and asks for `asked`:
+    /// `asked`, clamped to what is left of the `budget` and to the TPM capacity. Refused when
+    /// `minimum` can never fit (budget or TPM too small), not before the next budget period
+    /// starts, or not until in-flight requests settle.
+    fn reservation(
+        &self,
+        budget: Option<Budget>,
+        minimum: u64,
+        asked: u64,
+        wall: SystemTime,
+    ) -> Result<u64, Refusal> {
+        let mut reserve = asked;
+        if let Some(b) = budget {
+            let used = self.used(b.period);
+            if minimum > b.tokens {
+                return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
+            }
+            if used.saturating_add(minimum) > b.tokens {
+                let wait = until_next(b.period, wall);
+                return Err(self.refusal(RefusalKind::InsufficientQuota, wait));
+            }
+            let available = b
+                .tokens
+                .saturating_sub(used)
+                .saturating_sub(self.in_flight_tokens);
+            if minimum > available {
+                // Only in-flight reservations stand in the way; they settle (usually lower)
+                // when those requests end.
+                return Err(self.refusal(RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
+            }
+            reserve = reserve.min(available);
+        }
+        if let Some(tpm) = self.tpm {
+            if minimum > tpm {
+                return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
+            }
+            reserve = reserve.min(tpm);
+        }
+        Ok(reserve)
+    }
+    /// Refuses a request of `reserve` tokens while `max_concurrent` requests are in flight or
+    /// the RPM or TPM bucket cannot take it yet (with the wait until both can).
+    fn check_rates(&self, max_concurrent: Option<u32>, reserve: u64) -> Result<(), Refusal> {
+        if max_concurrent.is_some_and(|max| self.in_flight >= max) {
+            return Err(self.refusal(RefusalKind::TooManyConcurrent, IN_FLIGHT_RETRY));
+        }
+        let rpm_wait = self.rpm.map_or(0, |l| self.requests.wait_ms(l, UNITS));
+        let tpm_wait = self
+            .tpm
+            .map_or(0, |l| self.tokens.wait_ms(l, reserve.saturating_mul(UNITS)));
+        let wait = rpm_wait.max(tpm_wait);
+        if wait > 0 {
+            let wait = Duration::from_millis(wait);
+            return Err(self.refusal(RefusalKind::RateLimitExceeded, wait));
+        }
+        Ok(())
+    }
+    /// Charges an admitted request of `reserve` tokens: one request, the tokens, one slot.
+    fn charge(&mut self, reserve: u64) {
+        if self.rpm.is_some() {
+            self.requests.used += UNITS;
+        }
+        if self.tpm.is_some() {
+            let units = reserve.saturating_mul(UNITS);
+            self.tokens.used = self.tokens.used.saturating_add(units);
+        }
+        self.in_flight += 1;
+        self.in_flight_tokens = self.in_flight_tokens.saturating_add(reserve);
+    }
     /// Whether dropping this entry loses nothing (at `now_ms`, already refilled).
     fn idle(&self, day: u64, month: u64) -> bool {
         self.in_flight == 0
@@ -388,19 +481,8 @@ impl Limiter {
             .max_tokens
             .unwrap_or(u64::from(self.config.default_max_tokens));
         let (day, month) = periods(wall);
-        let wall_ms = wall_ms(wall);
         let k = self.entry(key_id);
-        k.rpm = policy.rpm.map(u64::from);
-        k.tpm = policy.tpm.map(u64::from);
-        k.budgeted |= policy.budget.is_some();
-        k.refill(now_ms);
-        k.day.roll(day);
-        k.month.roll(month);
-        let refuse = |k: &KeyState, kind, retry_after| Refusal {
-            kind,
-            retry_after,
-            headers: k.headers(),
-        };
+        k.update(policy, now_ms, day, month);
 
         // The least a request can run with: its prompt and, unless it generates nothing
         // (embeddings), one completion token. A reservation above what is left of the budget or
@@ -408,72 +490,16 @@ impl Limiter {
         // gateway ends the stream with `finish_reason: "length"` when the clamp is reached
         // ([`Limiter::charge_mid_stream`] says when).
         let minimum = est.prompt_tokens.saturating_add(wanted.min(1));
-        let mut reserve = est.prompt_tokens.saturating_add(wanted);
-        if let Some(b) = policy.budget {
-            let used = match b.period {
-                BudgetPeriod::Day => k.day.tokens,
-                BudgetPeriod::Month => k.month.tokens,
-            };
-            if minimum > b.tokens {
-                return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
-            }
-            if used.saturating_add(minimum) > b.tokens {
-                let until = match b.period {
-                    BudgetPeriod::Day => (day + 1) * DAY_MS,
-                    BudgetPeriod::Month => month_start_ms(month + 1),
-                };
-                let wait = Duration::from_millis(until.saturating_sub(wall_ms));
-                return Err(refuse(k, RefusalKind::InsufficientQuota, wait));
-            }
-            let available = b
-                .tokens
-                .saturating_sub(used)
-                .saturating_sub(k.in_flight_tokens);
-            if minimum > available {
-                // Only in-flight reservations stand in the way; they settle (usually lower)
-                // when those requests end.
-                return Err(refuse(k, RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
-            }
-            reserve = reserve.min(available);
-        }
-        if let Some(tpm) = k.tpm {
-            if minimum > tpm {
-                return Err(refuse(k, RefusalKind::TooLarge, Duration::ZERO));
-            }
-            reserve = reserve.min(tpm);
-        }
-        if let Some(max) = policy.max_concurrent {
-            if k.in_flight >= max {
-                return Err(refuse(k, RefusalKind::TooManyConcurrent, IN_FLIGHT_RETRY));
-            }
-        }
-        let rpm_wait = k.rpm.map_or(0, |l| k.requests.wait_ms(l, UNITS));
-        let tpm_wait = k
-            .tpm
-            .map_or(0, |l| k.tokens.wait_ms(l, reserve.saturating_mul(UNITS)));
-        let wait = rpm_wait.max(tpm_wait);
-        if wait > 0 {
-            return Err(refuse(
-                k,
-                RefusalKind::RateLimitExceeded,
-                Duration::from_millis(wait),
-            ));
-        }
-
-        if k.rpm.is_some() {
-            k.requests.used += UNITS;
-        }
-        if k.tpm.is_some() {
-            k.tokens.used = k.tokens.used.saturating_add(reserve.saturating_mul(UNITS));
-        }
-        k.in_flight += 1;
-        k.in_flight_tokens = k.in_flight_tokens.saturating_add(reserve);
+        let asked = est.prompt_tokens.saturating_add(wanted);
+        let reserve = k.reservation(policy.budget, minimum, asked, wall)?;
+        k.check_rates(policy.max_concurrent, reserve)?;
+        k.charge(reserve);
         Ok(Admission {
             key: k.id.clone().expect("entries carry their id"),
             reserved: reserve,
             charged: reserve,
             produced: 0,
-            clamped: reserve < est.prompt_tokens.saturating_add(wanted),
+            clamped: reserve < asked,
             budget: policy.budget.map(|b| (b.period, b.tokens)),
             headers: k.headers(),
         })
@@ -505,11 +531,7 @@ impl Limiter {
         // The budget: the period's committed usage (as of the last admit or settle) plus every
         // in-flight charge must stay within the limit the request was admitted under.
         let budget_ok = adm.budget.is_none_or(|(period, limit)| {
-            let used = match period {
-                BudgetPeriod::Day => k.day.tokens,
-                BudgetPeriod::Month => k.month.tokens,
-            };
-            used.saturating_add(k.in_flight_tokens) <= limit
+            k.used(period).saturating_add(k.in_flight_tokens) <= limit
         });
         tpm_ok && budget_ok
     }
@@ -621,6 +643,16 @@ fn periods(wall: SystemTime) -> (u64, u64) {
     (day, (y * 12 + i64::from(m) - 1) as u64)
 }
 
+/// Time from `wall` until the next UTC day or month (`period`) starts.
+fn until_next(period: BudgetPeriod, wall: SystemTime) -> Duration {
+    let (day, month) = periods(wall);
+    let until = match period {
+        BudgetPeriod::Day => (day + 1) * DAY_MS,
+        BudgetPeriod::Month => month_start_ms(month + 1),
+    };
+    Duration::from_millis(until.saturating_sub(wall_ms(wall)))
+}
+
 /// Milliseconds since the epoch at 00:00 UTC on the first day of month number `month`.
 fn month_start_ms(month: u64) -> u64 {
     let (y, m) = ((month / 12) as i64, (month % 12) as u32 + 1);
@@ -639,446 +671,4 @@ impl fmt::Display for RefusalKind {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Budget;
-
-    fn wall(s: &str) -> SystemTime {
-        humantime::parse_rfc3339(s).unwrap()
-    }
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-    fn pol(rpm: Option<u32>, tpm: Option<u32>) -> KeyPolicy {
-        KeyPolicy {
-            rpm,
-            tpm,
-            ..KeyPolicy::default()
-        }
-    }
-    fn est(prompt: u64, max: u64) -> Estimate {
-        Estimate {
-            prompt_tokens: prompt,
-            max_tokens: Some(max),
-        }
-    }
-    fn header<'a>(pairs: &'a [(&'static str, String)], name: &str) -> &'a str {
-        &pairs.iter().find(|(n, _)| *n == name).unwrap().1
-    }
-    const W: &str = "2024-03-10T12:00:00Z";
-
-    #[test]
-    fn rpm_exactly_at_limit_one_over_and_refill() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(Some(60), None);
-        for i in 0..60u64 {
-            let a = l.admit("k", &p, est(1, 1), t0, w).unwrap();
-            let r = a.headers.requests.unwrap();
-            assert_eq!((r.limit, r.remaining), (60, 59 - i));
-            assert_eq!(r.reset, Duration::from_secs(i + 1));
-            l.settle(a, 2, t0, w);
-        }
-        let r = l.admit("k", &p, est(1, 1), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::RateLimitExceeded);
-        assert_eq!(r.retry_after, Duration::from_secs(1));
-        assert_eq!(r.retry_after_header(), Some(1));
-        let h = r.headers.pairs();
-        assert_eq!(header(&h, "x-ratelimit-limit-requests"), "60");
-        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "0");
-        assert_eq!(header(&h, "x-ratelimit-reset-requests"), "1m0s");
-        assert!(h.iter().all(|(n, _)| !n.ends_with("-tokens")));
-        // One millisecond early: still refused, and told exactly how long.
-        let r = l.admit("k", &p, est(1, 1), t0 + ms(999), w).unwrap_err();
-        assert_eq!(r.retry_after, ms(1));
-        assert_eq!(r.retry_after_header(), Some(1));
-        let a = l.admit("k", &p, est(1, 1), t0 + ms(1000), w).unwrap();
-        assert_eq!(a.headers.requests.unwrap().remaining, 0);
-        l.settle(a, 2, t0 + ms(1000), w);
-        // A full minute after the burst the bucket is full again: 60 more fit, not 61.
-        let t1 = t0 + ms(61_000);
-        for _ in 0..60 {
-            let a = l.admit("k", &p, est(1, 1), t1, w).unwrap();
-            l.settle(a, 2, t1, w);
-        }
-        assert!(l.admit("k", &p, est(1, 1), t1, w).is_err());
-    }
-
-    #[test]
-    fn no_over_admission_across_a_minute_boundary() {
-        // A fixed window would admit 2 x 60 around a boundary; the bucket admits 60 + refill.
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(Some(60), None);
-        let mut admitted = 0;
-        for step in 0..=120u64 {
-            let t = t0 + ms(59_000 + step * 10); // 59.00 s ..= 60.20 s
-            while let Ok(a) = l.admit("k", &p, est(0, 0), t, w) {
-                l.settle(a, 0, t, w);
-                admitted += 1;
-            }
-        }
-        // 60 at 59 s, then one per second of refill (60 s, 61 s would be the next).
-        assert_eq!(admitted, 61);
-    }
-
-    #[test]
-    fn tpm_reservation_refund_and_overrun() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(None, Some(1000));
-        let a1 = l.admit("k", &p, est(400, 100), t0, w).unwrap();
-        assert_eq!(a1.reserved(), 500);
-        let t = a1.headers.tokens.unwrap();
-        assert_eq!((t.limit, t.remaining, t.reset), (1000, 500, ms(30_000)));
-        let a2 = l.admit("k", &p, est(400, 100), t0, w).unwrap();
-        assert_eq!(a2.headers.tokens.unwrap().remaining, 0);
-        let r = l.admit("k", &p, est(400, 100), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::RateLimitExceeded);
-        assert_eq!(r.retry_after, ms(30_000));
-        assert_eq!(
-            header(&r.headers.pairs(), "x-ratelimit-reset-tokens"),
-            "1m0s"
-        );
-        // Settle down: 100 used of 500 reserved gives 400 back.
-        assert_eq!(l.settle(a1, 100, t0, w), -400);
-        let r = l.admit("k", &p, est(400, 100), t0, w).unwrap_err();
-        assert_eq!(r.retry_after, ms(6_000)); // 600 used + 500 > 1000 by 100 tokens
-                                              // Settle up: 700 used of 500 reserved costs 200 more.
-        assert_eq!(l.settle(a2, 700, t0, w), 200);
-        let r = l.admit("k", &p, est(400, 100), t0, w).unwrap_err();
-        assert_eq!(r.retry_after, ms(18_000)); // 800 used
-        assert_eq!(r.headers.tokens.unwrap().remaining, 200);
-        let a = l.admit("k", &p, est(200, 0), t0, w).unwrap();
-        assert_eq!(a.headers.tokens.unwrap().remaining, 0);
-        l.settle(a, 200, t0, w);
-    }
-
-    #[test]
-    fn default_cap_and_too_large() {
-        let mut l = Limiter::with_config(LimiterConfig {
-            default_max_tokens: 300,
-        });
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(Some(10), Some(1000));
-        let a = l
-            .admit(
-                "k",
-                &p,
-                Estimate {
-                    prompt_tokens: 100,
-                    max_tokens: None,
-                },
-                t0,
-                w,
-            )
-            .unwrap();
-        assert_eq!(a.reserved(), 400);
-        l.settle(a, 0, t0, w);
-        // A prompt that alone exceeds TPM can never run.
-        let r = l.admit("k", &p, est(1000, 1), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::TooLarge);
-        assert_eq!(r.retry_after_header(), None);
-        // prompt + max_tokens above TPM: clamped to the TPM capacity, not refused.
-        let a = l.admit("k", &p, est(900, 101), t0, w).unwrap();
-        assert_eq!((a.reserved(), a.clamped()), (1000, true));
-        l.settle(a, 0, t0, w);
-        // Exactly the TPM limit fits in an empty bucket (after the refund above), unclamped.
-        let a = l.admit("k", &p, est(900, 100), t0, w).unwrap();
-        assert!(!a.clamped());
-        l.settle(a, 1000, t0, w);
-    }
-
-    #[test]
-    fn budget_reservation_is_clamped_to_what_is_left_and_cut_at_its_edge() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = budget(1000, BudgetPeriod::Day);
-        l.seed_usage("k", 800, 800, w);
-        // 200 left: a 50-token prompt asking for 4096 runs with a 200-token reservation.
-        let mut a = l.admit("k", &p, est(50, 4096), t0, w).unwrap();
-        assert_eq!((a.reserved(), a.clamped(), a.metered()), (200, true, true));
-        // Prompt, then 150 completion tokens: exactly the budget, still fine.
-        assert!(l.charge_mid_stream(&mut a, 50, t0));
-        for _ in 0..150 {
-            assert!(l.charge_mid_stream(&mut a, 1, t0));
-        }
-        // The 151st completion token overdraws: the gateway ends the stream here.
-        assert!(!l.charge_mid_stream(&mut a, 1, t0));
-        l.settle(a, 201, t0, w);
-        // Nothing left: the next request is refused with insufficient_quota.
-        let r = l.admit("k", &p, est(1, 10), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
-        // A prompt that fits but leaves no room for one completion token is refused, while a
-        // request that generates nothing (max_tokens 0, embeddings) may use the last token.
-        let mut l = Limiter::new();
-        l.seed_usage("k", 900, 900, w);
-        let r = l.admit("k", &p, est(100, 10), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
-        let a = l.admit("k", &p, est(100, 0), t0, w).unwrap();
-        assert_eq!((a.reserved(), a.clamped()), (100, false));
-        l.settle(a, 100, t0, w);
-        // A key with neither TPM nor budget is not metered mid-stream.
-        let a = l.admit("k", &pol(Some(5), None), est(1, 1), t0, w).unwrap();
-        assert!(!a.metered());
-        l.settle(a, 2, t0, w);
-    }
-
-    #[test]
-    fn refusal_charges_nothing() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(Some(10), Some(100));
-        let a = l.admit("k", &p, est(90, 0), t0, w).unwrap();
-        assert_eq!(a.headers.requests.unwrap().remaining, 9);
-        // Passes RPM, fails TPM: RPM must not be charged.
-        for _ in 0..5 {
-            let r = l.admit("k", &p, est(20, 0), t0, w).unwrap_err();
-            assert_eq!(r.headers.requests.unwrap().remaining, 9);
-            assert_eq!(r.headers.tokens.unwrap().remaining, 10);
-        }
-        l.settle(a, 90, t0, w);
-    }
-
-    #[test]
-    fn concurrency_released_on_settle() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = KeyPolicy {
-            max_concurrent: Some(2),
-            ..KeyPolicy::default()
-        };
-        let a = l.admit("k", &p, est(1, 1), t0, w).unwrap();
-        let b = l.admit("k", &p, est(1, 1), t0, w).unwrap();
-        assert_eq!(l.in_flight("k"), 2);
-        let r = l.admit("k", &p, est(1, 1), t0, w).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::TooManyConcurrent);
-        assert_eq!(r.retry_after, Duration::from_secs(1));
-        // Other keys are independent.
-        let o = l.admit("other", &p, est(1, 1), t0, w).unwrap();
-        l.settle(a, 2, t0, w);
-        assert_eq!(l.in_flight("k"), 1);
-        let c = l.admit("k", &p, est(1, 1), t0, w).unwrap();
-        for x in [b, c, o] {
-            l.settle(x, 2, t0, w);
-        }
-        assert_eq!(l.in_flight("k"), 0);
-    }
-
-    fn budget(tokens: u64, period: BudgetPeriod) -> KeyPolicy {
-        KeyPolicy {
-            budget: Some(Budget { tokens, period }),
-            ..KeyPolicy::default()
-        }
-    }
-
-    #[test]
-    fn daily_budget_resets_at_utc_midnight() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let p = budget(1000, BudgetPeriod::Day);
-        let late = wall("2024-03-10T23:59:59.500Z");
-        l.seed_usage("k", 900, 5000, late);
-        let r = l.admit("k", &p, est(101, 0), t0, late).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::InsufficientQuota);
-        assert_eq!(r.retry_after, ms(500));
-        assert_eq!(r.retry_after_header(), Some(1));
-        // Exactly the remaining budget fits.
-        let a = l.admit("k", &p, est(100, 0), t0, late).unwrap();
-        // With that reservation in flight, even one token waits for it (not for midnight).
-        let r = l.admit("k", &p, est(1, 0), t0, late).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::RateLimitExceeded);
-        l.settle(a, 60, t0, late);
-        let a = l.admit("k", &p, est(40, 0), t0, late).unwrap();
-        l.settle(a, 40, t0, late);
-        assert_eq!(
-            l.admit("k", &p, est(1, 0), t0, late).unwrap_err().kind,
-            RefusalKind::InsufficientQuota
-        );
-        // The first instant of the next UTC day starts from zero.
-        let midnight = wall("2024-03-11T00:00:00Z");
-        let a = l.admit("k", &p, est(1000, 0), t0, midnight).unwrap();
-        l.settle(a, 1000, t0, midnight);
-        // More than the whole budget can never fit.
-        let r = l.admit("k", &p, est(1001, 0), t0, midnight).unwrap_err();
-        assert_eq!(r.kind, RefusalKind::TooLarge);
-    }
-
-    #[test]
-    fn monthly_budget_resets_at_month_end_incl_february() {
-        let p = budget(100, BudgetPeriod::Month);
-        let t0 = Instant::now();
-        for (at, next) in [
-            ("2024-02-29T23:00:00Z", "2024-03-01T00:00:00Z"), // leap year
-            ("2023-02-28T23:00:00Z", "2023-03-01T00:00:00Z"),
-            ("2100-02-28T23:00:00Z", "2100-03-01T00:00:00Z"), // not a leap year
-            ("2024-12-31T23:00:00Z", "2025-01-01T00:00:00Z"),
-            ("2024-01-31T23:00:00Z", "2024-02-01T00:00:00Z"),
-            ("2024-04-30T23:00:00Z", "2024-05-01T00:00:00Z"),
-        ] {
-            let mut l = Limiter::new();
-            // Same month, earlier day: the month counter carries over days.
-            l.seed_usage("k", 0, 100, wall(at));
-            let r = l.admit("k", &p, est(1, 0), t0, wall(at)).unwrap_err();
-            assert_eq!(r.kind, RefusalKind::InsufficientQuota, "{at}");
-            assert_eq!(r.retry_after, Duration::from_secs(3600), "{at}");
-            let just_before = wall(next) - ms(1);
-            let r = l.admit("k", &p, est(1, 0), t0, just_before).unwrap_err();
-            assert_eq!(r.retry_after, ms(1), "{at}");
-            let a = l.admit("k", &p, est(100, 0), t0, wall(next)).unwrap();
-            l.settle(a, 100, t0, wall(next));
-        }
-    }
-
-    #[test]
-    fn calendar_helpers() {
-        for (s, day) in [
-            ("1970-01-01T00:00:00Z", 0),
-            ("2000-03-01T00:00:00Z", 11017),
-            ("2024-02-29T12:00:00Z", 19782),
-        ] {
-            assert_eq!(periods(wall(s)).0, day, "{s}");
-        }
-        assert_eq!(civil_from_days(19782), (2024, 2, 29));
-        assert_eq!(days_from_civil(2024, 3, 1), 19783);
-        let (_, m) = periods(wall("2024-02-29T12:00:00Z"));
-        assert_eq!(m, 2024 * 12 + 1);
-        assert_eq!(month_start_ms(m + 1), wall_ms(wall("2024-03-01T00:00:00Z")));
-        assert_eq!(
-            month_start_ms(2024 * 12 + 11 + 1),
-            wall_ms(wall("2025-01-01T00:00:00Z"))
-        );
-    }
-
-    #[test]
-    fn mid_stream_overrun_stops_at_tpm_and_budget() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(None, Some(1000));
-        let mut a = l.admit("k", &p, est(50, 50), t0, w).unwrap();
-        assert!(l.charge_mid_stream(&mut a, 80, t0)); // within the reservation
-        assert_eq!(a.charged(), 100);
-        assert!(l.charge_mid_stream(&mut a, 30, t0)); // 10 over: charged
-        assert_eq!(a.charged(), 110);
-        assert!(l.charge_mid_stream(&mut a, 890, t0)); // exactly the limit
-        assert!(!l.charge_mid_stream(&mut a, 1, t0)); // one over
-                                                      // Refill makes room again for later chunks.
-        assert!(l.charge_mid_stream(&mut a, 0, t0 + ms(120)));
-        assert_eq!(l.settle(a, 1001, t0 + ms(120), w), 0);
-
-        let mut l = Limiter::new();
-        let p = budget(500, BudgetPeriod::Day);
-        l.seed_usage("k", 300, 300, w);
-        let mut a = l.admit("k", &p, est(100, 100), t0, w).unwrap();
-        assert!(l.charge_mid_stream(&mut a, 200, t0));
-        assert!(!l.charge_mid_stream(&mut a, 1, t0));
-        l.settle(a, 201, t0, w);
-        assert_eq!(
-            l.admit("k", &p, est(0, 0), t0, w).unwrap_err().kind,
-            RefusalKind::InsufficientQuota
-        );
-    }
-
-    #[test]
-    fn idle_keys_are_dropped_after_their_windows() {
-        let mut l = Limiter::new();
-        let t0 = Instant::now();
-        let w = wall(W);
-        let p = pol(Some(60), Some(6000));
-        let a = l.admit("a", &p, est(10, 10), t0, w).unwrap();
-        l.settle(a, 20, t0, w);
-        let held = l.admit("b", &p, est(10, 10), t0, w).unwrap();
-        l.seed_usage("c", 5, 5, w);
-        assert_eq!(l.len(), 3);
-        l.sweep(t0 + ms(500), w);
-        assert_eq!(l.len(), 3, "a's buckets are not full yet");
-        l.sweep(t0 + ms(1000), w);
-        // a: full again, dropped. b: in flight. c: budget usage today.
-        assert_eq!(l.len(), 2);
-        l.settle(held, 20, t0 + ms(1000), w);
-        // The sweep runs by itself from admit once a minute.
-        let a = l.admit(
-            "d",
-            &p,
-            est(1, 1),
-            t0 + ms(61_000),
-            wall("2024-03-11T00:00:00Z"),
-        );
-        l.settle(a.unwrap(), 2, t0 + ms(61_000), w);
-        // b dropped (full); c kept (its usage is in this month still); d has just been charged.
-        assert_eq!(l.len(), 2);
-        assert_eq!(l.in_flight("c"), 0);
-        l.sweep(t0 + ms(200_000), wall("2024-04-01T00:00:00Z"));
-        assert!(l.is_empty());
-    }
-
-    #[test]
-    fn unlimited_key_has_no_headers() {
-        let mut l = Limiter::new();
-        let a = l
-            .admit(
-                "k",
-                &KeyPolicy::default(),
-                est(1, 1),
-                Instant::now(),
-                wall(W),
-            )
-            .unwrap();
-        assert!(a.headers.pairs().is_empty());
-        l.settle(a, 2, Instant::now(), wall(W));
-    }
-
-    #[test]
-    fn go_durations() {
-        for (ms_, s) in [
-            (0, "0s"),
-            (1, "1ms"),
-            (999, "999ms"),
-            (1000, "1s"),
-            (1500, "1.5s"),
-            (1050, "1.05s"),
-            (59_999, "59.999s"),
-            (60_000, "1m0s"),
-            (360_000, "6m0s"),
-            (3_600_000, "1h0m0s"),
-            (3_661_001, "1h1m1.001s"),
-        ] {
-            assert_eq!(go_duration(ms(ms_)), s);
-        }
-    }
-
-    /// Prints ns/op for admit + settle on a warm key (no timing assertion; debug build).
-    #[test]
-    fn bench_admit_settle_warm_key() {
-        let mut l = Limiter::new();
-        let p = KeyPolicy {
-            rpm: Some(u32::MAX),
-            tpm: Some(u32::MAX),
-            max_concurrent: Some(1000),
-            budget: Some(Budget {
-                tokens: u64::MAX,
-                period: BudgetPeriod::Month,
-            }),
-            ..KeyPolicy::default()
-        };
-        let t0 = Instant::now();
-        let w = wall(W);
-        let n = 200_000u32;
-        let start = Instant::now();
-        for i in 0..n {
-            let now = t0 + ms(u64::from(i / 1000));
-            let a = l.admit("abcdefghijkl", &p, est(1000, 500), now, w).unwrap();
-            l.settle(a, 900, now, w);
-        }
-        let ns = start.elapsed().as_nanos() / u128::from(n);
-        println!("limiter admit+settle, warm key: {ns} ns/op ({n} ops)");
-    }
-}
+mod tests;

@@ -3,17 +3,12 @@
 
 use super::super::edit::{add_upstream, remove_upstream, EditError, NewUpstream};
 use super::super::*;
-use super::{errors, parse, GOOD};
+use super::{assert_errors, errors, parse, GOOD};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 fn with(extra: &str) -> String {
     format!("{GOOD}\n{extra}")
-}
-
-fn has(errs: &[FieldError], key: &str, needle: &str) -> bool {
-    errs.iter()
-        .any(|e| e.key == key && e.to_string().contains(needle))
 }
 
 #[test]
@@ -41,22 +36,22 @@ fn gateway_errors_are_all_reported() {
         "[gateway]\nmax_body_bytes = 0\nmax_connections = -1\ntls_handshake_timeout = \"10\"\n\
          idle_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_headers = 100000\ndrain_timeout = \"soon\"\n",
     ));
-    for (key, needle) in [
-        ("gateway.max_body_bytes", "1024..="),
-        ("gateway.max_connections", "1..=1000000"),
-        ("gateway.tls_handshake_timeout", "not a duration"),
-        ("gateway.idle_timeout", "longer than zero"),
-        ("gateway.max_header_bytes", "at least 8192"),
-        ("gateway.max_headers", "1..=10000"),
-        ("gateway.drain_timeout", "not a duration"),
-    ] {
-        assert!(has(&errs, key, needle), "{key}: {errs:#?}");
-    }
-    assert!(has(
+    assert_errors(
         &errs,
-        "gateway.tls_handshake_timeout",
-        "fix: write a number with a unit, e.g. \"10s\""
-    ));
+        &[
+            ("gateway.max_body_bytes", "1024..="),
+            ("gateway.max_connections", "1..=1000000"),
+            ("gateway.tls_handshake_timeout", "not a duration"),
+            ("gateway.idle_timeout", "longer than zero"),
+            ("gateway.max_header_bytes", "at least 8192"),
+            ("gateway.max_headers", "1..=10000"),
+            ("gateway.drain_timeout", "not a duration"),
+            (
+                "gateway.tls_handshake_timeout",
+                "fix: write a number with a unit, e.g. \"10s\"",
+            ),
+        ],
+    );
     let e = parse("[gateway]\nmax_body = 1\n[wireguard]\n").unwrap_err();
     assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
 }
@@ -170,29 +165,22 @@ name = "loop"
 url = "http://127.0.0.1:8000"
 "#,
     ));
-    assert!(
-        has(&errs, "upstream \"public\".url", "1.1.1.1 is not inside any peer's allowed networks (peers route corp: 10.99.0.2/32, corp: 10.20.0.0/24"),
-        "{errs:#?}"
+    assert_errors(
+        &errs,
+        &[
+            ("upstream \"public\".url", "1.1.1.1 is not inside any peer's allowed networks (peers route corp: 10.99.0.2/32, corp: 10.20.0.0/24"),
+            ("upstream \"public\".url", "--allowed-ips 1.1.1.1/32"),
+            ("upstream \"self\".url", "appliance's own tunnel address"),
+            ("upstream \"tunnel\".url", "not inside any peer"),
+            ("upstream \"loop\".url", "loopback"),
+        ],
     );
-    assert!(has(
-        &errs,
-        "upstream \"public\".url",
-        "--allowed-ips 1.1.1.1/32"
-    ));
-    assert!(has(
-        &errs,
-        "upstream \"self\".url",
-        "appliance's own tunnel address"
-    ));
-    assert!(has(&errs, "upstream \"tunnel\".url", "not inside any peer"));
-    assert!(has(&errs, "upstream \"loop\".url", "loopback"));
 
     // Without peers nothing is reachable.
     let no_peers = "[wireguard]\npublic_endpoint = \"gw.example.com:51820\"\naddress = \"10.99.0.1/24\"\n\n[[upstream]]\nname = \"x\"\nurl = \"http://10.20.0.5:8000\"\n";
-    let errs = errors(no_peers);
-    assert!(
-        has(&errs, "upstream \"x\".url", "there are no peers"),
-        "{errs:#?}"
+    assert_errors(
+        &errors(no_peers),
+        &[("upstream \"x\".url", "there are no peers")],
     );
 }
 
@@ -221,29 +209,19 @@ api_key_file = ""
 url = "http://10.20.0.8:8000"
 "#,
     ));
-    assert!(
-        has(&errs, "upstream \"a\".models", "listed twice"),
-        "{errs:#?}"
+    assert_errors(
+        &errs,
+        &[
+            ("upstream \"a\".models", "listed twice"),
+            ("upstream \"a\".name", "also used by upstream #1"),
+            ("upstream \"a\".models", "already routed by upstream \"a\""),
+            ("upstream #3.name", "1-32 characters"),
+            ("upstream #3.models", "remove the key to discover"),
+            ("upstream #3.max_concurrent", "1..=100000"),
+            ("upstream #3.api_key_file", "is empty"),
+            ("upstream #4.name", "needs a name"),
+        ],
     );
-    assert!(has(
-        &errs,
-        "upstream \"a\".name",
-        "also used by upstream #1"
-    ));
-    assert!(has(
-        &errs,
-        "upstream \"a\".models",
-        "already routed by upstream \"a\""
-    ));
-    assert!(has(&errs, "upstream #3.name", "1-32 characters"));
-    assert!(has(
-        &errs,
-        "upstream #3.models",
-        "remove the key to discover"
-    ));
-    assert!(has(&errs, "upstream #3.max_concurrent", "1..=100000"));
-    assert!(has(&errs, "upstream #3.api_key_file", "is empty"));
-    assert!(has(&errs, "upstream #4.name", "needs a name"));
     for e in &errs {
         assert!(e.to_string().contains("; fix: "), "{e}");
     }
