@@ -49,15 +49,34 @@ install_cargo_deb() {
   cargo install cargo-deb --locked --quiet
 }
 
+install_cargo_deny() {
+  # `cargo deny check` (deny.toml: advisories, licenses, duplicate crates, sources) is not in
+  # Debian's archive either. A few minutes once per machine.
+  [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
+  command -v cargo-deny >/dev/null 2>&1 && return 0
+  log "cargo install cargo-deny --locked"
+  cargo install cargo-deny --locked --quiet
+}
+
 install_deps
 install_python
 install_cargo_deb
+install_cargo_deny
 
 log "cargo fmt --check"
 cargo fmt --check
 
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+
+log "cargo deny check"
+# The advisory database is fetched from GitHub. CARGO_DENY_OFFLINE=1 checks against the copy
+# fetched last time instead (and fails when there is none), for a machine that cannot reach it.
+if [ "${CARGO_DENY_OFFLINE:-0}" = 1 ]; then
+  cargo deny --offline check
+else
+  cargo deny check
+fi
 
 # One debug build serves every test target; the namespace tests reuse the same binary.
 log "cargo test (unit, in-process, CLI, namespace lab when root)"

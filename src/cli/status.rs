@@ -58,7 +58,7 @@ pub fn control_socket_of(config_path: &Path) -> PathBuf {
     }
     let raw = std::fs::read_to_string(config_path)
         .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.parse::<toml_edit::DocumentMut>().ok())
         .and_then(|t| {
             t.get("server")?
                 .get("control_socket")?

@@ -50,10 +50,11 @@ impl Config {
 
     /// Parses and validates config text as if it had been read from `path`.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: describe_toml_error(text, &e),
-        })?;
+        let raw: raw::RawConfig =
+            toml_edit::de::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: describe_toml_error(text, &e),
+            })?;
         let own = appliance_public_key_best_effort(&raw, path);
         validate(raw, path, own.as_ref(), &check_secret_file).map_err(|errors| {
             ConfigError::Invalid {
@@ -75,7 +76,7 @@ fn appliance_public_key_best_effort(raw: &raw::RawConfig, path: &Path) -> Option
 }
 
 /// One line `path:line:col: message` for a TOML syntax or type error.
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+fn describe_toml_error(text: &str, e: &toml_edit::de::Error) -> String {
     let message = e.message().trim().replace('\n', " ");
     match e.span() {
         Some(span) => {

@@ -198,7 +198,7 @@ tunnel_address = "10.99.0.255"
 #[test]
 fn peer_with_appliance_key_is_rejected() {
     let own: PublicKey = K1.parse().unwrap();
-    let raw: raw::RawConfig = toml::from_str(GOOD).unwrap();
+    let raw: raw::RawConfig = toml_edit::de::from_str(GOOD).unwrap();
     let errs = validate(raw, Path::new("x.toml"), Some(&own), &|_| Ok(())).unwrap_err();
     assert!(
         errs.0[0].problem.contains("appliance's own public key"),

@@ -1,0 +1,174 @@
+//! The daemon's live key set: the current [`KeyRing`], swapped when the store changes.
+//!
+//! Owns [`Keys`] and its watcher, which keeps the ring in step with the store and with the
+//! config's named policies. Never blocks a request: readers clone an `Arc` under a read lock
+//! held for that clone only, and every store call runs on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use super::ring::KeyRing;
+use super::store::{KeyStore, StoreError};
+use crate::policy::Policies;
+
+/// How often [`Keys::watch`] checks the store for commits by other processes.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The daemon's view of the keys: an immutable snapshot swapped on change.
+pub struct Keys {
+    current: RwLock<Arc<KeyRing>>,
+    /// The config's named policies the ring is resolved against.
+    policies: RwLock<Arc<Policies>>,
+    /// Set by [`Keys::set_policies`]: the watcher rebuilds the ring at its next tick.
+    stale: AtomicBool,
+}
+
+impl Keys {
+    pub fn new(ring: KeyRing) -> Arc<Keys> {
+        Keys::with_policies(ring, Policies::new())
+    }
+
+    /// Keys whose ring was loaded with `policies` (the watcher reloads with them too).
+    pub fn with_policies(ring: KeyRing, policies: Policies) -> Arc<Keys> {
+        Arc::new(Keys {
+            current: RwLock::new(Arc::new(ring)),
+            policies: RwLock::new(Arc::new(policies)),
+            stale: AtomicBool::new(false),
+        })
+    }
+
+    /// New named policies (a config reload): the watcher rebuilds the ring with them within
+    /// [`WATCH_INTERVAL`].
+    pub fn set_policies(&self, policies: Policies) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
+        self.stale.store(true, Ordering::Release);
+    }
+
+    fn policies(&self) -> Arc<Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub fn current(&self) -> Arc<KeyRing> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub fn replace(&self, ring: KeyRing) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
+    }
+
+    /// Keeps the ring in step with `<state_dir>/keys.db` until `stop` turns true (or its sender
+    /// is dropped).
+    ///
+    /// Opens its own connection, loads once, then every [`WATCH_INTERVAL`] reads the store's
+    /// change stamp (`KeyStore::change_stamp`) and reloads when it moved; so a
+    /// `key create|revoke|rotate` reaches the daemon within a second. The SQLite stamp also
+    /// moves at every commit of the daemon's own ledger writer (another connection to the same
+    /// file), so under traffic the ring is rebuilt at about every flush. Store errors are
+    /// logged and retried; the last good ring stays in service meanwhile. The store calls run
+    /// on the blocking pool, never on a runtime worker.
+    pub async fn watch(
+        self: Arc<Self>,
+        state_dir: PathBuf,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut store: Option<KeyStore> = None;
+        let mut seen: Option<i64> = None;
+        let mut failing = false;
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => {
+                    if changed.is_err() { return; }
+                    continue;
+                }
+            }
+            let dir = state_dir.clone();
+            let taken = store.take();
+            if self.stale.swap(false, Ordering::AcqRel) {
+                seen = None;
+            }
+            let policies = self.policies();
+            let joined =
+                tokio::task::spawn_blocking(move || poll_store(taken, &dir, seen, &policies)).await;
+            let (kept, result) = match joined {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "key store watcher: poll task failed");
+                    (None, Err(None))
+                }
+            };
+            store = kept;
+            match result {
+                Ok(None) => {}
+                Ok(Some((version, ring))) => {
+                    let c = ring.counts(SystemTime::now());
+                    self.replace(ring);
+                    tracing::info!(
+                        total = c.total,
+                        active = c.active,
+                        revoked = c.revoked,
+                        expired = c.expired,
+                        "API keys {}",
+                        if seen.is_some() { "reloaded" } else { "loaded" }
+                    );
+                    seen = Some(version);
+                    if failing {
+                        tracing::info!("key store readable again");
+                        failing = false;
+                    }
+                }
+                Err(e) => {
+                    // Log the first failure of a streak only, not four lines a second.
+                    if !failing {
+                        if let Some(e) = e {
+                            tracing::error!(error = %e, "cannot reload API keys; the previous set stays in service");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+type PollResult = Result<Option<(i64, KeyRing)>, Option<StoreError>>;
+
+/// One watcher step (blocking): open if needed, compare the change stamp, load when it moved.
+/// Returns the connection to keep (dropped after an error, so the next step reopens).
+fn poll_store(
+    store: Option<KeyStore>,
+    dir: &Path,
+    seen: Option<i64>,
+    policies: &Policies,
+) -> (Option<KeyStore>, PollResult) {
+    let (store, fresh) = match store {
+        Some(s) => (s, false),
+        None => match KeyStore::open(dir) {
+            Ok(s) => (s, true),
+            Err(e) => return (None, Err(Some(e))),
+        },
+    };
+    let version = match store.change_stamp() {
+        Ok(v) => v,
+        Err(e) => return (None, Err(Some(e))),
+    };
+    // A reopened connection has its own stamp numbering: always reload then.
+    if !fresh && seen == Some(version) {
+        return (Some(store), Ok(None));
+    }
+    match KeyRing::load(&store, policies) {
+        Ok(ring) => (Some(store), Ok(Some((version, ring)))),
+        Err(e) => (None, Err(Some(e))),
+    }
+}
