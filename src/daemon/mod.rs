@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::{self, Config, TlsConfig};
 use crate::gateway::upstream::UpstreamSpec;
@@ -438,36 +438,22 @@ async fn reload_on_sighup(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Serves one `--forward`: each connection accepted on `listener` is copied both ways to
+/// `target` through the tunnel.
 async fn forward_loop(
     listener: TcpListener,
     target: SocketAddr,
     netstack: Netstack,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(FORWARD_MAX_CONNECTIONS));
-    loop {
-        // Take the permit before accepting, so excess clients queue in the kernel.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => return,
-        };
-        let (client, from) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "forward accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let ns = netstack.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            forward_one(client, from, target, ns).await;
-        });
-    }
+    crate::accept::run(
+        &listener,
+        "forward",
+        FORWARD_MAX_CONNECTIONS,
+        stop,
+        |(client, from)| forward_one(client, from, target, netstack.clone()),
+    )
+    .await
 }
 
 async fn forward_one(mut client: TcpStream, from: SocketAddr, target: SocketAddr, ns: Netstack) {

@@ -1,9 +1,9 @@
 //! The public HTTPS gateway: one port, TLS (rustls), HTTP/1.1 and HTTP/2, OpenAI's API.
 //!
 //! Owns accepting connections, the per-request path (auth → policy → route → stream) and the
-//! OpenAI-shaped errors. Every capacity and timeout is a setting. The TLS handshake runs in the
-//! connection's own task, never in the accept loop; a connection permit is taken before
-//! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
+//! OpenAI-shaped errors. Every capacity and timeout is a setting. Connections come through the
+//! bounded loop of [`crate::accept`]; the TLS handshake runs in the connection's own task, never
+//! in the accept loop.
 
 pub mod compat;
 pub mod error;
@@ -23,8 +23,8 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
@@ -253,10 +253,9 @@ pub async fn serve_live(
     app: Router,
     settings: GatewaySettings,
     current: impl Fn() -> GatewaySettings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -271,23 +270,7 @@ pub async fn serve_live(
         .max_header_list_size(settings.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    let connection = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(ClientAddr(peer)));
@@ -296,8 +279,7 @@ pub async fn serve_live(
         let hs_timeout = live.tls_handshake_timeout;
         let idle_timeout = live.idle_timeout;
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -328,8 +310,16 @@ pub async fn serve_live(
                     tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
                 }
             }
-        });
-    }
+        }
+    };
+    crate::accept::run(
+        &listener,
+        "HTTPS",
+        settings.max_connections,
+        stop,
+        connection,
+    )
+    .await;
     drop(listener);
     let drain_timeout = current().drain_timeout;
     tracing::info!(
