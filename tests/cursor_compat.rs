@@ -25,10 +25,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use modelgate::config::CompatConfig;
+use modelgate::config::{CompatConfig, GatewayConfig};
 use modelgate::demo::LoopbackPair;
 use modelgate::gateway::upstream::UpstreamSpec;
-use modelgate::gateway::{self, GatewaySettings, GatewayState};
+use modelgate::gateway::Gateway;
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::TcpTuning;
 use modelgate::policy::{KeyPolicy, Principal};
@@ -161,11 +161,10 @@ impl Env {
             ],
             max_concurrent: None,
         }];
-        let settings = GatewaySettings {
+        let settings = GatewayConfig {
             compat,
-            ..GatewaySettings::default()
+            ..GatewayConfig::default()
         };
-        let state = GatewayState::new(keys, appliance, upstreams, settings.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let cert = dir.path().join("gateway.pem");
@@ -189,13 +188,11 @@ impl Env {
             .with_no_client_auth();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(gateway::serve(
+        Gateway::new(keys, appliance, upstreams, settings).start(
             listener,
             Arc::new(server),
-            gateway::router(state),
-            settings,
             stop_rx,
-        ));
+        );
         Env {
             addr,
             key,

@@ -10,14 +10,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use modelgate::config::GatewayConfig;
 use modelgate::demo::model::EchoModel;
 use modelgate::demo::LoopbackPair;
 use modelgate::gateway::upstream::UpstreamSpec;
-use modelgate::gateway::{self, GatewaySettings, GatewayState};
+use modelgate::gateway::Gateway;
 use modelgate::keys::ledger::{Ledger, LedgerOptions, LedgerWriter};
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::{Netstack, TcpTuning};
-use modelgate::policy::limits::Limiter;
 use modelgate::policy::{Budget, BudgetPeriod, KeyPolicy, Principal};
 use tokio::sync::watch;
 
@@ -86,7 +86,7 @@ async fn env_full(corp_up: bool, ledger: Option<LedgerWriter>) -> Env {
         corp_up,
         ledger,
         Duration::from_millis(30),
-        GatewaySettings::default(),
+        GatewayConfig::default(),
     )
     .await
 }
@@ -95,7 +95,7 @@ async fn env_custom(
     corp_up: bool,
     ledger: Option<LedgerWriter>,
     token_delay: Duration,
-    settings: GatewaySettings,
+    settings: GatewayConfig,
 ) -> Env {
     env_opts(Opts {
         corp_up,
@@ -113,7 +113,7 @@ struct Opts {
     ledger: Option<LedgerWriter>,
     /// The echo model's pause between words.
     token_delay: Duration,
-    settings: GatewaySettings,
+    settings: GatewayConfig,
     /// `max_concurrent` of both upstreams (fair-share queue).
     max_concurrent: Option<u32>,
 }
@@ -238,25 +238,14 @@ async fn env_opts(o: Opts) -> Env {
         },
     ];
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state = GatewayState::with_accounting(
-        keys,
-        appliance,
-        upstreams,
-        settings.clone(),
-        Limiter::new(),
-        ledger,
-    );
-    state.spawn_discovery(stop_rx.clone());
+    let mut gateway = Gateway::new(keys, appliance, upstreams, settings);
+    if let Some(l) = ledger {
+        gateway = gateway.ledger(l);
+    }
     let (server_tls, client_tls) = tls_pair();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(gateway::serve(
-        listener,
-        server_tls,
-        gateway::router(state),
-        settings,
-        stop_rx,
-    ));
+    gateway.start(listener, server_tls, stop_rx);
     Env {
         addr,
         good,
@@ -768,9 +757,9 @@ async fn settled_usage_reaches_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_keepalive_comments_fill_silences_between_events() {
-    let settings = GatewaySettings {
+    let settings = GatewayConfig {
         sse_keepalive: Duration::from_millis(40),
-        ..GatewaySettings::default()
+        ..GatewayConfig::default()
     };
     let env = env_custom(true, None, Duration::from_millis(200), settings).await;
     wait_for_models(&env).await;
@@ -905,7 +894,7 @@ async fn budget_or_tpm_running_out_mid_stream_ends_the_stream_cleanly() {
         true,
         None,
         Duration::from_millis(2),
-        GatewaySettings::default(),
+        GatewayConfig::default(),
     )
     .await;
     wait_for_models(&env).await;
@@ -987,7 +976,7 @@ async fn saturated_upstream_is_shared_round_robin_across_keys() {
             corp_up: true,
             ledger: None,
             token_delay: Duration::from_millis(20),
-            settings: GatewaySettings::default(),
+            settings: GatewayConfig::default(),
             max_concurrent: Some(2),
         })
         .await,
@@ -1057,10 +1046,10 @@ async fn a_full_or_slow_queue_is_503_with_retry_after() {
         corp_up: true,
         ledger: None,
         token_delay: Duration::from_millis(30),
-        settings: GatewaySettings {
+        settings: GatewayConfig {
             queue_timeout: Duration::from_millis(300),
             max_queued: 1,
-            ..GatewaySettings::default()
+            ..GatewayConfig::default()
         },
         max_concurrent: Some(1),
     })
