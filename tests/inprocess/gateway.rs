@@ -200,6 +200,32 @@ impl Env {
             .await
     }
 
+    /// Asks with `key` (a small chat, every `pause_ms`) until one is answered 200, within
+    /// `within` of the first try; every answer before must be `refused`, where given.
+    async fn slot_comes_back(
+        &self,
+        key: &str,
+        refused: Option<u16>,
+        within: Duration,
+        pause_ms: u64,
+    ) {
+        let t = Instant::now();
+        loop {
+            let r = self.chat(key, &chat("echo", false)).await;
+            if r.status == 200 {
+                return;
+            }
+            if let Some(status) = refused {
+                assert_eq!(r.status, status, "{}", r.body());
+            }
+            assert!(
+                t.elapsed() < within,
+                "{key}: slot still held {within:?} after the client left"
+            );
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+    }
+
     async fn wait_for_models(&self) {
         let start = Instant::now();
         loop {
@@ -457,19 +483,8 @@ async fn concurrency_slot_is_released_after_a_client_disconnect() {
     assert!(r.headers.contains_key("retry-after"));
 
     stream.abandon();
-    let t = Instant::now();
-    loop {
-        let r = env.chat("single", &chat("echo", false)).await;
-        if r.status == 200 {
-            break;
-        }
-        assert_eq!(r.status, 429, "{}", r.body());
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "slot still held 1 s after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.slot_comes_back("single", Some(429), Duration::from_secs(1), 20)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -737,13 +752,6 @@ async fn a_full_or_slow_queue_is_503_with_retry_after() {
     );
     hold.abandon();
     // The slot comes back when the stream goes away.
-    let t = Instant::now();
-    loop {
-        let r = env.chat("fair-b", &chat("echo", false)).await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(2), "slot not released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.slot_comes_back("fair-b", None, Duration::from_secs(2), 50)
+        .await;
 }
