@@ -11,6 +11,7 @@
 //! - [`policy`]: pure per-key access decisions and limits (RPM, TPM, concurrency, budgets) with injected clocks.
 //! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
 //! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
+//! - [`accept`]: the bounded accept loop of every listener (HTTPS, metrics, control, `--forward`).
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
 //! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
 //! - [`doctor`]: `modelgate doctor`: checks every hop (config … streamed completion) and names the first failing one.
@@ -18,6 +19,7 @@
 //! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod civil;
 pub mod cli;
 pub mod config;

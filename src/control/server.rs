@@ -1,5 +1,6 @@
 //! The daemon's side of the control socket: binding it safely (stale files, another daemon,
-//! mode and group), serving the protocol of [`super`], and removing the socket on stop.
+//! mode and group), serving the protocol of [`super`] (through the bounded loop of
+//! [`crate::accept`]), and removing the socket on stop.
 
 use std::future::Future;
 use std::io;
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use super::{ReloadReport, StatusReport};
 
@@ -157,41 +158,33 @@ pub async fn serve(
     listener: UnixListener,
     guard: SocketGuard,
     api: Arc<dyn ControlApi>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _guard = guard;
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(req, api.as_ref()).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-        });
-    }
+    crate::accept::run(
+        &listener,
+        "control socket",
+        MAX_CONNECTIONS,
+        stop,
+        |(stream, _)| {
+            let api = api.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let api = api.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(answer(req, api.as_ref()).await)
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            }
+        },
+    )
+    .await
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{self, Config, GatewayConfig};
 use crate::control::server::ControlApi;
@@ -80,7 +80,6 @@ impl Live {
         let cfg = self.config();
         let stats = self.netstack.stats().await.ok();
         let now = SystemTime::now();
-        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let peers = stats
             .as_ref()
             .map(|s| {
@@ -129,23 +128,23 @@ impl Live {
                 let not_after = g.tls.not_after();
                 let https = HttpsStatus {
                     listen: g.https.to_string(),
-                    certificate_not_after: not_after.map(|t| crate::cli::rfc3339_utc(unix(t))),
+                    certificate_not_after: not_after.map(rfc3339),
                     certificate_not_after_unix: not_after.map(unix),
                     certificate_days_left: not_after.map(|t| days_left(t, now)),
-                    acme: g.tls.acme_status().map(|a| {
-                        let at = |t: SystemTime| crate::cli::rfc3339_utc(unix(t));
-                        crate::control::AcmeStatusReport {
+                    acme: g
+                        .tls
+                        .acme_status()
+                        .map(|a| crate::control::AcmeStatusReport {
                             domain: a.domain,
                             directory: a.directory,
                             issued: a.issued,
                             serial: a.serial,
-                            next_renewal: a.next_renewal.map(at),
+                            next_renewal: a.next_renewal.map(rfc3339),
                             next_renewal_unix: a.next_renewal.map(unix),
-                            last_issued: a.last_issued.map(at),
+                            last_issued: a.last_issued.map(rfc3339),
                             last_error: a.last_error,
                             failures: a.failures,
-                        }
-                    }),
+                        }),
                 };
                 (ups, Some(https))
             }
@@ -314,11 +313,8 @@ impl Live {
                         Ok(Ok(not_after)) => report.changes.push(format!(
                             "certificate reloaded (expires {})",
                             not_after
-                                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                                .map_or_else(
-                                    || "?".into(),
-                                    |d| crate::cli::rfc3339_utc(d.as_secs())
-                                )
+                                .filter(|t| *t >= UNIX_EPOCH)
+                                .map_or_else(|| "?".into(), rfc3339)
                         )),
                         Ok(Err(e)) => report.warnings.push(format!(
                             "certificate not reloaded: {e}; the previous certificate stays in use"
@@ -384,6 +380,21 @@ impl ControlApi for Live {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ReloadReport> + Send + '_>> {
         Box::pin(Live::reload(self))
     }
+}
+
+/// Seconds since the Unix epoch; 0 for an earlier time.
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `t` in RFC 3339 UTC to the second, e.g. `2027-11-29T00:00:00Z`, as `status` shows it. A time
+/// before 1970 shows as the epoch (as its `_unix` twin shows 0); X.509 cannot express one past
+/// 9999-12-31T23:59:59Z, the last instant RFC 3339 can, so the clamp there never changes a
+/// certificate's date (it only keeps the formatter from failing).
+fn rfc3339(t: SystemTime) -> String {
+    const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+    let t = UNIX_EPOCH + Duration::from_secs(unix(t).min(LAST_RFC3339_SECOND));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Whole days from `now` until `t` (negative once past).
@@ -518,7 +529,25 @@ fn upstream_change_lines(cur: &GatewayState, new: &[UpstreamSpec]) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_is_the_status_format() {
+        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400 + 3_723), "2000-02-29T01:02:03Z");
+        assert_eq!(at(1_827_446_400), "2027-11-29T00:00:00Z");
+        assert_eq!(at(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(at(u64::MAX / 4), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
+        // Sub-second parts are cut, not rounded.
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_999)),
+            "1970-01-01T00:00:01Z"
+        );
+    }
 
     #[test]
     fn days_left_rounds_towards_expiry() {

@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::{self, Config, TlsConfig};
 use crate::gateway::upstream::UpstreamSpec;
-use crate::gateway::{self, GatewayHandle, GatewayState};
+use crate::gateway::Gateway;
 use crate::keys::ledger::{Ledger, LedgerOptions, LedgerTask, LedgerWriter};
 use crate::keys::{KeyRing, KeyStore, Keys};
 use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
@@ -354,16 +354,6 @@ async fn start_gateway(
         tracing::warn!("no [[upstream]] configured: every model request will get 404; add one with `modelgate upstream add`");
     }
     let (limiter, ledger, ledger_task) = start_ledger(&state_dir)?;
-    let state = GatewayState::with_accounting(
-        keys.clone(),
-        netstack.clone(),
-        upstreams,
-        config.gateway.clone(),
-        limiter,
-        Some(ledger),
-    );
-    let handle = GatewayHandle::new(state);
-    tasks.push(handle.spawn_discovery(stop.clone()));
     let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on {} (HTTPS): {e}; fix: free the port, or change [server] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
@@ -376,20 +366,21 @@ async fn start_gateway(
         certificate_expires = ?tls.not_after().map(humantime::format_rfc3339_seconds),
         "HTTPS gateway listening"
     );
-    let live_settings = handle.clone();
-    let serve = tokio::spawn(gateway::serve_live(
-        listener,
-        tls.server_config(),
-        gateway::router_live(handle.clone()),
+    let running = Gateway::new(
+        keys.clone(),
+        netstack.clone(),
+        upstreams,
         config.gateway.clone(),
-        move || live_settings.load().settings.clone(),
-        stop.clone(),
-    ));
+    )
+    .limiter(limiter)
+    .ledger(ledger)
+    .start(listener, tls.server_config(), stop.clone());
+    tasks.push(running.discovery);
     Ok(StartedGateway {
-        serve,
+        serve: running.serve,
         ledger: ledger_task,
         parts: GatewayParts {
-            handle,
+            handle: running.handle,
             tls,
             keys,
             https,
@@ -438,36 +429,22 @@ async fn reload_on_sighup(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Serves one `--forward`: each connection accepted on `listener` is copied both ways to
+/// `target` through the tunnel.
 async fn forward_loop(
     listener: TcpListener,
     target: SocketAddr,
     netstack: Netstack,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(FORWARD_MAX_CONNECTIONS));
-    loop {
-        // Take the permit before accepting, so excess clients queue in the kernel.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => return,
-        };
-        let (client, from) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "forward accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let ns = netstack.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            forward_one(client, from, target, ns).await;
-        });
-    }
+    crate::accept::run(
+        &listener,
+        "forward",
+        FORWARD_MAX_CONNECTIONS,
+        stop,
+        |(client, from)| forward_one(client, from, target, netstack.clone()),
+    )
+    .await
 }
 
 async fn forward_one(mut client: TcpStream, from: SocketAddr, target: SocketAddr, ns: Netstack) {

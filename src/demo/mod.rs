@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::config::GatewayConfig;
 use crate::gateway::upstream::UpstreamSpec;
-use crate::gateway::{self, GatewaySettings, GatewayState};
+use crate::gateway::Gateway;
 use crate::keys::Keys;
 use crate::netstack::{Netstack, NetstackConfig, TcpTuning};
 use crate::tunnel::PeerSpec;
@@ -126,33 +127,27 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     });
 
     let (keys, key) = demo_keys(&state_dir)?;
-    let (server_tls, client_tls) = self_signed(&state_dir)?;
+    let tls = LoopbackTls::generate()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state = GatewayState::new(
-        keys,
-        appliance.clone(),
-        vec![UpstreamSpec {
-            name: "corp-model".into(),
-            addr: CORP_LAN_MODEL.parse()?,
-            base_path: "/v1".into(),
-            api_key: None,
-            models: vec![],
-            max_concurrent: None,
-        }],
-        GatewaySettings::default(),
-    );
-    state.spawn_discovery(stop_rx.clone());
     let tcp = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen}: {e}; fix: pass a free address with --listen, e.g. --listen 127.0.0.1:0")
     })?;
     let addr = tcp.local_addr()?;
-    tokio::spawn(gateway::serve(
-        tcp,
-        server_tls,
-        gateway::router(state.clone()),
-        GatewaySettings::default(),
-        stop_rx.clone(),
-    ));
+    let upstream = UpstreamSpec {
+        name: "corp-model".into(),
+        addr: CORP_LAN_MODEL.parse()?,
+        base_path: "/v1".into(),
+        api_key: None,
+        models: vec![],
+        max_concurrent: None,
+    };
+    let gateway = Gateway::new(
+        keys,
+        appliance.clone(),
+        vec![upstream],
+        GatewayConfig::default(),
+    )
+    .start(tcp, tls.server, stop_rx.clone());
     // Keep the corp side alive as long as the demo runs.
     let mut stop_corp = stop_rx.clone();
     tokio::spawn(async move {
@@ -162,7 +157,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     });
     // Wait (bounded) until the model is known through the tunnel.
     for _ in 0..100 {
-        if state.routes.route("echo").is_some() {
+        if gateway.handle.load().routes.route("echo").is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -171,7 +166,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
         addr,
         key,
         model,
-        client_tls,
+        client_tls: tls.client,
         stop: stop_tx,
         state_dir,
     })
@@ -191,27 +186,43 @@ fn demo_keys(state_dir: &std::path::Path) -> anyhow::Result<(Arc<Keys>, String)>
     Ok((Keys::new(ring), created.secret.expose().to_string()))
 }
 
-/// A certificate for `localhost` and a client config that trusts it (for `--check`).
-fn self_signed(
-    _state_dir: &std::path::Path,
-) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-    let cert = ck.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok((Arc::new(server), Arc::new(client)))
+/// A fresh self-signed certificate for `localhost` and `127.0.0.1`: what the demo serves, and
+/// what the in-process tests serve their gateway with.
+pub struct LoopbackTls {
+    /// Offers `h2` and `http/1.1`, as the daemon's listener does.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Trusts this certificate and nothing else (`--check`, in-process clients).
+    pub client: Arc<rustls::ClientConfig>,
+    /// The certificate in PEM, for clients in another process (curl, the openai SDK).
+    pub cert_pem: String,
+}
+
+impl LoopbackTls {
+    pub fn generate() -> anyhow::Result<LoopbackTls> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])?;
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert)?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(LoopbackTls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            cert_pem: ck.cert.pem(),
+        })
+    }
 }
 
 /// One streamed chat through the public HTTPS port; returns the assembled text.

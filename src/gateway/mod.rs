@@ -1,9 +1,11 @@
 //! The public HTTPS gateway: one port, TLS (rustls), HTTP/1.1 and HTTP/2, OpenAI's API.
 //!
-//! Owns accepting connections, the per-request path (auth → policy → route → stream) and the
-//! OpenAI-shaped errors. Every capacity and timeout is a setting. The TLS handshake runs in the
-//! connection's own task, never in the accept loop; a connection permit is taken before
-//! `accept`, so excess clients wait in the kernel's backlog instead of in our memory.
+//! Owns building a gateway ([`Gateway`], the one way the daemon, the demo and the tests do it),
+//! its live snapshot ([`GatewayHandle`], swapped by a reload), serving connections, the
+//! per-request path (auth → policy → route → stream) and the OpenAI-shaped errors. Every
+//! capacity and timeout is a setting. Connections come through the bounded loop of
+//! [`crate::accept`]; the TLS handshake runs in the connection's own task, never in the
+//! accept loop. It never binds its own listener: it is handed one, already bound.
 
 mod admission;
 mod audit;
@@ -30,9 +32,11 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use crate::config::GatewayConfig;
 use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
 use crate::netstack::Netstack;
@@ -41,15 +45,81 @@ use crate::policy::Endpoint;
 use crate::telemetry::Metrics;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
-/// Limits and timeouts of the public listener: the config's `[gateway]` table.
-pub use crate::config::GatewayConfig as GatewaySettings;
-
 /// How often upstreams without static routes are asked for their models.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The client's TCP address (never a forwarded header), set per connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// Everything a gateway is built from; [`Gateway::start`] serves it. The daemon, the demo and
+/// the in-process tests all build their gateway here, so they run the same code.
+pub struct Gateway {
+    keys: Arc<Keys>,
+    netstack: Netstack,
+    upstreams: Vec<UpstreamSpec>,
+    config: GatewayConfig,
+    limiter: Limiter,
+    ledger: Option<LedgerWriter>,
+}
+
+/// A started gateway.
+pub struct RunningGateway {
+    /// The snapshot every new request gets; a config reload swaps it.
+    pub handle: GatewayHandle,
+    /// Accepts and serves until stop, then drains (bounded by `drain_timeout`) and ends.
+    pub serve: JoinHandle<()>,
+    /// Model discovery for upstreams without static routes; ends on stop.
+    pub discovery: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// A gateway with a fresh limiter and no usage ledger, until [`Gateway::limiter`] and
+    /// [`Gateway::ledger`] say otherwise.
+    pub fn new(
+        keys: Arc<Keys>,
+        netstack: Netstack,
+        upstreams: Vec<UpstreamSpec>,
+        config: GatewayConfig,
+    ) -> Gateway {
+        Gateway {
+            keys,
+            netstack,
+            upstreams,
+            config,
+            limiter: Limiter::new(),
+            ledger: None,
+        }
+    }
+
+    /// Starts from `limiter` (e.g. seeded with the ledger's usage, so budgets survive restarts).
+    pub fn limiter(mut self, limiter: Limiter) -> Gateway {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Records settled usage with `ledger`.
+    pub fn ledger(mut self, ledger: LedgerWriter) -> Gateway {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Serves HTTPS with `tls` on `listener` (already bound: by the caller, or handed over by
+    /// the service manager) and starts model discovery, both until `stop` changes.
+    pub fn start(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        stop: watch::Receiver<bool>,
+    ) -> RunningGateway {
+        let handle = GatewayHandle::new(Arc::new(GatewayState::first(self)));
+        RunningGateway {
+            discovery: handle.spawn_discovery(stop.clone()),
+            serve: tokio::spawn(serve(handle.clone(), listener, tls, stop)),
+            handle,
+        }
+    }
+}
 
 /// One snapshot of the gateway, shared by every request that started under it. A config reload
 /// builds a new snapshot ([`GatewayState::reconfigured`]) and swaps it into the
@@ -60,7 +130,8 @@ pub struct GatewayState {
     pub keys: Arc<Keys>,
     pub routes: Arc<Routes>,
     pub client: UpstreamClient,
-    pub settings: GatewaySettings,
+    /// The config's `[gateway]` table.
+    pub settings: GatewayConfig,
     /// Per-key RPM/TPM/concurrency/budget state. A std `Mutex`: it is held only for one O(1)
     /// `admit` or `settle` call, never across an `.await`.
     pub limiter: Arc<Mutex<Limiter>>,
@@ -71,41 +142,32 @@ pub struct GatewayState {
 }
 
 impl GatewayState {
-    /// A gateway with a fresh limiter and no usage ledger.
-    pub fn new(
-        keys: Arc<Keys>,
-        netstack: Netstack,
-        upstreams: Vec<UpstreamSpec>,
-        settings: GatewaySettings,
-    ) -> Arc<GatewayState> {
-        GatewayState::with_accounting(keys, netstack, upstreams, settings, Limiter::new(), None)
-    }
-
-    /// A gateway with a given limiter (seeded from the ledger) and ledger writer.
-    pub fn with_accounting(
-        keys: Arc<Keys>,
-        netstack: Netstack,
-        upstreams: Vec<UpstreamSpec>,
-        settings: GatewaySettings,
-        mut limiter: Limiter,
-        ledger: Option<LedgerWriter>,
-    ) -> Arc<GatewayState> {
+    /// The first snapshot of a gateway.
+    fn first(g: Gateway) -> GatewayState {
+        let Gateway {
+            keys,
+            netstack,
+            upstreams,
+            config,
+            mut limiter,
+            ledger,
+        } = g;
         limiter.configure(LimiterConfig {
-            default_max_tokens: settings.default_max_tokens,
+            default_max_tokens: config.default_max_tokens,
         });
-        Arc::new(GatewayState {
+        GatewayState {
             keys,
             routes: Arc::new(Routes::with_queues(
                 upstreams,
-                settings.max_queued,
-                settings.queue_timeout,
+                config.max_queued,
+                config.queue_timeout,
             )),
             client: upstream::client(netstack),
-            settings,
+            settings: config,
             limiter: Arc::new(Mutex::new(limiter)),
             ledger,
             metrics: Arc::new(Metrics::new()),
-        })
+        }
     }
 
     /// The snapshot for a reloaded `config`: the same keys, client, limiter, ledger and
@@ -137,23 +199,10 @@ impl GatewayState {
             metrics: self.metrics.clone(),
         }
     }
-
-    /// Starts model discovery for upstreams without static routes.
-    pub fn spawn_discovery(
-        self: &Arc<Self>,
-        stop: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(upstream::discover_loop(
-            self.routes.clone(),
-            self.client.clone(),
-            DISCOVERY_INTERVAL,
-            stop,
-        ))
-    }
 }
 
-/// The current [`GatewayState`] snapshot, swapped by a config reload. Cheap to clone. It is
-/// the router's state: handlers extract `State<Arc<GatewayState>>` and get the snapshot that
+/// The current [`GatewayState`] snapshot, swapped by a config reload; made by
+/// [`Gateway::start`]. Cheap to clone. It is the router's state: handlers extract `State<Arc<GatewayState>>` and get the snapshot that
 /// is current when the request arrives.
 #[derive(Clone)]
 pub struct GatewayHandle {
@@ -162,7 +211,7 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    pub fn new(state: Arc<GatewayState>) -> GatewayHandle {
+    fn new(state: Arc<GatewayState>) -> GatewayHandle {
         GatewayHandle {
             current: Arc::new(RwLock::new(state)),
             changed: Arc::new(tokio::sync::Notify::new()),
@@ -185,7 +234,7 @@ impl GatewayHandle {
     }
 
     /// Model discovery over the current routes, a round at once after every swap.
-    pub fn spawn_discovery(&self, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    fn spawn_discovery(&self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
         let me = self.clone();
         let client = self.load().client.clone();
         tokio::spawn(upstream::discover_live(
@@ -204,14 +253,10 @@ impl FromRef<GatewayHandle> for Arc<GatewayState> {
     }
 }
 
-/// The HTTP routes. Cursor appends `/chat/completions` to whatever base URL the user typed,
-/// so the paths are served with and without the `/v1` prefix.
-pub fn router(state: Arc<GatewayState>) -> Router {
-    router_live(GatewayHandle::new(state))
-}
-
-/// [`router`] over a handle whose snapshot a reload may swap.
-pub fn router_live(state: GatewayHandle) -> Router {
+/// The HTTP routes over `state`, whose snapshot a reload may swap. Cursor appends
+/// `/chat/completions` to whatever base URL the user typed, so the paths are served with and
+/// without the `/v1` prefix.
+fn router(state: GatewayHandle) -> Router {
     // CORS preflight (OPTIONS) is answered on every path without auth.
     let post_ep = |ep: Endpoint| {
         post(proxy::forward)
@@ -239,31 +284,20 @@ pub fn router_live(state: GatewayHandle) -> Router {
         .with_state(state)
 }
 
-/// Serves HTTPS on `listener` until `stop` turns true, then drains for `drain_timeout`.
-pub async fn serve(
+/// Serves HTTPS on `listener` until `stop` changes, then closes it at once and drains for
+/// `drain_timeout`. The connection limit and the HTTP parser limits are the settings of the
+/// snapshot current at start (a restart changes them); the TLS handshake and idle timeouts of a
+/// connection, and the drain timeout, are read from the snapshot current at that time (a
+/// reload changes them).
+async fn serve(
+    handle: GatewayHandle,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    app: Router,
-    settings: GatewaySettings,
     stop: watch::Receiver<bool>,
 ) {
-    let fixed = settings.clone();
-    serve_live(listener, tls, app, settings, move || fixed.clone(), stop).await
-}
-
-/// [`serve`] whose per-connection settings (TLS handshake and idle timeouts) and drain timeout
-/// are read from `current` (a reload may change them); the connection limit and the HTTP
-/// parser limits stay as in `settings`, fixed when the listener started.
-pub async fn serve_live(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    app: Router,
-    settings: GatewaySettings,
-    current: impl Fn() -> GatewaySettings,
-    mut stop: watch::Receiver<bool>,
-) {
+    let settings = handle.load().settings.clone();
+    let app = router(handle.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -278,33 +312,16 @@ pub async fn serve_live(
         .max_header_list_size(settings.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    let connection = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(ClientAddr(peer)));
         let builder = builder.clone();
-        let live = current();
-        let hs_timeout = live.tls_handshake_timeout;
-        let idle_timeout = live.idle_timeout;
+        let live = handle.load();
+        let hs_timeout = live.settings.tls_handshake_timeout;
+        let idle_timeout = live.settings.idle_timeout;
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -335,10 +352,18 @@ pub async fn serve_live(
                     tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
                 }
             }
-        });
-    }
+        }
+    };
+    crate::accept::run(
+        &listener,
+        "HTTPS",
+        settings.max_connections,
+        stop,
+        connection,
+    )
+    .await;
     drop(listener);
-    let drain_timeout = current().drain_timeout;
+    let drain_timeout = handle.load().settings.drain_timeout;
     tracing::info!(
         timeout = ?drain_timeout,
         "HTTPS listener closed (new connections are refused); draining open requests"

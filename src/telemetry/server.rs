@@ -1,7 +1,7 @@
 //! The metrics listener: plain HTTP/1.1, `GET /metrics` only (404 elsewhere, 405 for other
 //! methods), bounded: at most [`MAX_CONNECTIONS`] at once, a request head within
 //! [`HEADER_TIMEOUT`], a connection closed after [`CONNECTION_TIMEOUT`]. Request bodies are
-//! never read.
+//! never read. Connections come through the bounded loop of [`crate::accept`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// Produces the exposition text at scrape time.
 pub type Renderer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
@@ -26,28 +26,11 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, render: Renderer, mut stop: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+/// Serves `GET /metrics` on `listener` until `stop` changes.
+pub async fn serve(listener: TcpListener, render: Renderer, stop: watch::Receiver<bool>) {
+    crate::accept::run(&listener, "metrics", MAX_CONNECTIONS, stop, |(tcp, _)| {
         let render = render.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let render = render.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(req, &render).await) }
@@ -58,8 +41,9 @@ pub async fn serve(listener: TcpListener, render: Renderer, mut stop: watch::Rec
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(tcp), svc);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn answer(req: Request<Incoming>, render: &Renderer) -> Response<Full<Bytes>> {

@@ -9,31 +9,16 @@
 //! package is available (`MODELGATE_PYTHON`, default `.venv/bin/python`), parsed by the openai
 //! SDK, tool calls included. Without python3 or the fixture the tests print SKIPPED and pass.
 
-// Shared by several test targets; not every helper is used by each.
-#[allow(dead_code)]
-#[path = "common/sdk.rs"]
-mod sdk;
-use sdk::{manifest_path, sdk_python};
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use modelgate::config::CompatConfig;
-use modelgate::demo::LoopbackPair;
-use modelgate::gateway::upstream::UpstreamSpec;
-use modelgate::gateway::{self, GatewaySettings, GatewayState};
-use modelgate::keys::{KeyRing, Keys};
-use modelgate::netstack::TcpTuning;
-use modelgate::policy::{KeyPolicy, Principal};
+use modelgate::config::{CompatConfig, GatewayConfig};
+use modelgate::netstack::TunnelStream;
 use serde_json::{json, Value};
-use tokio::sync::watch;
+
+use crate::harness::{corp_upstream, key, manifest_path, sdk_python, Reply, Stack, StackOptions};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -83,15 +68,21 @@ impl Drop for Kid {
 }
 
 struct Env {
-    addr: SocketAddr,
+    gw: Stack,
     key: String,
-    tls: Arc<rustls::ClientConfig>,
     /// The gateway's certificate, for the SDK.
     cert: PathBuf,
     fake_log: PathBuf,
     dir: tempfile::TempDir,
     _fake: Kid,
-    _stop: watch::Sender<bool>,
+}
+
+/// Copies a tunnel connection both ways to the fake on loopback.
+async fn bridge(mut inner: TunnelStream, fake: SocketAddr) {
+    if let Ok(mut out) = tokio::net::TcpStream::connect(fake).await {
+        let _ = out.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional(&mut inner, &mut out).await;
+    }
 }
 
 impl Env {
@@ -126,146 +117,41 @@ impl Env {
         }
 
         // The corp side of the tunnel forwards its :8000 to the fake on loopback.
-        let LoopbackPair { appliance, corp } =
-            LoopbackPair::start(&[], true, TcpTuning::default()).unwrap();
-        let mut listener = corp.listen(8000).await.unwrap();
-        tokio::spawn(async move {
-            let _corp = corp;
-            while let Ok((mut inner, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(model_addr).await {
-                        let _ = out.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inner, &mut out).await;
-                    }
-                });
-            }
-        });
-
-        let key = modelgate::keys::format::generate().expose().to_string();
-        let keys = Keys::new(KeyRing::for_tests(vec![(
-            key.clone(),
-            Arc::new(Principal {
-                id: "cursor".into(),
-                name: "cursor".into(),
-                policy: KeyPolicy::default(),
-            }),
-        )]));
-        let upstreams = vec![UpstreamSpec {
-            name: "vllm".into(),
-            addr: "10.99.0.2:8000".parse().unwrap(),
-            base_path: "/v1".into(),
-            api_key: None,
-            models: vec![
-                (CHAT_MODEL.into(), CHAT_MODEL.into()),
-                (GPT_MODEL.into(), GPT_MODEL.into()),
-            ],
-            max_concurrent: None,
-        }];
-        let settings = GatewaySettings {
+        let (secret, principal) = key("cursor", Default::default());
+        let upstream = corp_upstream("vllm", &[(CHAT_MODEL, CHAT_MODEL), (GPT_MODEL, GPT_MODEL)]);
+        let mut options = StackOptions::new(vec![(secret.clone(), principal)], vec![upstream]);
+        options.config = GatewayConfig {
             compat,
-            ..GatewaySettings::default()
+            ..GatewayConfig::default()
         };
-        let state = GatewayState::new(keys, appliance, upstreams, settings.clone());
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        options.patience = Duration::from_secs(30);
+        let gw = Stack::start(options, move |s| bridge(s, model_addr)).await;
         let cert = dir.path().join("gateway.pem");
-        std::fs::write(&cert, ck.cert.pem()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let key_der =
-            rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![ck.cert.der().clone()], key_der)
-            .unwrap();
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(gateway::serve(
-            listener,
-            Arc::new(server),
-            gateway::router(state),
-            settings,
-            stop_rx,
-        ));
+        std::fs::write(&cert, &gw.tls.cert_pem).unwrap();
         Env {
-            addr,
-            key,
-            tls: Arc::new(client),
+            gw,
+            key: secret,
             cert,
             fake_log,
             dir,
             _fake: fake,
-            _stop: stop_tx,
-        }
-    }
-
-    /// One request on a fresh HTTPS/1.1 connection; the whole answer.
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Vec<u8>,
-    ) -> Reply {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = tokio::time::timeout(
-            Duration::from_secs(30),
-            send.send_request(req.body(Full::new(Bytes::from(body))).unwrap()),
-        )
-        .await
-        .expect("no answer within 30 s")
-        .unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
-            .await
-            .expect("body stalled")
-            .unwrap()
-            .to_bytes();
-        Reply {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
         }
     }
 
     async fn post(&self, path: &str, body: Vec<u8>) -> Reply {
         let auth = format!("Bearer {}", self.key);
-        self.call(
-            "POST",
-            path,
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-                ("accept", "text/event-stream"),
-            ],
-            body,
-        )
-        .await
+        self.gw
+            .call(
+                "POST",
+                path,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                    ("accept", "text/event-stream"),
+                ],
+                body,
+            )
+            .await
     }
 
     /// The fake's POST records (what reached the "model").
@@ -287,7 +173,7 @@ impl Env {
             .arg(manifest_path("tests/python/openai_client.py"))
             .args([
                 "--base",
-                &format!("https://localhost:{}{base}", self.addr.port()),
+                &format!("https://localhost:{}{base}", self.gw.addr.port()),
             ])
             .arg("--cert")
             .arg(&self.cert)
@@ -308,33 +194,13 @@ impl Env {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    /// The `data:` payloads of an SSE body, parsed (`[DONE]` as a string).
-    fn events(&self) -> Vec<Value> {
-        self.body
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_string())))
-            .collect()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
 /// What a Chat Completions stream says: (tool call name, arguments, finish_reason, usage?).
-fn stream_summary(events: &[Value]) -> (String, String, String, bool) {
-    assert_eq!(events.last(), Some(&json!("[DONE]")), "no [DONE]");
+fn stream_summary(r: &Reply) -> (String, String, String, bool) {
+    let (events, done) = r.events();
+    assert!(done, "no [DONE]: {}", r.body());
     let (mut name, mut args, mut finish, mut usage) =
         (String::new(), String::new(), String::new(), false);
-    for e in &events[..events.len() - 1] {
+    for e in &events {
         assert_eq!(e["object"], "chat.completion.chunk", "{e}");
         usage |= e["usage"].is_object();
         for c in e["choices"].as_array().unwrap() {
@@ -372,12 +238,12 @@ async fn chat_with_tools_and_empty_content_history() {
     assert!(empty_turns > 5, "the fixture has no content: [] turns");
 
     let r = env.post("/chat/completions", body.clone()).await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body());
     assert!(r.headers["content-type"]
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
-    let (name, args, finish, usage) = stream_summary(&r.events());
+    let (name, args, finish, usage) = stream_summary(&r);
     assert_eq!(name, "read_file");
     assert_eq!(
         serde_json::from_str::<Value>(&args).unwrap(),
@@ -426,8 +292,8 @@ async fn chat_with_tools_and_empty_content_history() {
     let r = env
         .post("/v1/chat/completions", v.to_string().into_bytes())
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let (name, _, finish, _) = stream_summary(&r.events());
+    assert_eq!(r.status, 200, "{}", r.body());
+    let (name, _, finish, _) = stream_summary(&r);
     assert_eq!((name.as_str(), finish.as_str()), ("", "stop"));
 }
 
@@ -461,8 +327,8 @@ async fn responses_shaped_body_at_chat_completions() {
         body.len() / 1024,
         t.elapsed()
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let (name, args, finish, usage) = stream_summary(&r.events());
+    assert_eq!(r.status, 200, "{}", r.body());
+    let (name, args, finish, usage) = stream_summary(&r);
     assert_eq!(finish, "tool_calls");
     assert_eq!(name, "read_file");
     assert!(serde_json::from_str::<Value>(&args).is_ok(), "{args}");
@@ -509,8 +375,8 @@ async fn responses_shaped_body_at_chat_completions() {
     };
     let env = Env::up(off, &["--tool-calls"]).await;
     let r = env.post("/chat/completions", body).await;
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("messages"), "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body());
+    assert!(r.body().contains("messages"), "{}", r.body());
     assert_eq!(env.model_posts().pop().unwrap()["has_input"], true);
 }
 
@@ -527,7 +393,7 @@ async fn context_overflow_is_context_length_exceeded() {
     // ~400 KB of history ≈ 100k tokens by the fake's count: over its 60k window.
     let body = fixture("chat", 400, None);
     let r = env.post("/chat/completions", body.clone()).await;
-    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body());
     let e = &r.json()["error"];
     assert_eq!(e["code"], "context_length_exceeded", "{e}");
     assert_eq!(e["type"], "invalid_request_error", "{e}");
@@ -551,7 +417,7 @@ async fn context_overflow_is_context_length_exceeded() {
     let r = env
         .post("/chat/completions", fixture("chat", 50, None))
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body());
 
     drop(env);
     let off = CompatConfig {
@@ -560,8 +426,8 @@ async fn context_overflow_is_context_length_exceeded() {
     };
     let env = Env::up(off, &["--max-model-len", &max]).await;
     let r = env.post("/chat/completions", body).await;
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert_eq!(r.json()["error"]["type"], "BadRequestError", "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body());
+    assert_eq!(r.json()["error"]["type"], "BadRequestError", "{}", r.body());
 }
 
 /// CORS preflight on Cursor's path (no /v1) is answered without a key, and echoes what the
@@ -573,6 +439,7 @@ async fn preflight_on_the_unversioned_path() {
     }
     let env = Env::up(CompatConfig::default(), &[]).await;
     let r = env
+        .gw
         .call(
             "OPTIONS",
             "/chat/completions",

@@ -1,5 +1,5 @@
 //! Two modelgate netstacks over loopback UDP, one dialling a listener on the other: the real
-//! WireGuard handshake (boringtun), real smoltcp TCP, no root needed.
+//! WireGuard handshake (boringtun), real smoltcp TCP.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,24 +10,18 @@ use modelgate::tunnel::PeerSpec;
 use modelgate::wgkey::PrivateKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Pair {
-    appliance: Netstack,
-    corp: Netstack,
-}
-
 /// The appliance (10.99.0.1) and a corp peer (10.99.0.2) that dials it, as in production.
-async fn pair() -> Pair {
+fn pair() -> LoopbackPair {
     // 200 simultaneous SYNs in the concurrency test: smoltcp has no SYN queue.
     let tcp = TcpTuning {
         listen_backlog: 256,
         ..TcpTuning::default()
     };
-    let LoopbackPair { appliance, corp } = LoopbackPair::start(&[], true, tcp).unwrap();
-    Pair { appliance, corp }
+    LoopbackPair::start(&[], true, tcp).unwrap()
 }
 
 /// Dials until the corp peer's handshake has landed (bounded).
-async fn dial_when_up(p: &Pair, addr: SocketAddr) -> modelgate::netstack::TunnelStream {
+async fn dial_when_up(p: &LoopbackPair, addr: SocketAddr) -> modelgate::netstack::TunnelStream {
     let ns = &p.appliance;
     let start = Instant::now();
     loop {
@@ -71,7 +65,7 @@ fn spawn_echo(mut listener: modelgate::netstack::TunnelListener) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_through_tunnel_echo_and_bulk() {
-    let p = pair().await;
+    let p = pair();
     spawn_echo(p.corp.listen(7).await.unwrap());
     let target: SocketAddr = "10.99.0.2:7".parse().unwrap();
     let mut s = dial_when_up(&p, target).await;
@@ -151,7 +145,7 @@ async fn dial_through_tunnel_echo_and_bulk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_connections() {
-    let p = pair().await;
+    let p = pair();
     spawn_echo(p.corp.listen(7).await.unwrap());
     let target: SocketAddr = "10.99.0.2:7".parse().unwrap();
     drop(dial_when_up(&p, target).await);
@@ -189,7 +183,7 @@ async fn many_concurrent_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_errors() {
-    let p = pair().await;
+    let p = pair();
     let _l = p.corp.listen(7).await.unwrap();
     drop(dial_when_up(&p, "10.99.0.2:7".parse().unwrap()).await);
 
@@ -210,67 +204,63 @@ async fn clean_errors() {
     // Listening twice on one port.
     assert_eq!(p.corp.listen(7).await.unwrap_err(), NetError::AddrInUse);
 
-    // A peer that never handshakes: immediate, specific error rather than a hang.
-    let lonely = Netstack::start(NetstackConfig {
-        private_key: PrivateKey::generate(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.98.0.1/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "absent".into(),
-            public_key: PrivateKey::generate().public_key(),
-            allowed_ips: vec!["10.98.0.2/32".parse().unwrap()],
-            keepalive: None,
-            endpoint: None,
-        }],
-        mtu: 1420,
-        tcp: TcpTuning::default(),
-    })
-    .unwrap();
-    let t = Instant::now();
-    let e = lonely
-        .dial("10.98.0.2:80".parse().unwrap())
-        .await
-        .unwrap_err();
-    assert_eq!(e, NetError::NoHandshake);
-    assert!(t.elapsed() < Duration::from_secs(1));
-
-    // A peer with an endpoint that never answers: the connect timeout fires.
-    let silent = Netstack::start(NetstackConfig {
-        private_key: PrivateKey::generate(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        addresses: vec!["10.97.0.1/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            name: "void".into(),
-            public_key: PrivateKey::generate().public_key(),
-            allowed_ips: vec!["10.97.0.2/32".parse().unwrap()],
-            keepalive: None,
-            // A bound-but-silent UDP port on loopback.
-            endpoint: Some(
-                std::net::UdpSocket::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap(),
-            ),
-        }],
-        mtu: 1420,
-        tcp: TcpTuning {
-            connect_timeout: Duration::from_millis(600),
-            ..TcpTuning::default()
-        },
-    })
-    .unwrap();
-    let t = Instant::now();
-    let e = silent
-        .dial("10.97.0.2:80".parse().unwrap())
-        .await
-        .unwrap_err();
-    assert_eq!(e, NetError::TimedOut);
-    assert!(t.elapsed() < Duration::from_secs(3));
+    // A peer that cannot be reached fails with a specific error, in bounded time: one that
+    // never handshakes at once; one whose endpoint never answers (a bound-but-silent UDP port on
+    // loopback) when the connect timeout fires.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cases = [
+        (
+            "no endpoint",
+            None,
+            TcpTuning::default(),
+            NetError::NoHandshake,
+            1,
+        ),
+        (
+            "silent endpoint",
+            Some(silent.local_addr().unwrap()),
+            TcpTuning {
+                connect_timeout: Duration::from_millis(600),
+                ..TcpTuning::default()
+            },
+            NetError::TimedOut,
+            3,
+        ),
+    ];
+    for (i, (what, endpoint, tcp, error, within_secs)) in cases.into_iter().enumerate() {
+        let net = format!("10.{}.0", 98 - i);
+        let lonely = Netstack::start(NetstackConfig {
+            private_key: PrivateKey::generate(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            addresses: vec![format!("{net}.1/24").parse().unwrap()],
+            peers: vec![PeerSpec {
+                name: "absent".into(),
+                public_key: PrivateKey::generate().public_key(),
+                allowed_ips: vec![format!("{net}.2/32").parse().unwrap()],
+                keepalive: None,
+                endpoint,
+            }],
+            mtu: 1420,
+            tcp,
+        })
+        .unwrap();
+        let t = Instant::now();
+        let e = lonely
+            .dial(format!("{net}.2:80").parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e, error, "{what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(within_secs),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_stream_resets_the_server_side() {
-    let p = pair().await;
+    let p = pair();
     let mut listener = p.corp.listen(8000).await.unwrap();
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
@@ -310,8 +300,7 @@ async fn a_dead_peer_aborts_connections_after_dead_after() {
         dead_after: Duration::from_millis(1000),
         ..TcpTuning::default()
     };
-    let LoopbackPair { appliance, corp } = LoopbackPair::start(&[], true, tcp).unwrap();
-    let p = Pair { appliance, corp };
+    let p = LoopbackPair::start(&[], true, tcp).unwrap();
     let listener = p.corp.listen(8000).await.unwrap();
     spawn_echo(listener);
     let mut s = dial_when_up(&p, "10.99.0.2:8000".parse().unwrap()).await;
