@@ -46,7 +46,7 @@ case "${1:-}" in
     complete || { say "no complete build in $DIR (run: bash scripts/llama-server.sh)"; exit 1; }
     echo "$VPY"; exit 0 ;;
   "") ;;
-  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) die "unknown option '$1' (use --print-path, --python or no option)" ;;
 esac
 
