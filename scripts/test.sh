@@ -39,6 +39,14 @@ install_python() {
   fi
 }
 
+install_llama_server() {
+  # llama.cpp's llama-server, the real model server some tests run against: built once (about
+  # 8-11 minutes on 2 cores) into a cache outside the repository, then found there in milliseconds.
+  # MODELGATE_SKIP_LLAMA=1 skips it.
+  [ "${MODELGATE_SKIP_LLAMA:-0}" = 1 ] && return 0
+  bash scripts/llama-server.sh >/dev/null
+}
+
 install_cargo_deb() {
   # tests/system/packaging.rs builds the .deb with cargo-deb (not in Debian's archive). A few
   # minutes once per machine; MODELGATE_SKIP_DEB=1 skips it and that test.
@@ -60,6 +68,7 @@ install_cargo_deny() {
 
 install_deps
 install_python
+install_llama_server
 install_cargo_deb
 install_cargo_deny
 
