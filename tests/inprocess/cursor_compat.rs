@@ -3,7 +3,7 @@
 //! `tests/python/fake_vllm.py` (a vLLM-like server with tool calls, a context limit, and vLLM's
 //! request validation) on loopback.
 //!
-//! The bodies come from `../shared/fixtures/cursor_requests.py` (Chat Completions with tools and
+//! The bodies come from `tests/fixtures/cursor_requests.py` (Chat Completions with tools and
 //! a `content: []` tool-call history; the Responses-API body Cursor sends to `/chat/completions`
 //! for `gpt-*` names). Each reply is checked as raw SSE, and, when a Python with the `openai`
 //! package is available (`MODELGATE_PYTHON`, default `.venv/bin/python`), parsed by the openai
@@ -22,7 +22,7 @@ use crate::harness::{corp_upstream, key, manifest_path, sdk_python, Reply, Stack
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/cursor_requests.py"
+    "/tests/fixtures/cursor_requests.py"
 );
 const CHAT_MODEL: &str = "acme-coder";
 const GPT_MODEL: &str = "gpt-5-acme";

@@ -18,10 +18,10 @@ use crate::harness::sdk::Sdk;
 const BASE_V1: &str = "https://gw.test/v1";
 /// The lab and a Python with the openai SDK.
 const NEEDS: Needs = Needs::LAB.and_sdk();
-/// The shared fixture, beside the repository (`../shared`), as on every developer machine and in CI.
+/// The project's own generator of Cursor-shaped bodies.
 const CURSOR_FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/cursor_requests.py"
+    "/tests/fixtures/cursor_requests.py"
 );
 
 /// The chain and the openai SDK in the client namespace. Fields drop in order: the chain's

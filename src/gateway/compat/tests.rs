@@ -12,7 +12,7 @@ fn run(body: &Value) -> Option<Value> {
         .map(|b| serde_json::from_slice(&b).unwrap())
 }
 
-/// The shape of `../shared/fixtures/cursor_requests.py responses`, one step of history.
+/// The shape of `tests/fixtures/cursor_requests.py responses`, one step of history.
 fn cursor_responses_body() -> Value {
     json!({
         "model": "gpt-5-acme",
