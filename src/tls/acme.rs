@@ -540,13 +540,7 @@ fn placeholder(domain: &str, provider: &CryptoProvider) -> Result<Loaded, TlsErr
     };
     let mut params =
         rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(|e| err(e.to_string()))?;
-    let today = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let (y, m, d) = x509::civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = x509::civil_from_days(today + PLACEHOLDER_VALIDITY_DAYS);
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    x509::set_validity_days(&mut params, 1, PLACEHOLDER_VALIDITY_DAYS);
     params.distinguished_name.push(
         rcgen::DnType::CommonName,
         "modelgate placeholder (ACME pending)",

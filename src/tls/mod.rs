@@ -586,14 +586,7 @@ fn generate_self_signed(name: &str, dir: &Path, cert: &Path, key: &Path) -> Resu
             "set tls.self_signed_name to a DNS name or IP address",
         )
     })?;
-    let today = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    // A day of slack for clients whose clock is behind.
-    let (y, m, d) = x509::civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = x509::civil_from_days(today + SELF_SIGNED_VALIDITY_DAYS);
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    x509::set_validity_days(&mut params, 1, SELF_SIGNED_VALIDITY_DAYS);
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
