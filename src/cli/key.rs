@@ -9,9 +9,9 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use super::{print_json, rfc3339_utc, CliError};
+use super::{print_json, rfc3339, CliError};
 use crate::config::Config;
 use crate::keys::ledger::{KeyUsage, Ledger, UsageTotals};
 use crate::keys::store::check_key_name;
@@ -434,10 +434,6 @@ fn confirm(question: &str) -> bool {
         return false;
     }
     matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes")
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    rfc3339_utc(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
 fn period(p: BudgetPeriod) -> &'static str {

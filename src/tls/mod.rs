@@ -16,7 +16,7 @@
 //! handshakes (`acme-tls/1`).
 
 pub mod acme;
-mod x509;
+pub(crate) mod x509;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
