@@ -1,29 +1,29 @@
 //! The driver task: the one owner of the WireGuard UDP socket, every peer's [`WgCore`] state, the
-//! smoltcp interface and the connection table.
+//! smoltcp interface and the connection table ([`ConnTable`]).
 //!
 //! Each wake-up is one round of named steps: drain a batch of datagrams (up to [`UDP_BATCH`]),
 //! take commands, service the connections the application touched, poll smoltcp once, reap
-//! finished sockets, service the connections smoltcp woke. Nothing here allocates, locks a
-//! shared structure or crosses a channel per packet; the only locks are the per-round swaps of
-//! the two wake lists and each connection's own state block while it is serviced. It must never
-//! block: every socket call is non-blocking and every loop is bounded.
+//! finished sockets, service the connections smoltcp woke. Per packet it copies the decrypted
+//! packet into the bounded smoltcp queue and crosses no channel; the only locks are the two wake
+//! lists and the state block of the connection being serviced. It never blocks: every socket
+//! call is non-blocking and every loop is bounded.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult};
 use smoltcp::wire::{HardwareAddress, IpCidr};
 use tokio::sync::mpsc;
 
 use super::device::{self, DeviceCounters, TunnelDevice};
-use super::sockets::{ListenerEntry, Slot};
-use super::stream::{lock, DriverWake};
+use super::sockets::ConnTable;
+use super::stream::{DriverWake, NetError, Shared};
 use super::{Command, NetstackConfig, NetstackStats, TcpTuning};
 use crate::tunnel::udp::UdpEndpoint;
-use crate::tunnel::{Output, WgCore, MAX_PACKET};
+use crate::tunnel::{Output, RouteError, WgCore, MAX_PACKET};
 
 /// Datagrams read per wake-up before smoltcp runs: one poll then handles the whole batch.
 const UDP_BATCH: usize = 256;
@@ -35,37 +35,22 @@ const COMMANDS_PER_ROUND: usize = 64;
 
 pub(super) struct Driver {
     pub(super) core: WgCore,
-    pub(super) udp: UdpEndpoint,
+    udp: UdpEndpoint,
     pub(super) udp_addr: SocketAddr,
-    pub(super) iface: Interface,
-    pub(super) sockets: SocketSet<'static>,
+    iface: Interface,
+    /// Every TCP socket and its slot.
+    conns: ConnTable,
     /// Decrypted inner packets waiting for smoltcp (bounded by [`device::RX_QUEUE_MAX`]).
-    pub(super) rx_queue: VecDeque<Vec<u8>>,
+    rx_queue: VecDeque<Vec<u8>>,
     /// Ciphertext buffer for outgoing packets.
-    pub(super) scratch: Vec<u8>,
+    scratch: Vec<u8>,
     /// Receive buffer for one datagram.
-    pub(super) recv_buf: Vec<u8>,
-    pub(super) counters: DeviceCounters,
-    pub(super) mtu: usize,
-    /// The connection table, indexed by the id a stream and its waker carry.
-    pub(super) slots: Vec<Option<Slot>>,
-    pub(super) free: Vec<usize>,
-    pub(super) live: usize,
-    /// Connections smoltcp woke (their [`super::sockets::SocketWaker`]s push here).
-    pub(super) ready: Arc<Mutex<Vec<usize>>>,
-    /// Connections the application touched, and the driver's wake-up.
-    pub(super) wake: Arc<DriverWake>,
-    pub(super) listeners: HashMap<u16, ListenerEntry>,
-    pub(super) used_ports: HashSet<u16>,
-    pub(super) next_port: u16,
-    /// Dialled connections still inside their connect timeout.
-    pub(super) connecting: Vec<usize>,
-    /// Slots to remove after the next poll has flushed their final segment.
-    pub(super) reap: Vec<usize>,
-    pub(super) epoch: std::time::Instant,
-    pub(super) tcp: Arc<TcpTuning>,
-    pub(super) local_addrs: Vec<IpAddr>,
-    pub(super) cmd_rx: mpsc::Receiver<Command>,
+    recv_buf: Vec<u8>,
+    counters: DeviceCounters,
+    mtu: usize,
+    epoch: std::time::Instant,
+    local_addrs: Vec<IpAddr>,
+    cmd_rx: mpsc::Receiver<Command>,
 }
 
 /// Why the driver woke.
@@ -128,35 +113,25 @@ impl Driver {
             }
         }
 
+        let first_port = 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000);
         Ok(Driver {
             core,
             udp,
             udp_addr,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            conns: ConnTable::new(wake, tcp, first_port),
             rx_queue,
             scratch,
             recv_buf: vec![0u8; MAX_PACKET],
             counters,
             mtu,
-            slots: Vec::new(),
-            free: Vec::new(),
-            live: 0,
-            ready: Arc::new(Mutex::new(Vec::new())),
-            wake,
-            listeners: HashMap::new(),
-            used_ports: HashSet::new(),
-            next_port: 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000),
-            connecting: Vec::new(),
-            reap: Vec::new(),
             epoch,
-            tcp,
             local_addrs: cfg.addresses.iter().map(|a| a.addr()).collect(),
             cmd_rx,
         })
     }
 
-    pub(super) fn now(&self) -> smoltcp::time::Instant {
+    fn now(&self) -> smoltcp::time::Instant {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
@@ -174,7 +149,7 @@ impl Driver {
             }
             self.process();
         }
-        self.stop_all();
+        self.conns.stop_all();
     }
 
     fn initiate_handshakes(&mut self) {
@@ -200,7 +175,7 @@ impl Driver {
         let now = self.now();
         let delay = self
             .iface
-            .poll_delay(now, &self.sockets)
+            .poll_delay(now, &self.conns.set)
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(WG_TICK)
             .min(WG_TICK);
@@ -213,7 +188,7 @@ impl Driver {
                 Ok(()) => Event::Udp,
                 Err(_) => Event::Timer,
             },
-            _ = self.wake.notify.notified() => Event::Wake,
+            _ = self.conns.wake.notify.notified() => Event::Wake,
             c = self.cmd_rx.recv() => Event::Cmd(c),
             _ = tick.tick() => Event::Tick,
             _ = &mut sleep => Event::Timer,
@@ -259,7 +234,7 @@ impl Driver {
                 send_or_count(udp, counters, data, to, from);
             }
         });
-        self.expire_connects(std::time::Instant::now());
+        self.conns.expire_connects(std::time::Instant::now());
     }
 
     fn command(&mut self, c: Command) {
@@ -273,7 +248,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Command::Listen { port, reply } => {
-                let r = self.listen(port);
+                let r = self.conns.listen(port);
                 let _ = reply.send(r);
             }
             Command::Stats { reply, detail } => {
@@ -292,6 +267,17 @@ impl Driver {
         }
     }
 
+    /// A dial: fails fast when no peer routes `remote` or that peer never shook hands.
+    fn connect(&mut self, shared: Arc<Shared>, remote: SocketAddr) -> Result<SocketAddr, NetError> {
+        match self.core.check_route(remote.ip()) {
+            Err(RouteError::NoRoute) => return Err(NetError::NoRoute),
+            Err(RouteError::NoEndpoint) => return Err(NetError::NoHandshake),
+            Ok(()) => {}
+        }
+        let cx = self.iface.context();
+        self.conns.connect(cx, &self.local_addrs, shared, remote)
+    }
+
     fn stats(&self, detail: bool) -> NetstackStats {
         NetstackStats {
             public_key: self.core.public_key(),
@@ -299,8 +285,12 @@ impl Driver {
             peers: self.core.stats(),
             drops: self.core.drops(),
             device: self.counters,
-            connections: self.live,
-            connection_detail: if detail { self.detail() } else { Vec::new() },
+            connections: self.conns.live,
+            connection_detail: if detail {
+                self.conns.detail()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -308,12 +298,10 @@ impl Driver {
     fn process(&mut self) {
         for _ in 0..ROUNDS {
             self.take_commands();
-            let touched = self.service_touched();
+            let touched = self.conns.service_touched();
             let polled = self.poll_iface();
-            for id in std::mem::take(&mut self.reap) {
-                self.remove(id);
-            }
-            let woken = self.service_woken();
+            self.conns.reap_retired();
+            let woken = self.conns.service_woken();
             if !touched && !woken && polled == PollResult::None && self.rx_queue.is_empty() {
                 break;
             }
@@ -329,16 +317,6 @@ impl Driver {
         }
     }
 
-    /// Services every connection the application touched since the last round; false when
-    /// there was none.
-    fn service_touched(&mut self) -> bool {
-        let dirty = std::mem::take(&mut *lock(&self.wake.dirty));
-        for &id in &dirty {
-            self.service_app(id);
-        }
-        !dirty.is_empty()
-    }
-
     /// One smoltcp poll: queued inbound packets in, every socket's segments out.
     fn poll_iface(&mut self) -> PollResult {
         let now = self.now();
@@ -350,19 +328,7 @@ impl Driver {
             mtu: self.mtu,
             counters: &mut self.counters,
         };
-        self.iface.poll(now, &mut dev, &mut self.sockets)
-    }
-
-    /// Services every connection smoltcp woke during the poll (once each); false when there
-    /// was none.
-    fn service_woken(&mut self) -> bool {
-        let mut ready = std::mem::take(&mut *lock(&self.ready));
-        ready.sort_unstable();
-        ready.dedup();
-        for &id in &ready {
-            self.service(id);
-        }
-        !ready.is_empty()
+        self.iface.poll(now, &mut dev, &mut self.conns.set)
     }
 }
 

@@ -12,8 +12,7 @@ use std::time::Instant;
 use bytes::Buf;
 use smoltcp::socket::tcp;
 
-use super::driver::Driver;
-use super::sockets::{ConnState, Role, Slot};
+use super::sockets::{ConnState, ConnTable, Role, Slot};
 use super::stream::{lock, Inner, Phase, Shared, TunnelStream};
 use super::NetError;
 
@@ -27,7 +26,7 @@ enum Pass {
     Finished,
 }
 
-impl Driver {
+impl ConnTable {
     /// Moves bytes and state between one smoltcp socket and its application stream.
     pub(super) fn service(&mut self, id: usize) {
         let Some(Some(slot)) = self.slots.get_mut(id) else {
@@ -39,7 +38,7 @@ impl Driver {
         if let Role::Listen { .. } = slot.role {
             return self.service_listener(id);
         }
-        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
         match service_conn(slot, sock) {
             Pass::Skipped => {}
             Pass::Finished => self.retire(id),
@@ -50,8 +49,30 @@ impl Driver {
         }
     }
 
+    /// Services every connection the application touched since the last round; false when
+    /// there was none.
+    pub(super) fn service_touched(&mut self) -> bool {
+        let dirty = std::mem::take(&mut *lock(&self.wake.dirty));
+        for &id in &dirty {
+            self.service_app(id);
+        }
+        !dirty.is_empty()
+    }
+
+    /// Services every connection smoltcp woke during the poll (once each); false when there
+    /// was none.
+    pub(super) fn service_woken(&mut self) -> bool {
+        let mut ready = std::mem::take(&mut *lock(&self.ready));
+        ready.sort_unstable();
+        ready.dedup();
+        for &id in &ready {
+            self.service(id);
+        }
+        !ready.is_empty()
+    }
+
     /// The application touched this connection: clear its queued flag, then service it.
-    pub(super) fn service_app(&mut self, id: usize) {
+    fn service_app(&mut self, id: usize) {
         if let Some(Some(slot)) = self.slots.get(id) {
             if let Some(shared) = &slot.shared {
                 lock(&shared.inner).queued = false;
@@ -72,7 +93,7 @@ impl Driver {
         else {
             return;
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
         let state = sock.state();
         // A socket that left Listen no longer waits for SYNs: start its replacement now, so
         // a burst of connections finds listeners (smoltcp has no SYN queue).
@@ -112,7 +133,7 @@ impl Driver {
         let Some(Some(slot)) = self.slots.get_mut(id) else {
             return;
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
         let endpoint = |e: smoltcp::wire::IpEndpoint| SocketAddr::new(e.addr.into(), e.port);
         let remote = sock.remote_endpoint().map(endpoint);
         let local = sock.local_endpoint().map(endpoint);

@@ -1,24 +1,24 @@
-//! The driver's connection table: one [`Slot`] per smoltcp socket (dialled connection, accepted
-//! connection or listening socket), how slots are made (dial, listen, the listening backlog) and
-//! how they end (fail, retire after a last poll, remove).
+//! The connection table ([`ConnTable`]): every smoltcp socket with its [`Slot`] (dialled
+//! connection, accepted connection or listening socket), how slots are made (dial, listen, the
+//! listening backlog) and how they end (fail, retire until the next poll, remove).
 //!
-//! Runs only inside the driver task. It never blocks and never grows without bound: connections
-//! are capped by `max_connections`, listening sockets per port by `listen_backlog`.
+//! Used only inside the driver task. It never blocks and never grows without bound:
+//! connections are capped by `max_connections`, listening sockets per port by `listen_backlog`.
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use smoltcp::iface::{Context, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpEndpoint;
 use tokio::sync::mpsc;
 
-use super::driver::Driver;
-use super::stream::{lock, NetError, Phase, Shared, TunnelListener, TunnelStream};
-use crate::tunnel::RouteError;
+use super::stream::{lock, DriverWake, NetError, Phase, Shared, TunnelListener, TunnelStream};
+use super::TcpTuning;
 
 /// Wakes the driver for one connection when smoltcp has news for it.
 pub(super) struct SocketWaker {
@@ -70,32 +70,70 @@ pub(super) struct ListenerEntry {
     pub(super) waiting: usize,
 }
 
-impl Driver {
+/// Every smoltcp socket of the netstack and what the driver knows about each.
+pub(super) struct ConnTable {
+    pub(super) set: SocketSet<'static>,
+    /// Indexed by the id a stream and its waker carry.
+    pub(super) slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Slots in use (connections and listening sockets).
+    pub(super) live: usize,
+    /// Connections smoltcp woke (their [`SocketWaker`]s push here).
+    pub(super) ready: Arc<Mutex<Vec<usize>>>,
+    /// Connections the application touched, and the driver's wake-up.
+    pub(super) wake: Arc<DriverWake>,
+    pub(super) listeners: HashMap<u16, ListenerEntry>,
+    used_ports: HashSet<u16>,
+    next_port: u16,
+    /// Dialled connections still inside their connect timeout.
+    connecting: Vec<usize>,
+    /// Slots to remove after the next poll has flushed their final segment.
+    reap: Vec<usize>,
+    pub(super) tcp: Arc<TcpTuning>,
+}
+
+impl ConnTable {
+    /// An empty table; ephemeral ports start at `first_port` (random, in 49152..65151).
+    pub(super) fn new(wake: Arc<DriverWake>, tcp: Arc<TcpTuning>, first_port: u16) -> Self {
+        ConnTable {
+            set: SocketSet::new(Vec::new()),
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ready: Arc::new(Mutex::new(Vec::new())),
+            wake,
+            listeners: HashMap::new(),
+            used_ports: HashSet::new(),
+            next_port: first_port,
+            connecting: Vec::new(),
+            reap: Vec::new(),
+            tcp,
+        }
+    }
+
+    /// Opens a connection to `remote` (whose route the caller checked) from the first of
+    /// `local_addrs` of its family; the dialler's wait ends when [`Self::service`] sees it
+    /// established, or at the connect timeout.
     pub(super) fn connect(
         &mut self,
+        cx: &mut Context,
+        local_addrs: &[IpAddr],
         shared: Arc<Shared>,
         remote: SocketAddr,
     ) -> Result<SocketAddr, NetError> {
-        match self.core.check_route(remote.ip()) {
-            Err(RouteError::NoRoute) => return Err(NetError::NoRoute),
-            Err(RouteError::NoEndpoint) => return Err(NetError::NoHandshake),
-            Ok(()) => {}
-        }
         if self.live >= self.tcp.max_connections {
             return Err(NetError::TooManyConnections);
         }
-        let local_ip = self
-            .local_addrs
+        let local_ip = local_addrs
             .iter()
             .copied()
             .find(|a| a.is_ipv4() == remote.is_ipv4())
             .ok_or(NetError::NoRoute)?;
         let port = self.ephemeral_port().ok_or(NetError::TooManyConnections)?;
         let mut sock = self.new_socket();
-        let cx = self.iface.context();
         sock.connect(cx, IpEndpoint::new(remote.ip().into(), remote.port()), port)
             .map_err(|_| NetError::NoRoute)?;
-        let handle = self.sockets.add(sock);
+        let handle = self.set.add(sock);
         self.used_ports.insert(port);
         let deadline = Instant::now() + self.tcp.connect_timeout;
         let id = self.alloc_slot(|_, waker| Slot {
@@ -139,7 +177,7 @@ impl Driver {
             if sock.listen(port).is_err() {
                 return;
             }
-            let handle = self.sockets.add(sock);
+            let handle = self.set.add(sock);
             let id = self.alloc_slot(|_, waker| Slot {
                 handle,
                 shared: None,
@@ -206,7 +244,7 @@ impl Driver {
 
     pub(super) fn register_wakers(&mut self, id: usize) {
         if let Some(Some(slot)) = self.slots.get(id) {
-            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
             sock.register_recv_waker(&slot.waker);
             sock.register_send_waker(&slot.waker);
         }
@@ -248,7 +286,7 @@ impl Driver {
 
     fn fail(&mut self, id: usize, err: NetError) {
         if let Some(Some(slot)) = self.slots.get(id) {
-            self.sockets.get_mut::<tcp::Socket>(slot.handle).abort();
+            self.set.get_mut::<tcp::Socket>(slot.handle).abort();
             if let Some(shared) = &slot.shared {
                 let mut inner = lock(&shared.inner);
                 inner.error = Some(err);
@@ -269,9 +307,16 @@ impl Driver {
         }
     }
 
-    pub(super) fn remove(&mut self, id: usize) {
+    /// Removes the slots retired before the last poll.
+    pub(super) fn reap_retired(&mut self) {
+        for id in std::mem::take(&mut self.reap) {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: usize) {
         if let Some(slot) = self.slots.get_mut(id).and_then(|s| s.take()) {
-            self.sockets.remove(slot.handle);
+            self.set.remove(slot.handle);
             if matches!(slot.role, Role::Conn(_)) && !self.listeners.contains_key(&slot.local_port)
             {
                 self.used_ports.remove(&slot.local_port);
@@ -305,7 +350,7 @@ impl Driver {
             if matches!(slot.role, Role::Listen { .. }) {
                 continue;
             }
-            let sock = self.sockets.get::<tcp::Socket>(slot.handle);
+            let sock = self.set.get::<tcp::Socket>(slot.handle);
             let app = slot.shared.as_ref().map(|sh| {
                 let i = lock(&sh.inner);
                 format!(
