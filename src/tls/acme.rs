@@ -254,21 +254,8 @@ impl Acme {
     pub(super) async fn run(self: Arc<Self>, tls: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
         loop {
             let due = self.status().next_renewal.unwrap_or_else(SystemTime::now);
-            // Sleep until due, in bounded steps, re-reading the wall clock.
-            loop {
-                if *stop.borrow_and_update() {
-                    return;
-                }
-                let Ok(left) = due.duration_since(SystemTime::now()) else {
-                    break;
-                };
-                if left.is_zero() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
-                    r = stop.changed() => if r.is_err() { return },
-                }
+            if !sleep_until(due, &mut stop).await {
+                return;
             }
             let started = Instant::now();
             tracing::info!(domain = %self.domain, directory = %self.directory, "requesting a certificate over ACME (TLS-ALPN-01)");
@@ -283,50 +270,55 @@ impl Acme {
                 Ok((chain, key)) => self.install(&tls, chain, key).await,
                 Err(e) => Err(e.to_string()),
             };
-            let took = started.elapsed();
             match result {
-                Ok(info) => {
-                    // A certificate already due at issuance (a CA issuing very short ones, or a
-                    // clock far off) must not make us ask again in a tight loop.
-                    let floor = SystemTime::now() + schedule::FIRST_RETRY;
-                    self.update(|s| {
-                        s.next_renewal = s.next_renewal.map(|n| n.max(floor));
-                        s.last_issued = Some(SystemTime::now());
-                        s.last_issue_duration = Some(took);
-                        s.last_error = None;
-                        s.failures = 0;
-                    });
-                    let st = self.status();
-                    tracing::info!(
-                        domain = %self.domain,
-                        serial = %hex(&info.serial),
-                        not_after = %humantime::format_rfc3339_seconds(info.not_after),
-                        next_renewal = ?st.next_renewal.map(humantime::format_rfc3339_seconds),
-                        took_ms = took.as_millis() as u64,
-                        "ACME certificate installed; new connections get it"
-                    );
-                }
-                Err(e) => {
-                    let now = SystemTime::now();
-                    let st = self.status();
-                    let failures = st.failures.saturating_add(1);
-                    let not_after = if st.issued { st.not_after } else { None };
-                    let next = schedule::retry_at(now, failures, not_after);
-                    self.update(|s| {
-                        s.failures = failures;
-                        s.last_error = Some(e.clone());
-                        s.next_renewal = Some(next);
-                    });
-                    tracing::warn!(
-                        domain = %self.domain,
-                        error = %e,
-                        failures,
-                        retry_in_s = next.duration_since(now).unwrap_or_default().as_secs(),
-                        "ACME issuance failed; still serving the previous certificate"
-                    );
-                }
+                Ok(info) => self.note_issued(&info, started.elapsed()),
+                Err(e) => self.note_failure(e),
             }
         }
+    }
+
+    /// A certificate was installed: the next renewal as scheduled, the failures forgotten.
+    fn note_issued(&self, info: &x509::LeafInfo, took: Duration) {
+        // A certificate already due at issuance (a CA issuing very short ones, or a clock far
+        // off) must not make us ask again in a tight loop.
+        let floor = SystemTime::now() + schedule::FIRST_RETRY;
+        self.update(|s| {
+            s.next_renewal = s.next_renewal.map(|n| n.max(floor));
+            s.last_issued = Some(SystemTime::now());
+            s.last_issue_duration = Some(took);
+            s.last_error = None;
+            s.failures = 0;
+        });
+        let st = self.status();
+        tracing::info!(
+            domain = %self.domain,
+            serial = %hex(&info.serial),
+            not_after = %humantime::format_rfc3339_seconds(info.not_after),
+            next_renewal = ?st.next_renewal.map(humantime::format_rfc3339_seconds),
+            took_ms = took.as_millis() as u64,
+            "ACME certificate installed; new connections get it"
+        );
+    }
+
+    /// An issuance failed: retry with backoff, before the current certificate runs out.
+    fn note_failure(&self, e: String) {
+        let now = SystemTime::now();
+        let st = self.status();
+        let failures = st.failures.saturating_add(1);
+        let not_after = if st.issued { st.not_after } else { None };
+        let next = schedule::retry_at(now, failures, not_after);
+        self.update(|s| {
+            s.failures = failures;
+            s.last_error = Some(e.clone());
+            s.next_renewal = Some(next);
+        });
+        tracing::warn!(
+            domain = %self.domain,
+            error = %e,
+            failures,
+            retry_in_s = next.duration_since(now).unwrap_or_default().as_secs(),
+            "ACME issuance failed; still serving the previous certificate"
+        );
     }
 
     /// One issuance: account, order, TLS-ALPN-01, CSR, certificate. Returns (chain PEM, key PEM).
@@ -529,6 +521,26 @@ async fn failure_detail(order: &mut instant_acme::Order) -> String {
             .to_string()
     } else {
         details.join("; ")
+    }
+}
+
+/// Sleeps until the wall clock reaches `due`, in bounded steps (re-reading the clock, which
+/// may jump); false when `stop` turned true or its sender went away first.
+async fn sleep_until(due: SystemTime, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        if *stop.borrow_and_update() {
+            return false;
+        }
+        let Ok(left) = due.duration_since(SystemTime::now()) else {
+            return true;
+        };
+        if left.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
+            r = stop.changed() => if r.is_err() { return false },
+        }
     }
 }
 

@@ -198,43 +198,79 @@ impl fmt::Debug for TlsState {
     }
 }
 
-impl TlsState {
-    /// Loads the certificate `tls` describes. `state_dir` holds the self-signed certificate.
-    pub fn load(tls: &TlsConfig, state_dir: &Path) -> Result<TlsState, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut acme_state = None;
-        let source = match tls {
-            TlsConfig::Files { cert, key } => Source::Files {
+/// Where the certificate of `tls` comes from, and the ACME manager in mode `acme`.
+fn source_of(
+    tls: &TlsConfig,
+    state_dir: &Path,
+    provider: &Arc<CryptoProvider>,
+) -> (Source, Option<Arc<acme::Acme>>) {
+    match tls {
+        TlsConfig::Files { cert, key } => (
+            Source::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             },
-            TlsConfig::SelfSigned { name } => Source::SelfSigned {
+            None,
+        ),
+        TlsConfig::SelfSigned { name } => (
+            Source::SelfSigned {
                 name: name.clone(),
                 dir: state_dir.to_path_buf(),
                 cert: state_dir.join(SELF_SIGNED_CERT_FILE),
                 key: state_dir.join(SELF_SIGNED_KEY_FILE),
             },
-            TlsConfig::Acme {
+            None,
+        ),
+        TlsConfig::Acme {
+            domain,
+            email,
+            directory,
+            ca_root,
+        } => {
+            let acme = acme::Acme::new(
                 domain,
-                email,
-                directory,
-                ca_root,
-            } => {
-                let acme = acme::Acme::new(
-                    domain,
-                    email.as_deref(),
-                    directory.as_deref(),
-                    ca_root.as_deref(),
-                    state_dir,
-                    provider.clone(),
-                );
-                acme_state = Some(Arc::new(acme));
-                Source::Acme {
-                    cert: state_dir.join(acme::ACME_DIR).join(acme::CERT_FILE),
-                    key: state_dir.join(acme::ACME_DIR).join(acme::KEY_FILE),
-                }
-            }
-        };
+                email.as_deref(),
+                directory.as_deref(),
+                ca_root.as_deref(),
+                state_dir,
+                provider.clone(),
+            );
+            let source = Source::Acme {
+                cert: state_dir.join(acme::ACME_DIR).join(acme::CERT_FILE),
+                key: state_dir.join(acme::ACME_DIR).join(acme::KEY_FILE),
+            };
+            (source, Some(Arc::new(acme)))
+        }
+    }
+}
+
+/// The rustls server configuration: safe defaults, no client auth, certificates from
+/// `resolver`, ALPN h2 then http/1.1 (then acme-tls/1 in mode `acme`).
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    resolver: Arc<SwapResolver>,
+    acme: bool,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Internal(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    // HTTP/2 first: Cursor's backend and most clients multiplex over one connection.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        // Last, so it is only ever chosen by a client that offers nothing else: the ACME
+        // validation server (RFC 8737 §3). The accept loop closes those connections.
+        config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
+    }
+    Ok(config)
+}
+
+impl TlsState {
+    /// Loads the certificate `tls` describes. `state_dir` holds the self-signed certificate.
+    pub fn load(tls: &TlsConfig, state_dir: &Path) -> Result<TlsState, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (source, acme_state) = source_of(tls, state_dir, &provider);
         let fps = source.files().map(fingerprint);
         let (loaded, wrote) = match &acme_state {
             Some(a) => (a.load_initial()?, false),
@@ -249,18 +285,7 @@ impl TlsState {
             current: RwLock::new(loaded.key),
             challenges: acme_state.as_ref().map(|a| a.challenges()),
         });
-        let mut config = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Internal(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        // HTTP/2 first: Cursor's backend and most clients multiplex over one connection.
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        if acme_state.is_some() {
-            // Last, so it is only ever chosen by a client that offers nothing else: the ACME
-            // validation server (RFC 8737 §3). The accept loop closes those connections.
-            config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
-        }
+        let config = server_config(&provider, resolver.clone(), acme_state.is_some())?;
         if acme_state.as_ref().is_none_or(|a| a.status().issued) {
             // (The ACME placeholder was announced as such by `acme`.)
             log_loaded(&source, loaded.not_after, "TLS certificate loaded");
