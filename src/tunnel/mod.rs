@@ -340,69 +340,9 @@ impl WgCore {
         datagram: &[u8],
         out: &mut dyn FnMut(Output<'_>),
     ) {
-        // Find the peer before doing any expensive work. Handshake initiations are MAC-checked
-        // and rate limited before the Diffie-Hellman that identifies the sender.
-        let pos = match Tunn::parse_incoming_packet(datagram) {
-            Err(_) => {
-                self.drops.invalid += 1;
-                return;
-            }
-            Ok(Packet::HandshakeInit(ref init)) => {
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut self.buf)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        out(Output::Udp {
-                            to: from,
-                            from: local,
-                            data: cookie,
-                        });
-                        return;
-                    }
-                    Err(_) => {
-                        self.drops.invalid += 1;
-                        return;
-                    }
-                }
-                match parse_handshake_anon(&self.private, &self.public, init) {
-                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
-                        Some(&pos) => pos,
-                        None => {
-                            self.drops.unknown_peer += 1;
-                            return;
-                        }
-                    },
-                    Err(_) => {
-                        self.drops.invalid += 1;
-                        return;
-                    }
-                }
-            }
-            Ok(Packet::HandshakeResponse(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(&pos) => pos,
-                None => {
-                    self.drops.invalid += 1;
-                    return;
-                }
-            },
-            Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(&pos) => pos,
-                None => {
-                    self.drops.invalid += 1;
-                    return;
-                }
-            },
-            Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(&pos) => pos,
-                None => {
-                    self.drops.invalid += 1;
-                    return;
-                }
-            },
+        let Some(pos) = self.find_peer(from, local, datagram, out) else {
+            return;
         };
-
         let peer = &mut self.peers[pos];
         let mut authenticated = false;
         match peer
@@ -432,23 +372,11 @@ impl WgCore {
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
                 authenticated = true;
-                let src = IpAddr::V4(src);
-                if peer.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
-                    peer.rx_bytes += packet.len() as u64;
-                    out(Output::Ip(packet));
-                } else {
-                    self.drops.bad_source += 1;
-                }
+                deliver(peer, &mut self.drops, packet, IpAddr::V4(src), out);
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
                 authenticated = true;
-                let src = IpAddr::V6(src);
-                if peer.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
-                    peer.rx_bytes += packet.len() as u64;
-                    out(Output::Ip(packet));
-                } else {
-                    self.drops.bad_source += 1;
-                }
+                deliver(peer, &mut self.drops, packet, IpAddr::V6(src), out);
             }
         }
         if authenticated {
@@ -456,6 +384,62 @@ impl WgCore {
             peer.endpoint = Some(from);
             peer.local_ip = local;
         }
+    }
+
+    /// The peer a datagram belongs to, found before any expensive work: by the receiver index
+    /// of a response, cookie or data packet, and for a handshake initiation (MAC-checked and
+    /// rate limited before the Diffie-Hellman that identifies the sender) by its static key.
+    /// `None` when it belongs to nobody (counted) or was answered with a cookie.
+    fn find_peer(
+        &mut self,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+        out: &mut dyn FnMut(Output<'_>),
+    ) -> Option<usize> {
+        let receiver_idx = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => {
+                self.drops.invalid += 1;
+                return None;
+            }
+            Ok(Packet::HandshakeInit(ref init)) => {
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut self.buf)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        out(Output::Udp {
+                            to: from,
+                            from: local,
+                            data: cookie,
+                        });
+                        return None;
+                    }
+                    Err(_) => {
+                        self.drops.invalid += 1;
+                        return None;
+                    }
+                }
+                let Ok(half) = parse_handshake_anon(&self.private, &self.public, init) else {
+                    self.drops.invalid += 1;
+                    return None;
+                };
+                let pos = self.by_key.get(&half.peer_static_public).copied();
+                if pos.is_none() {
+                    self.drops.unknown_peer += 1;
+                }
+                return pos;
+            }
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
+            Ok(Packet::PacketData(p)) => p.receiver_idx,
+        };
+        let pos = self.by_index.get(&(receiver_idx >> 8)).copied();
+        if pos.is_none() {
+            self.drops.invalid += 1;
+        }
+        pos
     }
 
     /// Encrypts one inner IP packet to the peer that routes its destination.
@@ -529,6 +513,23 @@ impl WgCore {
     #[cfg(test)]
     fn peer_index(&self, pos: usize) -> u32 {
         self.peers[pos].index
+    }
+}
+
+/// Hands a decrypted packet to the netstack if its inner source is one the peer may use
+/// (cryptokey routing); otherwise drops it, counted.
+fn deliver(
+    peer: &mut Peer,
+    drops: &mut DropCounters,
+    packet: &[u8],
+    src: IpAddr,
+    out: &mut dyn FnMut(Output<'_>),
+) {
+    if peer.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+        peer.rx_bytes += packet.len() as u64;
+        out(Output::Ip(packet));
+    } else {
+        drops.bad_source += 1;
     }
 }
 
