@@ -1,7 +1,8 @@
 //! The `modelgate` command line: clap definitions, verb dispatch, exit codes.
 //!
-//! Owns the operator-facing contract of `DESIGN.md` (verbs, flags, `--json`, exit codes 0/1/2/64)
-//! and turns every failure into one line that names the flag or key, the value and the fix.
+//! Owns the operator-facing contract the README documents (verbs, flags, `--json`, exit codes
+//! 0/1/2/64) and turns every failure into one line that names the flag or key, the value and
+//! the fix.
 //! One file per verb group; [`wgquick`] renders the corp-side file. Never logs secrets, never
 //! puts them in argv (keys are generated here or read from 0600 files), never panics on input.
 
