@@ -1,7 +1,9 @@
 //! Proleptic Gregorian calendar arithmetic on day numbers (days since 1970-01-01, UTC), for
-//! the limiter's budget days and months, certificate validity and RFC 3339 output. One home for
-//! Howard Hinnant's `days_from_civil` / `civil_from_days` (public-domain algorithms), which
-//! are exact for every date in `i64` range and need no time-zone database.
+//! the limiter's budget days and months and the validity dates of the certificates we make.
+//! One home for Howard Hinnant's `days_from_civil` / `civil_from_days` (public-domain
+//! algorithms), which are exact for every date in `i64` range and need no time-zone database.
+//! RFC 3339 text is humantime's job; [`rfc3339_utc`] remains only until `daemon::live` uses
+//! humantime as well.
 
 /// Day number of the date `y-m-d` (month 1–12, day 1–31).
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {

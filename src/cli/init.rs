@@ -157,60 +157,8 @@ pub fn execute(config_path: &Path, a: InitArgs) -> Result<(), CliError> {
         )));
     }
     let state_dir = absolute(&a.state_dir, "--state-dir")?;
-    let tls = match (&a.tls_cert, &a.tls_key, &a.self_signed, &a.acme_domain) {
-        (Some(cert), Some(key), _, _) => InitTls::Files {
-            cert: path_str(&absolute(cert, "--tls-cert")?, "--tls-cert")?,
-            key: path_str(&absolute(key, "--tls-key")?, "--tls-key")?,
-        },
-        (_, _, _, Some(domain)) => InitTls::Acme {
-            domain: domain.clone(),
-            email: a.acme_email.clone(),
-            directory: a.acme_directory.clone(),
-            ca_root: match &a.acme_ca_root {
-                Some(p) => Some(path_str(&absolute(p, "--acme-ca-root")?, "--acme-ca-root")?),
-                None => None,
-            },
-        },
-        (_, _, Some(name), _) => InitTls::SelfSigned { name: name.clone() },
-        _ => {
-            // Default: a self-signed certificate for the name peers and clients already use.
-            let (host, _) = parse_endpoint(&a.public_endpoint).map_err(CliError::usage)?;
-            InitTls::SelfSigned { name: host }
-        }
-    };
-
-    let created = create_dir_with_mode(&state_dir, 0o700).map_err(|e| {
-        CliError::runtime(format!(
-            "--state-dir {}: cannot create it: {e}; fix: run as root or pass a writable --state-dir",
-            state_dir.display()
-        ))
-    })?;
-    if !created {
-        warn_if_open(&state_dir);
-    }
-    let key_file = state_dir.join(DEFAULT_PRIVATE_KEY_FILE);
-    let (key, reused) = if key_file.exists() {
-        let key = read_key_file(&key_file).map_err(|e| {
-            CliError::runtime(format!(
-                "{e} (init keeps an existing key; delete the file to generate a new one)"
-            ))
-        })?;
-        (key, true)
-    } else {
-        let key = PrivateKey::generate();
-        write_atomic(
-            &key_file,
-            format!("{}\n", key.to_base64()).as_bytes(),
-            0o600,
-        )
-        .map_err(|e| {
-            CliError::runtime(format!(
-                "cannot write {}: {e}; fix: make --state-dir writable",
-                key_file.display()
-            ))
-        })?;
-        (key, false)
-    };
+    let tls = tls_choice(&a)?;
+    let (key_file, key, reused) = prepare_state_dir(&state_dir)?;
     let public_key = key.public_key();
 
     let settings = InitSettings {
@@ -228,22 +176,7 @@ pub fn execute(config_path: &Path, a: InitArgs) -> Result<(), CliError> {
     let text = render_initial(&settings);
     // The flags were checked one by one; this catches combinations (and keeps init honest).
     Config::from_toml_str(&text, config_path).map_err(|e| CliError::usage(e.to_string()))?;
-
-    if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        create_dir_with_mode(dir, 0o755).map_err(|e| {
-            CliError::runtime(format!(
-                "--config {}: cannot create {}: {e}; fix: run as root or choose a writable --config",
-                config_path.display(),
-                dir.display()
-            ))
-        })?;
-    }
-    write_atomic(config_path, text.as_bytes(), 0o644).map_err(|e| {
-        CliError::runtime(format!(
-            "--config {}: cannot write: {e}; fix: run as root or choose a writable --config",
-            config_path.display()
-        ))
-    })?;
+    write_config(config_path, &text)?;
 
     let config_shown = std::path::absolute(config_path).unwrap_or(config_path.to_path_buf());
     if a.json {
@@ -273,4 +206,86 @@ pub fn execute(config_path: &Path, a: InitArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// The `[tls]` table the flags ask for: files, ACME, a self-signed name, or by default a
+/// self-signed certificate for the name peers and clients already use.
+fn tls_choice(a: &InitArgs) -> Result<InitTls, CliError> {
+    Ok(
+        match (&a.tls_cert, &a.tls_key, &a.self_signed, &a.acme_domain) {
+            (Some(cert), Some(key), _, _) => InitTls::Files {
+                cert: path_str(&absolute(cert, "--tls-cert")?, "--tls-cert")?,
+                key: path_str(&absolute(key, "--tls-key")?, "--tls-key")?,
+            },
+            (_, _, _, Some(domain)) => InitTls::Acme {
+                domain: domain.clone(),
+                email: a.acme_email.clone(),
+                directory: a.acme_directory.clone(),
+                ca_root: match &a.acme_ca_root {
+                    Some(p) => Some(path_str(&absolute(p, "--acme-ca-root")?, "--acme-ca-root")?),
+                    None => None,
+                },
+            },
+            (_, _, Some(name), _) => InitTls::SelfSigned { name: name.clone() },
+            _ => {
+                let (host, _) = parse_endpoint(&a.public_endpoint).map_err(CliError::usage)?;
+                InitTls::SelfSigned { name: host }
+            }
+        },
+    )
+}
+
+/// Creates the state directory (0700) and its WireGuard private key, or keeps the key that is
+/// there. Returns the key file, the key, and whether it was kept.
+fn prepare_state_dir(state_dir: &Path) -> Result<(PathBuf, PrivateKey, bool), CliError> {
+    let created = create_dir_with_mode(state_dir, 0o700).map_err(|e| {
+        CliError::runtime(format!(
+            "--state-dir {}: cannot create it: {e}; fix: run as root or pass a writable --state-dir",
+            state_dir.display()
+        ))
+    })?;
+    if !created {
+        warn_if_open(state_dir);
+    }
+    let key_file = state_dir.join(DEFAULT_PRIVATE_KEY_FILE);
+    if key_file.exists() {
+        let key = read_key_file(&key_file).map_err(|e| {
+            CliError::runtime(format!(
+                "{e} (init keeps an existing key; delete the file to generate a new one)"
+            ))
+        })?;
+        return Ok((key_file, key, true));
+    }
+    let key = PrivateKey::generate();
+    write_atomic(
+        &key_file,
+        format!("{}\n", key.to_base64()).as_bytes(),
+        0o600,
+    )
+    .map_err(|e| {
+        CliError::runtime(format!(
+            "cannot write {}: {e}; fix: make --state-dir writable",
+            key_file.display()
+        ))
+    })?;
+    Ok((key_file, key, false))
+}
+
+/// Writes the config file atomically (mode 0644), creating its directory.
+fn write_config(config_path: &Path, text: &str) -> Result<(), CliError> {
+    if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_dir_with_mode(dir, 0o755).map_err(|e| {
+            CliError::runtime(format!(
+                "--config {}: cannot create {}: {e}; fix: run as root or choose a writable --config",
+                config_path.display(),
+                dir.display()
+            ))
+        })?;
+    }
+    write_atomic(config_path, text.as_bytes(), 0o644).map_err(|e| {
+        CliError::runtime(format!(
+            "--config {}: cannot write: {e}; fix: run as root or choose a writable --config",
+            config_path.display()
+        ))
+    })
 }

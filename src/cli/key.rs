@@ -9,9 +9,9 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use super::{print_json, rfc3339_utc, CliError};
+use super::{print_json, rfc3339, CliError};
 use crate::config::Config;
 use crate::keys::ledger::{KeyUsage, Ledger, UsageTotals};
 use crate::keys::store::check_key_name;
@@ -320,19 +320,18 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
         print_json(&record_json(&k, &usage, now, &config));
         return Ok(());
     }
-    // What the gateway enforces: the key's own settings over its named policy.
-    let p = &k.policy.resolve(&config.policies);
-    let or_all = |v: Vec<String>| {
-        if v.is_empty() {
-            "all".to_string()
-        } else {
-            v.join(",")
-        }
-    };
-    let limit = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
     println!("name:            {}", k.name);
     println!("id:              {}", k.id);
     println!("status:          {}", k.status(now).as_str());
+    print_key_times(&k);
+    // What the gateway enforces: the key's own settings over its named policy.
+    print_effective_policy(&k.policy.resolve(&config.policies), &config);
+    print_usage(&usage);
+    Ok(())
+}
+
+/// The `show` lines of the key's life: created, expires, revoked, rotated.
+fn print_key_times(k: &KeyRecord) {
     println!("created:         {}", rfc3339(k.created_at));
     println!(
         "expires:         {}",
@@ -347,6 +346,18 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
     if let Some(t) = k.previous_valid_until {
         println!("old secret until {}", rfc3339(t));
     }
+}
+
+/// The `show` lines of the policy the gateway enforces for a key (already resolved).
+fn print_effective_policy(p: &KeyPolicy, config: &Config) {
+    let or_all = |v: Vec<String>| {
+        if v.is_empty() {
+            "all".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let limit = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
     match (&p.policy, p.missing_policy) {
         (Some(n), false) => println!("policy:          {n} (fields set on the key override it)"),
         (Some(n), true) => println!(
@@ -383,6 +394,10 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
             period(b.period)
         ))
     );
+}
+
+/// The `show` lines of a key's token usage.
+fn print_usage(usage: &KeyUsage) {
     let line = |t: &UsageTotals| {
         let mut s = format!(
             "{} tokens ({} prompt, {} completion) in {} requests",
@@ -399,7 +414,6 @@ fn show(config_path: &Path, name: &str, json: bool) -> Result<(), CliError> {
     println!("usage today:     {}", line(&usage.today));
     println!("usage month:     {}", line(&usage.this_month));
     println!("usage total:     {}", line(&usage.total));
-    Ok(())
 }
 
 fn revoke(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
@@ -434,10 +448,6 @@ fn confirm(question: &str) -> bool {
         return false;
     }
     matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes")
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    rfc3339_utc(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
 fn period(p: BudgetPeriod) -> &'static str {

@@ -221,23 +221,7 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
         allowed_ips: a.allowed_ips.iter().map(ToString::to_string).collect(),
         keepalive: a.keepalive,
     };
-    let new_text = edit::add_peer(
-        &text,
-        &new_peer,
-        &format!("Added by `modelgate peer add` at {generated}."),
-    )
-    .map_err(|e| CliError::config(format!("--config {}: {e}", config_path.display())))?;
-    let new_config = match Config::from_toml_str(&new_text, config_path) {
-        Ok(c) => c,
-        Err(ConfigError::Invalid { errors, .. }) => {
-            // The file was valid before, so these come from the flags.
-            return Err(CliError::usage(format!(
-                "peer {:?} not added (nothing written):\n{errors}",
-                a.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (new_text, new_config) = with_peer(config_path, &text, &new_peer, &generated)?;
     let peer = new_config
         .peer(&a.name)
         .ok_or_else(|| CliError::runtime("internal: the added peer is missing; report this bug"))?;
@@ -245,22 +229,7 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
     // Key first, then config: a config pointing at a peer whose key we failed to keep is worse
     // than a stray key file, which is cleaned up below when the config write fails.
     let key_path = peer_key_path(&new_config, &a.name);
-    match &private_key {
-        Some(k) => {
-            let dir = key_path.parent().unwrap_or(Path::new("."));
-            create_dir_with_mode(dir, 0o700)
-                .and_then(|_| {
-                    write_atomic(&key_path, format!("{}\n", k.to_base64()).as_bytes(), 0o600)
-                })
-                .map_err(|e| {
-                    CliError::runtime(format!(
-                        "cannot store the peer key {}: {e}; fix: make server.state_dir writable (run as root)",
-                        key_path.display()
-                    ))
-                })?;
-        }
-        None => remove_stale_key(&key_path)?,
-    }
+    store_peer_key(&key_path, private_key.as_ref())?;
     if let Err(e) = write_config(config_path, &new_text) {
         if private_key.is_some() {
             let _ = std::fs::remove_file(&key_path);
@@ -294,6 +263,46 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// The config text with `peer` added, and its validation (errors name the flags: the file was
+/// valid before).
+fn with_peer(
+    config_path: &Path,
+    text: &str,
+    peer: &NewPeer,
+    generated: &str,
+) -> Result<(String, Config), CliError> {
+    let new_text = edit::add_peer(
+        text,
+        peer,
+        &format!("Added by `modelgate peer add` at {generated}."),
+    )
+    .map_err(|e| CliError::config(format!("--config {}: {e}", config_path.display())))?;
+    match Config::from_toml_str(&new_text, config_path) {
+        Ok(c) => Ok((new_text, c)),
+        Err(ConfigError::Invalid { errors, .. }) => Err(CliError::usage(format!(
+            "peer {:?} not added (nothing written):\n{errors}",
+            peer.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Stores a generated peer key (0600, in a 0700 directory); with none, removes a stale one.
+fn store_peer_key(key_path: &Path, private_key: Option<&PrivateKey>) -> Result<(), CliError> {
+    let Some(k) = private_key else {
+        return remove_stale_key(key_path);
+    };
+    let dir = key_path.parent().unwrap_or(Path::new("."));
+    create_dir_with_mode(dir, 0o700)
+        .and_then(|_| write_atomic(key_path, format!("{}\n", k.to_base64()).as_bytes(), 0o600))
+        .map_err(|e| {
+            CliError::runtime(format!(
+                "cannot store the peer key {}: {e}; fix: make server.state_dir writable (run as root)",
+                key_path.display()
+            ))
+        })
 }
 
 fn remove_stale_key(path: &Path) -> Result<(), CliError> {

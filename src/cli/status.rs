@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::CliError;
 use crate::config::{Config, DEFAULT_CONTROL_SOCKET};
-use crate::control::{client, StatusReport};
+use crate::control::{client, HttpsStatus, PeerStatus, StatusReport, UpstreamStatus};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -104,62 +104,89 @@ pub fn render(s: &StatusReport) -> String {
     let _ = writeln!(o, "  listening port: {}", s.interface.listen_port);
     let _ = writeln!(o, "  address: {}", s.interface.address);
     for p in &s.peers {
-        let _ = writeln!(o, "\npeer: {} ({})", p.public_key, p.name);
-        if let Some(e) = &p.endpoint {
-            let _ = writeln!(o, "  endpoint: {e}");
-        }
-        let ips = if p.allowed_ips.is_empty() {
-            "(none)".to_string()
-        } else {
-            p.allowed_ips.join(", ")
-        };
-        let _ = writeln!(o, "  allowed ips: {ips}");
-        match p.latest_handshake_seconds_ago {
-            Some(1) => {
-                let _ = writeln!(o, "  latest handshake: 1 second ago");
-            }
-            Some(n) => {
-                let _ = writeln!(o, "  latest handshake: {n} seconds ago");
-            }
-            None => {
-                let _ = writeln!(o, "  latest handshake: (none)");
-            }
-        }
-        let _ = writeln!(
-            o,
-            "  transfer: {} received, {} sent",
-            bytes(p.rx_bytes),
-            bytes(p.tx_bytes)
-        );
-        if let Some(k) = p.persistent_keepalive {
-            let _ = writeln!(o, "  persistent keepalive: every {k} seconds");
-        }
+        render_peer(&mut o, p);
     }
     for u in &s.upstreams {
-        let _ = writeln!(o, "\nupstream: {}", u.name);
-        let _ = writeln!(o, "  url: {}", u.url);
-        let _ = writeln!(o, "  reachable: {}", if u.reachable { "yes" } else { "no" });
-        let models = if u.models.is_empty() {
-            "(none known)".to_string()
-        } else {
-            u.models.join(", ")
-        };
-        let _ = writeln!(o, "  models: {models}");
-        match u.max_concurrent {
-            Some(max) => {
-                let _ = writeln!(
-                    o,
-                    "  in flight: {} of {max} ({} waiting)",
-                    u.in_flight, u.queued
-                );
-            }
-            None => {
-                let _ = writeln!(o, "  in flight: {}", u.in_flight);
-            }
-        }
+        render_upstream(&mut o, u);
     }
     o.push('\n');
-    match &s.https {
+    render_https(&mut o, s.https.as_ref());
+    if let Some(m) = &s.metrics_listen {
+        let _ = writeln!(o, "metrics: http://{m}/metrics");
+    }
+    if s.streams.is_empty() {
+        let _ = writeln!(o, "active streams: none");
+    } else {
+        let _ = writeln!(o, "active streams:");
+        for k in &s.streams {
+            let _ = writeln!(o, "  {} ({}): {}", k.key_id, k.key_name, k.active);
+        }
+    }
+    o
+}
+
+/// One `peer:` block, like `wg show`.
+fn render_peer(o: &mut String, p: &PeerStatus) {
+    let _ = writeln!(o, "\npeer: {} ({})", p.public_key, p.name);
+    if let Some(e) = &p.endpoint {
+        let _ = writeln!(o, "  endpoint: {e}");
+    }
+    let ips = if p.allowed_ips.is_empty() {
+        "(none)".to_string()
+    } else {
+        p.allowed_ips.join(", ")
+    };
+    let _ = writeln!(o, "  allowed ips: {ips}");
+    match p.latest_handshake_seconds_ago {
+        Some(1) => {
+            let _ = writeln!(o, "  latest handshake: 1 second ago");
+        }
+        Some(n) => {
+            let _ = writeln!(o, "  latest handshake: {n} seconds ago");
+        }
+        None => {
+            let _ = writeln!(o, "  latest handshake: (none)");
+        }
+    }
+    let _ = writeln!(
+        o,
+        "  transfer: {} received, {} sent",
+        bytes(p.rx_bytes),
+        bytes(p.tx_bytes)
+    );
+    if let Some(k) = p.persistent_keepalive {
+        let _ = writeln!(o, "  persistent keepalive: every {k} seconds");
+    }
+}
+
+/// One `upstream:` block.
+fn render_upstream(o: &mut String, u: &UpstreamStatus) {
+    let _ = writeln!(o, "\nupstream: {}", u.name);
+    let _ = writeln!(o, "  url: {}", u.url);
+    let _ = writeln!(o, "  reachable: {}", if u.reachable { "yes" } else { "no" });
+    let models = if u.models.is_empty() {
+        "(none known)".to_string()
+    } else {
+        u.models.join(", ")
+    };
+    let _ = writeln!(o, "  models: {models}");
+    match u.max_concurrent {
+        Some(max) => {
+            let _ = writeln!(
+                o,
+                "  in flight: {} of {max} ({} waiting)",
+                u.in_flight, u.queued
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  in flight: {}", u.in_flight);
+        }
+    }
+}
+
+/// The `https:` lines: listener, certificate expiry, ACME state.
+fn render_https(o: &mut String, https: Option<&HttpsStatus>) {
+    match https {
         Some(h) => {
             let _ = writeln!(o, "https: {}", h.listen);
             match (&h.certificate_not_after, h.certificate_days_left) {
@@ -192,18 +219,6 @@ pub fn render(s: &StatusReport) -> String {
             let _ = writeln!(o, "https: off (no [tls] in the config)");
         }
     }
-    if let Some(m) = &s.metrics_listen {
-        let _ = writeln!(o, "metrics: http://{m}/metrics");
-    }
-    if s.streams.is_empty() {
-        let _ = writeln!(o, "active streams: none");
-    } else {
-        let _ = writeln!(o, "active streams:");
-        for k in &s.streams {
-            let _ = writeln!(o, "  {} ({}): {}", k.key_id, k.key_name, k.active);
-        }
-    }
-    o
 }
 
 #[cfg(test)]

@@ -175,22 +175,7 @@ pub fn analyse(
     let days_left = (not_after - now_s) / 86_400;
     let subject = x.subject().to_string();
     let issuer = x.issuer().to_string();
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = x.subject_alternative_name() {
-        for n in &san.value.general_names {
-            match n {
-                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
-                x509_parser::extensions::GeneralName::IPAddress(b) => {
-                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
-                        names.push(std::net::Ipv4Addr::from(a).to_string());
-                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
-                        names.push(std::net::Ipv6Addr::from(a).to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+    let names = served_names(&x);
     let mut problems = Vec::new();
     if now_s > not_after {
         problems.push(Problem::Expired {
@@ -221,27 +206,9 @@ pub fn analyse(
     } else {
         now_s
     };
-    let anchors = roots.anchors()?;
-    let intermediates = &chain[1..];
-    let verified = ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        intermediates,
-        UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64)),
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    );
-    if let Err(e) = verified {
-        let self_signed = x.subject() == x.issuer();
-        let reason = match e {
-            webpki::Error::UnknownIssuer => {
-                "no chain to a trusted root (missing intermediates, or a private CA)".to_string()
-            }
-            e => format!("{e:?}"),
-        };
+    if let Err(reason) = chains_to(&ee, &chain[1..], roots, at)? {
         problems.push(Problem::Untrusted {
-            self_signed,
+            self_signed: x.subject() == x.issuer(),
             issuer: issuer.clone(),
             reason,
         });
@@ -264,8 +231,60 @@ pub fn analyse(
     })
 }
 
+/// The DNS names and IP addresses of the leaf's subjectAltName, in their order (an unreadable
+/// extension or an odd-length address is left out; these are for the report, webpki checks
+/// the name itself).
+fn served_names(x: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        names.push(std::net::Ipv4Addr::from(a).to_string());
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        names.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+/// Whether `ee` chains through `intermediates` to one of `roots` at `at` (Unix seconds): the
+/// inner error is why not, in words; the outer one a trust store that cannot be used.
+fn chains_to(
+    ee: &webpki::EndEntityCert<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &Roots,
+    at: i64,
+) -> Result<Result<(), String>, String> {
+    let anchors = roots.anchors()?;
+    let verified = ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        intermediates,
+        UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64)),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    );
+    Ok(verified.map(drop).map_err(|e| match e {
+        webpki::Error::UnknownIssuer => {
+            "no chain to a trusted root (missing intermediates, or a private CA)".to_string()
+        }
+        e => format!("{e:?}"),
+    }))
+}
+
+/// A certificate time as RFC 3339 UTC, clamped to what RFC 3339 can write (1970 to 9999; X.509
+/// times are four-digit years anyway).
 fn rfc3339(unix: i64) -> String {
-    crate::cli::rfc3339_utc(unix.max(0) as u64)
+    let secs = unix.clamp(0, 253_402_300_799) as u64; // up to 9999-12-31T23:59:59Z
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Records the chain the server presents and accepts it; the handshake signature is still
@@ -438,209 +457,4 @@ pub async fn connect_pinned(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Issued {
-        chain: Vec<CertificateDer<'static>>,
-        ca_pem: String,
-    }
-
-    fn day(offset: i64) -> time_offset::Ymd {
-        time_offset::ymd(offset)
-    }
-
-    /// Tiny date helper: rcgen wants calendar dates.
-    mod time_offset {
-        pub type Ymd = (i32, u8, u8);
-        pub fn ymd(offset_days: i64) -> Ymd {
-            let today = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64
-                / 86_400;
-            let (y, m, d) = crate::civil::civil_from_days(today + offset_days);
-            let (y, m, d) = (y as i32, m as u8, d as u8);
-            (y, m, d)
-        }
-    }
-
-    /// A test CA and a leaf for `names`, valid from `from` to `until` days relative to today.
-    fn issue(names: &[&str], from: i64, until: i64, self_signed: bool) -> Issued {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "doctor test CA");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let (y, m, d) = day(from);
-        p.not_before = rcgen::date_time_ymd(y, m, d);
-        let (y, m, d) = day(until);
-        p.not_after = rcgen::date_time_ymd(y, m, d);
-        let leaf = if self_signed {
-            p.self_signed(&key).unwrap()
-        } else {
-            p.signed_by(&key, &issuer).unwrap()
-        };
-        Issued {
-            chain: vec![leaf.der().clone()],
-            ca_pem: ca_cert.pem(),
-        }
-    }
-
-    fn roots_with(ca_pem: Option<&str>) -> Roots {
-        match ca_pem {
-            None => Roots::load(&[]).unwrap(),
-            Some(pem) => {
-                let dir = tempfile::tempdir().unwrap();
-                let f = dir.path().join("ca.pem");
-                std::fs::write(&f, pem).unwrap();
-                Roots::load(&[f]).unwrap()
-            }
-        }
-    }
-
-    #[test]
-    fn a_good_chain_from_a_trusted_ca_passes() {
-        let c = issue(&["gw.test"], -1, 90, false);
-        let r = analyse(
-            &c.chain,
-            "gw.test",
-            &roots_with(Some(&c.ca_pem)),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(r.problems.is_empty(), "{:?}", r.problems);
-        assert_eq!(r.names, ["gw.test"]);
-        assert!((88..=90).contains(&r.days_left), "{}", r.days_left);
-    }
-
-    #[test]
-    fn each_problem_is_named() {
-        let c = issue(&["gw.test"], -1, 90, false);
-        // Without the test CA: not publicly trusted (but not self-signed).
-        let r = analyse(
-            &c.chain,
-            "gw.test",
-            &roots_with(None),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(
-            matches!(
-                &r.problems[..],
-                [Problem::Untrusted {
-                    self_signed: false,
-                    ..
-                }]
-            ),
-            "{:?}",
-            r.problems
-        );
-        // Wrong name.
-        let r = analyse(
-            &c.chain,
-            "other.test",
-            &roots_with(Some(&c.ca_pem)),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(
-            matches!(&r.problems[..], [Problem::WrongName { covers, .. }] if covers == &["gw.test"]),
-            "{:?}",
-            r.problems
-        );
-        // Expired, and still judged trusted apart from that.
-        let old = issue(&["gw.test"], -60, -3, false);
-        let r = analyse(
-            &old.chain,
-            "gw.test",
-            &roots_with(Some(&old.ca_pem)),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(
-            matches!(&r.problems[..], [Problem::Expired { days_ago, .. }] if (2..=3).contains(days_ago)),
-            "{:?}",
-            r.problems
-        );
-        assert!(r.problems[0].describe().starts_with("EXPIRED on "));
-        // Near expiry, against the configurable threshold.
-        let soon = issue(&["gw.test"], -30, 5, false);
-        let roots = roots_with(Some(&soon.ca_pem));
-        let r = analyse(&soon.chain, "gw.test", &roots, 14, SystemTime::now()).unwrap();
-        assert!(
-            matches!(&r.problems[..], [Problem::ExpiresSoon { .. }]),
-            "{:?}",
-            r.problems
-        );
-        let r = analyse(&soon.chain, "gw.test", &roots, 3, SystemTime::now()).unwrap();
-        assert!(r.problems.is_empty(), "{:?}", r.problems);
-        // Several problems are all listed, the most serious first.
-        let r = analyse(
-            &soon.chain,
-            "gw.test",
-            &roots_with(None),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(
-            matches!(
-                &r.problems[..],
-                [Problem::Untrusted { .. }, Problem::ExpiresSoon { .. }]
-            ),
-            "{:?}",
-            r.problems
-        );
-        // Self-signed.
-        let ss = issue(&["gw.test"], -1, 90, true);
-        let r = analyse(
-            &ss.chain,
-            "gw.test",
-            &roots_with(None),
-            14,
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(
-            matches!(
-                &r.problems[..],
-                [Problem::Untrusted {
-                    self_signed: true,
-                    ..
-                }]
-            ),
-            "{:?}",
-            r.problems
-        );
-        assert_eq!(
-            r.problems[0].describe(),
-            "self-signed, not publicly trusted: Cursor will refuse it"
-        );
-        assert!(r.problems[0]
-            .fix("self-signed", "gw.test")
-            .contains("--acme-domain gw.test"));
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        let junk = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01])];
-        assert!(analyse(&junk, "gw.test", &roots_with(None), 14, SystemTime::now()).is_err());
-        assert!(analyse(&[], "gw.test", &roots_with(None), 14, SystemTime::now()).is_err());
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("x.pem");
-        std::fs::write(&f, "nothing here").unwrap();
-        let e = Roots::load(&[f]).err().unwrap();
-        assert!(e.contains("no -----BEGIN CERTIFICATE-----"), "{e}");
-    }
-}
+mod tests;

@@ -293,68 +293,7 @@ pub async fn completion(t: &Target, secret: &str, model: &str) -> Result<Streame
                 fix_for_status(status, Some(model)),
             ));
         }
-        let mut body = resp.into_body();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut seen = 0usize;
-        let mut out = Streamed {
-            chunks: 0,
-            first_chunk_ms: 0,
-            total_ms: 0,
-        };
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                fail(
-                    format!("the stream broke after {} chunks: {e}", out.chunks),
-                    fix_for_status(502, Some(model)),
-                )
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            seen += data.len();
-            if seen > MAX_ANSWER {
-                return Err(fail(
-                    "the stream of a 1-token completion exceeded 1 MiB",
-                    "check the model server: it ignores max_tokens",
-                ));
-            }
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = pending.drain(..end + 2).collect();
-                match sse_event(&event) {
-                    Event::Done => {
-                        out.total_ms = start.elapsed().as_millis();
-                        if out.chunks == 0 {
-                            return Err(fail(
-                                "the stream ended with [DONE] but carried no choices",
-                                "check the model server's streaming (it must send chat.completion.chunk events)",
-                            ));
-                        }
-                        return Ok(out);
-                    }
-                    Event::Choice => {
-                        if out.chunks == 0 {
-                            out.first_chunk_ms = start.elapsed().as_millis();
-                        }
-                        out.chunks += 1;
-                    }
-                    Event::Error(m) => {
-                        return Err(fail(
-                            format!("the stream carried an error: {m}"),
-                            fix_for_status(502, Some(model)),
-                        ))
-                    }
-                    Event::Other => {}
-                }
-            }
-        }
-        Err(fail(
-            format!(
-                "the stream ended without data: [DONE] after {} chunks",
-                out.chunks
-            ),
-            fix_for_status(502, Some(model)),
-        ))
+        read_stream(resp, model, start).await
     };
     tokio::time::timeout(t.timeout, work).await.map_err(|_| {
         fail(
@@ -362,6 +301,73 @@ pub async fn completion(t: &Target, secret: &str, model: &str) -> Result<Streame
             "no answer in time: if hops 5 and 6 pass, the model is slow or stuck (check its load and log; raise --timeout if it is just slow); otherwise fix those first (a dead tunnel stalls requests)",
         )
     })?
+}
+
+/// Reads the SSE stream of hop 8 to `data: [DONE]`, counting the chunks that carry choices;
+/// at most [`MAX_ANSWER`] bytes.
+async fn read_stream(resp: Answer, model: &str, start: Instant) -> Result<Streamed, ProbeFailure> {
+    let mut body = resp.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    let mut out = Streamed {
+        chunks: 0,
+        first_chunk_ms: 0,
+        total_ms: 0,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            fail(
+                format!("the stream broke after {} chunks: {e}", out.chunks),
+                fix_for_status(502, Some(model)),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > MAX_ANSWER {
+            return Err(fail(
+                "the stream of a 1-token completion exceeded 1 MiB",
+                "check the model server: it ignores max_tokens",
+            ));
+        }
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            match sse_event(&event) {
+                Event::Done => {
+                    out.total_ms = start.elapsed().as_millis();
+                    if out.chunks == 0 {
+                        return Err(fail(
+                            "the stream ended with [DONE] but carried no choices",
+                            "check the model server's streaming (it must send chat.completion.chunk events)",
+                        ));
+                    }
+                    return Ok(out);
+                }
+                Event::Choice => {
+                    if out.chunks == 0 {
+                        out.first_chunk_ms = start.elapsed().as_millis();
+                    }
+                    out.chunks += 1;
+                }
+                Event::Error(m) => {
+                    return Err(fail(
+                        format!("the stream carried an error: {m}"),
+                        fix_for_status(502, Some(model)),
+                    ))
+                }
+                Event::Other => {}
+            }
+        }
+    }
+    Err(fail(
+        format!(
+            "the stream ended without data: [DONE] after {} chunks",
+            out.chunks
+        ),
+        fix_for_status(502, Some(model)),
+    ))
 }
 
 enum Event {

@@ -122,6 +122,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Inner {
+    /// Wakes the reader and the writer (the connection ended).
+    pub(crate) fn wake_both(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+}
+
 impl Shared {
     pub(crate) fn new(wake: Arc<DriverWake>, rx_cap: usize, tx_cap: usize) -> Arc<Self> {
         Arc::new(Shared {

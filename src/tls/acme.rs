@@ -254,21 +254,8 @@ impl Acme {
     pub(super) async fn run(self: Arc<Self>, tls: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
         loop {
             let due = self.status().next_renewal.unwrap_or_else(SystemTime::now);
-            // Sleep until due, in bounded steps, re-reading the wall clock.
-            loop {
-                if *stop.borrow_and_update() {
-                    return;
-                }
-                let Ok(left) = due.duration_since(SystemTime::now()) else {
-                    break;
-                };
-                if left.is_zero() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
-                    r = stop.changed() => if r.is_err() { return },
-                }
+            if !sleep_until(due, &mut stop).await {
+                return;
             }
             let started = Instant::now();
             tracing::info!(domain = %self.domain, directory = %self.directory, "requesting a certificate over ACME (TLS-ALPN-01)");
@@ -283,50 +270,55 @@ impl Acme {
                 Ok((chain, key)) => self.install(&tls, chain, key).await,
                 Err(e) => Err(e.to_string()),
             };
-            let took = started.elapsed();
             match result {
-                Ok(info) => {
-                    // A certificate already due at issuance (a CA issuing very short ones, or a
-                    // clock far off) must not make us ask again in a tight loop.
-                    let floor = SystemTime::now() + schedule::FIRST_RETRY;
-                    self.update(|s| {
-                        s.next_renewal = s.next_renewal.map(|n| n.max(floor));
-                        s.last_issued = Some(SystemTime::now());
-                        s.last_issue_duration = Some(took);
-                        s.last_error = None;
-                        s.failures = 0;
-                    });
-                    let st = self.status();
-                    tracing::info!(
-                        domain = %self.domain,
-                        serial = %hex(&info.serial),
-                        not_after = %humantime::format_rfc3339_seconds(info.not_after),
-                        next_renewal = ?st.next_renewal.map(humantime::format_rfc3339_seconds),
-                        took_ms = took.as_millis() as u64,
-                        "ACME certificate installed; new connections get it"
-                    );
-                }
-                Err(e) => {
-                    let now = SystemTime::now();
-                    let st = self.status();
-                    let failures = st.failures.saturating_add(1);
-                    let not_after = if st.issued { st.not_after } else { None };
-                    let next = schedule::retry_at(now, failures, not_after);
-                    self.update(|s| {
-                        s.failures = failures;
-                        s.last_error = Some(e.clone());
-                        s.next_renewal = Some(next);
-                    });
-                    tracing::warn!(
-                        domain = %self.domain,
-                        error = %e,
-                        failures,
-                        retry_in_s = next.duration_since(now).unwrap_or_default().as_secs(),
-                        "ACME issuance failed; still serving the previous certificate"
-                    );
-                }
+                Ok(info) => self.note_issued(&info, started.elapsed()),
+                Err(e) => self.note_failure(e),
             }
         }
+    }
+
+    /// A certificate was installed: the next renewal as scheduled, the failures forgotten.
+    fn note_issued(&self, info: &x509::LeafInfo, took: Duration) {
+        // A certificate already due at issuance (a CA issuing very short ones, or a clock far
+        // off) must not make us ask again in a tight loop.
+        let floor = SystemTime::now() + schedule::FIRST_RETRY;
+        self.update(|s| {
+            s.next_renewal = s.next_renewal.map(|n| n.max(floor));
+            s.last_issued = Some(SystemTime::now());
+            s.last_issue_duration = Some(took);
+            s.last_error = None;
+            s.failures = 0;
+        });
+        let st = self.status();
+        tracing::info!(
+            domain = %self.domain,
+            serial = %hex(&info.serial),
+            not_after = %humantime::format_rfc3339_seconds(info.not_after),
+            next_renewal = ?st.next_renewal.map(humantime::format_rfc3339_seconds),
+            took_ms = took.as_millis() as u64,
+            "ACME certificate installed; new connections get it"
+        );
+    }
+
+    /// An issuance failed: retry with backoff, before the current certificate runs out.
+    fn note_failure(&self, e: String) {
+        let now = SystemTime::now();
+        let st = self.status();
+        let failures = st.failures.saturating_add(1);
+        let not_after = if st.issued { st.not_after } else { None };
+        let next = schedule::retry_at(now, failures, not_after);
+        self.update(|s| {
+            s.failures = failures;
+            s.last_error = Some(e.clone());
+            s.next_renewal = Some(next);
+        });
+        tracing::warn!(
+            domain = %self.domain,
+            error = %e,
+            failures,
+            retry_in_s = next.duration_since(now).unwrap_or_default().as_secs(),
+            "ACME issuance failed; still serving the previous certificate"
+        );
     }
 
     /// One issuance: account, order, TLS-ALPN-01, CSR, certificate. Returns (chain PEM, key PEM).
@@ -532,6 +524,26 @@ async fn failure_detail(order: &mut instant_acme::Order) -> String {
     }
 }
 
+/// Sleeps until the wall clock reaches `due`, in bounded steps (re-reading the clock, which
+/// may jump); false when `stop` turned true or its sender went away first.
+async fn sleep_until(due: SystemTime, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        if *stop.borrow_and_update() {
+            return false;
+        }
+        let Ok(left) = due.duration_since(SystemTime::now()) else {
+            return true;
+        };
+        if left.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
+            r = stop.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
 /// A self-signed certificate for `domain`, valid a week, held in memory only.
 fn placeholder(domain: &str, provider: &CryptoProvider) -> Result<Loaded, TlsError> {
     let err = |e: String| TlsError::Acme {
@@ -540,13 +552,7 @@ fn placeholder(domain: &str, provider: &CryptoProvider) -> Result<Loaded, TlsErr
     };
     let mut params =
         rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(|e| err(e.to_string()))?;
-    let today = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let (y, m, d) = x509::civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = x509::civil_from_days(today + PLACEHOLDER_VALIDITY_DAYS);
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    x509::set_validity_days(&mut params, 1, PLACEHOLDER_VALIDITY_DAYS);
     params.distinguished_name.push(
         rcgen::DnType::CommonName,
         "modelgate placeholder (ACME pending)",
@@ -564,202 +570,4 @@ fn placeholder(domain: &str, provider: &CryptoProvider) -> Result<Loaded, TlsErr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::TlsConfig;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
-
-    /// Accepts any certificate: the validation server checks the acmeIdentifier itself, and
-    /// the challenge certificate's critical extension is unknown to webpki.
-    #[derive(Debug)]
-    struct AnyCert(Arc<CryptoProvider>);
-
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-
-    /// One handshake over an in-memory pipe: (negotiated ALPN, leaf served) or the error.
-    async fn handshake(
-        tls: &TlsState,
-        sni: &str,
-        alpn: &[&[u8]],
-    ) -> Result<(Option<Vec<u8>>, CertificateDer<'static>), String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-            .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let (c, s) = tokio::io::duplex(64 << 10);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-        let server = tokio::spawn(async move {
-            acceptor
-                .accept(s)
-                .await
-                .map(|s| s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
-        });
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let name = ServerName::try_from(sni.to_string()).unwrap();
-        let client = connector
-            .connect(name, c)
-            .await
-            .map_err(|e| e.to_string())?;
-        let leaf = client.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let negotiated = server.await.unwrap().map_err(|e| e.to_string())?;
-        assert!(is_acme_alpn(negotiated.as_deref()) == (alpn == [ACME_TLS_ALPN]));
-        Ok((negotiated, leaf))
-    }
-
-    #[tokio::test]
-    async fn tls_alpn_01_handshake_gets_the_challenge_only_while_offered() {
-        let dir = tempfile::tempdir().unwrap();
-        let tls = TlsState::load(
-            &TlsConfig::Acme {
-                domain: "gw.example.com".into(),
-                email: None,
-                directory: None,
-                ca_root: None,
-            },
-            dir.path(),
-        )
-        .unwrap();
-        let acme = tls.acme.clone().unwrap();
-        let provider = rustls::crypto::ring::default_provider();
-        let digest = [0x5au8; 32];
-        let challenge = challenge::certificate("gw.example.com", &digest, &provider).unwrap();
-        let challenge_der = challenge.cert[0].clone();
-
-        // Normal clients get the placeholder, before and during a challenge.
-        let (alpn, placeholder) = handshake(&tls, "gw.example.com", &[b"h2", b"http/1.1"])
-            .await
-            .unwrap();
-        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
-        // No challenge in progress: a validation handshake fails.
-        assert!(handshake(&tls, "gw.example.com", &[ACME_TLS_ALPN])
-            .await
-            .is_err());
-
-        let offer = acme.challenges.offer("gw.example.com", challenge);
-        let (alpn, leaf) = handshake(&tls, "GW.example.com", &[ACME_TLS_ALPN])
-            .await
-            .unwrap();
-        assert_eq!(alpn.as_deref(), Some(ACME_TLS_ALPN));
-        assert_eq!(leaf, challenge_der);
-        // Another name, or a client that also offers HTTP: no challenge certificate.
-        assert!(handshake(&tls, "other.example.com", &[ACME_TLS_ALPN])
-            .await
-            .is_err());
-        let (_, leaf) = handshake(&tls, "gw.example.com", &[b"h2", ACME_TLS_ALPN])
-            .await
-            .unwrap();
-        assert_eq!(leaf, placeholder);
-
-        drop(offer);
-        assert!(handshake(&tls, "gw.example.com", &[ACME_TLS_ALPN])
-            .await
-            .is_err());
-    }
-
-    /// The CA cannot be reached: the failure is recorded for `status`, retried after the
-    /// first backoff step, and the placeholder stays in service.
-    #[tokio::test]
-    async fn unreachable_ca_is_retried_with_backoff_and_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let tls = Arc::new(
-            TlsState::load(
-                &TlsConfig::Acme {
-                    domain: "gw.example.com".into(),
-                    email: Some("ops@example.com".into()),
-                    // Port 1 on loopback: refused at once.
-                    directory: Some("https://127.0.0.1:1/directory".into()),
-                    ca_root: None,
-                },
-                dir.path(),
-            )
-            .unwrap(),
-        );
-        let before = tls.not_after();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(tls.clone().watch(stop_rx));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let st = loop {
-            let st = tls.acme_status().unwrap();
-            if st.failures > 0 {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "no failure recorded: {st:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(st.failures, 1);
-        assert!(!st.issued);
-        assert!(st.last_error.is_some(), "{st:?}");
-        let retry = st
-            .next_renewal
-            .unwrap()
-            .duration_since(SystemTime::now())
-            .unwrap();
-        assert!(
-            retry > Duration::from_secs(5) && retry <= schedule::FIRST_RETRY,
-            "{retry:?}"
-        );
-        assert_eq!(tls.not_after(), before, "the placeholder was replaced");
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the ACME task did not stop")
-            .unwrap();
-    }
-
-    #[test]
-    fn a_bad_ca_root_is_named_with_the_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let missing = dir.path().join("nope.pem");
-        let e = http::client(Some(&missing), &provider).err().unwrap();
-        assert!(e.contains("tls.acme_ca_root") && e.contains("fix:"), "{e}");
-        let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "no certificate here\n").unwrap();
-        let e = http::client(Some(&empty), &provider).err().unwrap();
-        assert!(e.contains("no -----BEGIN CERTIFICATE-----"), "{e}");
-    }
-
-    #[test]
-    fn stored_account_round_trips() {
-        // The account file format: directory + instant-acme's credentials (opaque JSON).
-        let json = r#"{"directory":"https://ca.test/dir","credentials":{"id":"https://ca.test/acct/1","key_pkcs8":"AAAA","directory":"https://ca.test/dir"}}"#;
-        let s: StoredAccount = serde_json::from_str(json).unwrap();
-        assert_eq!(s.directory, "https://ca.test/dir");
-    }
-}
+mod tests;

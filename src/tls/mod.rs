@@ -16,7 +16,7 @@
 //! handshakes (`acme-tls/1`).
 
 pub mod acme;
-mod x509;
+pub(crate) mod x509;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -198,43 +198,79 @@ impl fmt::Debug for TlsState {
     }
 }
 
-impl TlsState {
-    /// Loads the certificate `tls` describes. `state_dir` holds the self-signed certificate.
-    pub fn load(tls: &TlsConfig, state_dir: &Path) -> Result<TlsState, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut acme_state = None;
-        let source = match tls {
-            TlsConfig::Files { cert, key } => Source::Files {
+/// Where the certificate of `tls` comes from, and the ACME manager in mode `acme`.
+fn source_of(
+    tls: &TlsConfig,
+    state_dir: &Path,
+    provider: &Arc<CryptoProvider>,
+) -> (Source, Option<Arc<acme::Acme>>) {
+    match tls {
+        TlsConfig::Files { cert, key } => (
+            Source::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             },
-            TlsConfig::SelfSigned { name } => Source::SelfSigned {
+            None,
+        ),
+        TlsConfig::SelfSigned { name } => (
+            Source::SelfSigned {
                 name: name.clone(),
                 dir: state_dir.to_path_buf(),
                 cert: state_dir.join(SELF_SIGNED_CERT_FILE),
                 key: state_dir.join(SELF_SIGNED_KEY_FILE),
             },
-            TlsConfig::Acme {
+            None,
+        ),
+        TlsConfig::Acme {
+            domain,
+            email,
+            directory,
+            ca_root,
+        } => {
+            let acme = acme::Acme::new(
                 domain,
-                email,
-                directory,
-                ca_root,
-            } => {
-                let acme = acme::Acme::new(
-                    domain,
-                    email.as_deref(),
-                    directory.as_deref(),
-                    ca_root.as_deref(),
-                    state_dir,
-                    provider.clone(),
-                );
-                acme_state = Some(Arc::new(acme));
-                Source::Acme {
-                    cert: state_dir.join(acme::ACME_DIR).join(acme::CERT_FILE),
-                    key: state_dir.join(acme::ACME_DIR).join(acme::KEY_FILE),
-                }
-            }
-        };
+                email.as_deref(),
+                directory.as_deref(),
+                ca_root.as_deref(),
+                state_dir,
+                provider.clone(),
+            );
+            let source = Source::Acme {
+                cert: state_dir.join(acme::ACME_DIR).join(acme::CERT_FILE),
+                key: state_dir.join(acme::ACME_DIR).join(acme::KEY_FILE),
+            };
+            (source, Some(Arc::new(acme)))
+        }
+    }
+}
+
+/// The rustls server configuration: safe defaults, no client auth, certificates from
+/// `resolver`, ALPN h2 then http/1.1 (then acme-tls/1 in mode `acme`).
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    resolver: Arc<SwapResolver>,
+    acme: bool,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Internal(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    // HTTP/2 first: Cursor's backend and most clients multiplex over one connection.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        // Last, so it is only ever chosen by a client that offers nothing else: the ACME
+        // validation server (RFC 8737 §3). The accept loop closes those connections.
+        config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
+    }
+    Ok(config)
+}
+
+impl TlsState {
+    /// Loads the certificate `tls` describes. `state_dir` holds the self-signed certificate.
+    pub fn load(tls: &TlsConfig, state_dir: &Path) -> Result<TlsState, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (source, acme_state) = source_of(tls, state_dir, &provider);
         let fps = source.files().map(fingerprint);
         let (loaded, wrote) = match &acme_state {
             Some(a) => (a.load_initial()?, false),
@@ -249,18 +285,7 @@ impl TlsState {
             current: RwLock::new(loaded.key),
             challenges: acme_state.as_ref().map(|a| a.challenges()),
         });
-        let mut config = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Internal(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        // HTTP/2 first: Cursor's backend and most clients multiplex over one connection.
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        if acme_state.is_some() {
-            // Last, so it is only ever chosen by a client that offers nothing else: the ACME
-            // validation server (RFC 8737 §3). The accept loop closes those connections.
-            config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
-        }
+        let config = server_config(&provider, resolver.clone(), acme_state.is_some())?;
         if acme_state.as_ref().is_none_or(|a| a.status().issued) {
             // (The ACME placeholder was announced as such by `acme`.)
             log_loaded(&source, loaded.not_after, "TLS certificate loaded");
@@ -586,14 +611,7 @@ fn generate_self_signed(name: &str, dir: &Path, cert: &Path, key: &Path) -> Resu
             "set tls.self_signed_name to a DNS name or IP address",
         )
     })?;
-    let today = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    // A day of slack for clients whose clock is behind.
-    let (y, m, d) = x509::civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = x509::civil_from_days(today + SELF_SIGNED_VALIDITY_DAYS);
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    x509::set_validity_days(&mut params, 1, SELF_SIGNED_VALIDITY_DAYS);
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
@@ -620,144 +638,4 @@ fn generate_self_signed(name: &str, dir: &Path, cert: &Path, key: &Path) -> Resu
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acme_serves_a_placeholder_until_issued_then_the_stored_certificate() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = TlsConfig::Acme {
-            domain: "gw.example.com".into(),
-            email: None,
-            directory: Some("https://127.0.0.1:1/dir".into()),
-            ca_root: None,
-        };
-        let a = TlsState::load(&cfg, dir.path()).unwrap();
-        let st = a.acme_status().unwrap();
-        assert!(!st.issued);
-        assert!(st.next_renewal.unwrap() <= SystemTime::now());
-        assert!(a
-            .server_config()
-            .alpn_protocols
-            .contains(&acme::ACME_TLS_ALPN.to_vec()));
-        assert_eq!(
-            a.server_config().alpn_protocols.first().map(Vec::as_slice),
-            Some(&b"h2"[..])
-        );
-
-        // A stored certificate for the domain (as the task writes it) is served at start.
-        let key_pair = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["gw.example.com".into()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-        let cert = params.self_signed(&key_pair).unwrap();
-        let acme_dir = dir.path().join(acme::ACME_DIR);
-        std::fs::create_dir_all(&acme_dir).unwrap();
-        write_atomic(
-            &acme_dir.join(acme::KEY_FILE),
-            key_pair.serialize_pem().as_bytes(),
-            0o600,
-        )
-        .unwrap();
-        write_atomic(
-            &acme_dir.join(acme::CERT_FILE),
-            cert.pem().as_bytes(),
-            0o600,
-        )
-        .unwrap();
-        let b = TlsState::load(&cfg, dir.path()).unwrap();
-        let st = b.acme_status().unwrap();
-        assert!(st.issued);
-        let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(4_070_908_800); // 2099-01-01
-        assert_eq!(st.not_after, Some(exp));
-        assert_eq!(b.not_after(), Some(exp));
-        // Long-lived: renewal 30 days ahead of expiry.
-        assert_eq!(
-            st.next_renewal,
-            Some(exp - Duration::from_secs(30 * 86_400))
-        );
-
-        // Not covering the domain: back to the placeholder (and a renewal due now).
-        let other = TlsConfig::Acme {
-            domain: "other.example.com".into(),
-            email: None,
-            directory: None,
-            ca_root: None,
-        };
-        let c = TlsState::load(&other, dir.path()).unwrap();
-        assert!(!c.acme_status().unwrap().issued);
-
-        // A readable key is refused loudly.
-        std::fs::set_permissions(
-            acme_dir.join(acme::KEY_FILE),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-        let e = TlsState::load(&cfg, dir.path()).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
-    }
-
-    #[test]
-    fn self_signed_is_kept_across_loads_and_replaced_when_the_name_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = TlsConfig::SelfSigned {
-            name: "gw.example.com".into(),
-        };
-        let a = TlsState::load(&cfg, dir.path()).unwrap();
-        let key = dir.path().join(SELF_SIGNED_KEY_FILE);
-        assert_eq!(
-            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let first = std::fs::read(dir.path().join(SELF_SIGNED_CERT_FILE)).unwrap();
-        let left = a
-            .not_after()
-            .unwrap()
-            .duration_since(SystemTime::now())
-            .unwrap();
-        assert!(left > Duration::from_secs(360 * 86_400), "{left:?}");
-
-        let _b = TlsState::load(&cfg, dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read(dir.path().join(SELF_SIGNED_CERT_FILE)).unwrap(),
-            first
-        );
-
-        let other = TlsConfig::SelfSigned {
-            name: "10.0.0.7".into(),
-        };
-        let _c = TlsState::load(&other, dir.path()).unwrap();
-        let third = std::fs::read(dir.path().join(SELF_SIGNED_CERT_FILE)).unwrap();
-        assert_ne!(third, first);
-        let der = CertificateDer::from_pem_slice(&third).unwrap();
-        let info = x509::parse_leaf(&der).unwrap();
-        assert_eq!(info.dns_names, ["localhost"]);
-        assert_eq!(
-            info.ips,
-            [
-                "10.0.0.7".parse::<IpAddr>().unwrap(),
-                "127.0.0.1".parse().unwrap()
-            ]
-        );
-    }
-
-    #[test]
-    fn self_signed_with_readable_key_is_refused_and_broken_files_are_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = TlsConfig::SelfSigned {
-            name: "gw.example.com".into(),
-        };
-        TlsState::load(&cfg, dir.path()).unwrap();
-        let key = dir.path().join(SELF_SIGNED_KEY_FILE);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = TlsState::load(&cfg, dir.path()).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
-
-        std::fs::write(&key, "garbage").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        TlsState::load(&cfg, dir.path()).unwrap();
-        assert!(std::fs::read_to_string(&key)
-            .unwrap()
-            .contains("PRIVATE KEY"));
-    }
-}
+mod tests;

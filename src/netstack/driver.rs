@@ -1,0 +1,346 @@
+//! The driver task: the one owner of the WireGuard UDP socket, every peer's [`WgCore`] state, the
+//! smoltcp interface and the connection table ([`ConnTable`]).
+//!
+//! Each wake-up is one round of named steps: drain a batch of datagrams (up to [`UDP_BATCH`]),
+//! take commands, service the connections the application touched, poll smoltcp once, reap
+//! finished sockets, service the connections smoltcp woke. Per packet it copies the decrypted
+//! packet into the bounded smoltcp queue and crosses no channel; the only locks are the two wake
+//! lists and the state block of the connection being serviced. It never blocks: every socket
+//! call is non-blocking and every loop is bounded.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult};
+use smoltcp::wire::{HardwareAddress, IpCidr};
+use tokio::sync::mpsc;
+
+use super::device::{self, DeviceCounters, TunnelDevice};
+use super::sockets::ConnTable;
+use super::stream::{DriverWake, NetError, Shared};
+use super::{Command, NetstackConfig, NetstackStats, TcpTuning};
+use crate::tunnel::udp::UdpEndpoint;
+use crate::tunnel::{Output, RouteError, WgCore, MAX_PACKET};
+
+/// Datagrams read per wake-up before smoltcp runs: one poll then handles the whole batch.
+const UDP_BATCH: usize = 256;
+const WG_TICK: Duration = Duration::from_millis(250);
+/// Rounds of [`Driver::process`] per wake-up, and commands taken per round: a fixed amount of
+/// work, leftovers wait for the next wake.
+const ROUNDS: usize = 8;
+const COMMANDS_PER_ROUND: usize = 64;
+
+pub(super) struct Driver {
+    pub(super) core: WgCore,
+    udp: UdpEndpoint,
+    pub(super) udp_addr: SocketAddr,
+    iface: Interface,
+    /// Every TCP socket and its slot.
+    conns: ConnTable,
+    /// Decrypted inner packets waiting for smoltcp (bounded by [`device::RX_QUEUE_MAX`]).
+    rx_queue: VecDeque<Vec<u8>>,
+    /// Ciphertext buffer for outgoing packets.
+    scratch: Vec<u8>,
+    /// Receive buffer for one datagram.
+    recv_buf: Vec<u8>,
+    counters: DeviceCounters,
+    mtu: usize,
+    epoch: std::time::Instant,
+    local_addrs: Vec<IpAddr>,
+    cmd_rx: mpsc::Receiver<Command>,
+}
+
+/// Why the driver woke.
+enum Event {
+    Stop,
+    Udp,
+    Wake,
+    Cmd(Option<Command>),
+    Tick,
+    Timer,
+}
+
+impl Driver {
+    /// Binds the UDP socket and builds the smoltcp interface on the tunnel addresses.
+    pub(super) fn new(
+        cfg: &NetstackConfig,
+        cmd_rx: mpsc::Receiver<Command>,
+        wake: Arc<DriverWake>,
+        tcp: Arc<TcpTuning>,
+    ) -> io::Result<Driver> {
+        let udp = UdpEndpoint::bind(cfg.listen)?;
+        let udp_addr = udp.local_addr()?;
+        let mut core = WgCore::new(&cfg.private_key, cfg.peers.clone());
+        let mtu = usize::from(cfg.mtu);
+
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ip);
+        iface_cfg.random_seed = u64::from_le_bytes(seed);
+        let epoch = std::time::Instant::now();
+        let mut rx_queue = VecDeque::new();
+        let mut scratch = vec![0u8; MAX_PACKET];
+        let mut counters = DeviceCounters::default();
+        let mut iface = {
+            let mut dev = TunnelDevice {
+                rx: &mut rx_queue,
+                core: &mut core,
+                udp: &udp,
+                scratch: &mut scratch,
+                mtu,
+                counters: &mut counters,
+            };
+            Interface::new(iface_cfg, &mut dev, smoltcp::time::Instant::from_millis(0))
+        };
+        iface.update_ip_addrs(|addrs| {
+            for a in &cfg.addresses {
+                let _ = addrs.push(IpCidr::new(a.addr().into(), a.prefix_len()));
+            }
+        });
+        // Medium::Ip has no neighbours to resolve, so a default route via our own address is
+        // enough for smoltcp to emit packets to any destination; WgCore then picks the peer.
+        for a in &cfg.addresses {
+            match a.addr() {
+                IpAddr::V4(v4) => {
+                    let _ = iface.routes_mut().add_default_ipv4_route(v4);
+                }
+                IpAddr::V6(v6) => {
+                    let _ = iface.routes_mut().add_default_ipv6_route(v6);
+                }
+            }
+        }
+
+        let first_port = 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000);
+        Ok(Driver {
+            core,
+            udp,
+            udp_addr,
+            iface,
+            conns: ConnTable::new(wake, tcp, first_port),
+            rx_queue,
+            scratch,
+            recv_buf: vec![0u8; MAX_PACKET],
+            counters,
+            mtu,
+            epoch,
+            local_addrs: cfg.addresses.iter().map(|a| a.addr()).collect(),
+            cmd_rx,
+        })
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    pub(super) async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
+        let mut tick = tokio::time::interval(WG_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.initiate_handshakes();
+        loop {
+            match self.next_event(&stop, &mut tick).await {
+                Event::Stop | Event::Cmd(None) => break,
+                Event::Udp => self.drain_udp(),
+                Event::Cmd(Some(c)) => self.command(c),
+                Event::Tick => self.tick(),
+                Event::Wake | Event::Timer => {}
+            }
+            self.process();
+        }
+        self.conns.stop_all();
+    }
+
+    fn initiate_handshakes(&mut self) {
+        let udp = &self.udp;
+        let counters = &mut self.counters;
+        self.core.initiate_handshakes(&mut |o| {
+            if let Output::Udp { to, from, data } = o {
+                if let Err(e) = udp.try_send(data, to, from) {
+                    tracing::debug!(%to, error = %e, "handshake initiation not sent");
+                    counters.udp_send_errors += 1;
+                }
+            }
+        });
+    }
+
+    /// Sleeps until a datagram, an application wake-up, a command, the WireGuard tick or
+    /// smoltcp's next deadline, whichever comes first (in that order of priority).
+    async fn next_event(
+        &mut self,
+        stop: &tokio::sync::Notify,
+        tick: &mut tokio::time::Interval,
+    ) -> Event {
+        let now = self.now();
+        let delay = self
+            .iface
+            .poll_delay(now, &self.conns.set)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(WG_TICK)
+            .min(WG_TICK);
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        tokio::select! {
+            biased;
+            _ = stop.notified() => Event::Stop,
+            r = self.udp.readable() => match r {
+                Ok(()) => Event::Udp,
+                Err(_) => Event::Timer,
+            },
+            _ = self.conns.wake.notify.notified() => Event::Wake,
+            c = self.cmd_rx.recv() => Event::Cmd(c),
+            _ = tick.tick() => Event::Tick,
+            _ = &mut sleep => Event::Timer,
+        }
+    }
+
+    /// Reads up to [`UDP_BATCH`] datagrams into the core; handshake replies go straight out,
+    /// decrypted packets wait in `rx_queue` for the next smoltcp poll.
+    fn drain_udp(&mut self) {
+        for _ in 0..UDP_BATCH {
+            let (n, from, local) = match self.udp.try_recv(&mut self.recv_buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors surface as ECONNREFUSED etc. on the next read; ignore them.
+                    tracing::trace!(error = %e, "WireGuard UDP receive error");
+                    continue;
+                }
+            };
+            let udp = &self.udp;
+            let rx_queue = &mut self.rx_queue;
+            let counters = &mut self.counters;
+            self.core
+                .handle_datagram(from, local, &self.recv_buf[..n], &mut |o| match o {
+                    Output::Udp { to, from, data } => send_or_count(udp, counters, data, to, from),
+                    Output::Ip(p) => {
+                        if rx_queue.len() < device::RX_QUEUE_MAX {
+                            rx_queue.push_back(p.to_vec());
+                        } else {
+                            counters.rx_queue_drops += 1;
+                        }
+                    }
+                });
+        }
+    }
+
+    /// The WireGuard timers (handshakes, keepalives) and the connect timeouts.
+    fn tick(&mut self) {
+        let udp = &self.udp;
+        let counters = &mut self.counters;
+        self.core.tick(&mut |o| {
+            if let Output::Udp { to, from, data } = o {
+                send_or_count(udp, counters, data, to, from);
+            }
+        });
+        self.conns.expire_connects(std::time::Instant::now());
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Connect {
+                shared,
+                remote,
+                reply,
+            } => {
+                let r = self.connect(shared, remote);
+                let _ = reply.send(r);
+            }
+            Command::Listen { port, reply } => {
+                let r = self.conns.listen(port);
+                let _ = reply.send(r);
+            }
+            Command::Stats { reply, detail } => {
+                let _ = reply.send(self.stats(detail));
+            }
+            Command::SetPeers { peers, reply } => {
+                let udp = &self.udp;
+                let counters = &mut self.counters;
+                let changes = self.core.set_peers(peers, &mut |o| {
+                    if let Output::Udp { to, from, data } = o {
+                        send_or_count(udp, counters, data, to, from);
+                    }
+                });
+                let _ = reply.send(changes);
+            }
+        }
+    }
+
+    /// A dial: fails fast when no peer routes `remote` or that peer never shook hands.
+    fn connect(&mut self, shared: Arc<Shared>, remote: SocketAddr) -> Result<SocketAddr, NetError> {
+        match self.core.check_route(remote.ip()) {
+            Err(RouteError::NoRoute) => return Err(NetError::NoRoute),
+            Err(RouteError::NoEndpoint) => return Err(NetError::NoHandshake),
+            Ok(()) => {}
+        }
+        let cx = self.iface.context();
+        self.conns.connect(cx, &self.local_addrs, shared, remote)
+    }
+
+    fn stats(&self, detail: bool) -> NetstackStats {
+        NetstackStats {
+            public_key: self.core.public_key(),
+            listen: self.udp_addr,
+            peers: self.core.stats(),
+            drops: self.core.drops(),
+            device: self.counters,
+            connections: self.conns.live,
+            connection_detail: if detail {
+                self.conns.detail()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Runs rounds until nothing is left to do (or [`ROUNDS`] is reached).
+    fn process(&mut self) {
+        for _ in 0..ROUNDS {
+            self.take_commands();
+            let touched = self.conns.service_touched();
+            let polled = self.poll_iface();
+            self.conns.reap_retired();
+            let woken = self.conns.service_woken();
+            if !touched && !woken && polled == PollResult::None && self.rx_queue.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn take_commands(&mut self) {
+        for _ in 0..COMMANDS_PER_ROUND {
+            match self.cmd_rx.try_recv() {
+                Ok(c) => self.command(c),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// One smoltcp poll: queued inbound packets in, every socket's segments out.
+    fn poll_iface(&mut self) -> PollResult {
+        let now = self.now();
+        let mut dev = TunnelDevice {
+            rx: &mut self.rx_queue,
+            core: &mut self.core,
+            udp: &self.udp,
+            scratch: &mut self.scratch,
+            mtu: self.mtu,
+            counters: &mut self.counters,
+        };
+        self.iface.poll(now, &mut dev, &mut self.conns.set)
+    }
+}
+
+/// Sends a datagram the core produced; a failure is only counted (the core's timers retry).
+fn send_or_count(
+    udp: &UdpEndpoint,
+    counters: &mut DeviceCounters,
+    data: &[u8],
+    to: SocketAddr,
+    from: Option<IpAddr>,
+) {
+    if udp.try_send(data, to, from).is_err() {
+        counters.udp_send_errors += 1;
+    }
+}

@@ -1,0 +1,382 @@
+//! The connection table ([`ConnTable`]): every smoltcp socket with its [`Slot`] (dialled
+//! connection, accepted connection or listening socket), how slots are made (dial, listen, the
+//! listening backlog) and how they end (fail, retire until the next poll, remove).
+//!
+//! Used only inside the driver task. It never blocks and never grows without bound:
+//! connections are capped by `max_connections`, listening sockets per port by `listen_backlog`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Wake, Waker};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Context, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::IpEndpoint;
+use tokio::sync::mpsc;
+
+use super::stream::{lock, DriverWake, NetError, Phase, Shared, TunnelListener, TunnelStream};
+use super::TcpTuning;
+
+/// Wakes the driver for one connection when smoltcp has news for it.
+pub(super) struct SocketWaker {
+    id: usize,
+    ready: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Wake for SocketWaker {
+    fn wake(self: Arc<Self>) {
+        lock(&self.ready).push(self.id);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        lock(&self.ready).push(self.id);
+    }
+}
+
+/// Where a connection stands, as far as the driver has seen.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ConnState {
+    pub(super) established: bool,
+    pub(super) fin_sent: bool,
+    /// The peer's FIN arrived (it may still sit behind unread data).
+    pub(super) fin_received: bool,
+}
+
+pub(super) enum Role {
+    /// A connection that an application stream owns.
+    Conn(ConnState),
+    /// A listening socket waiting for a SYN on `port`; `syn_seen` once it left Listen and a
+    /// replacement was started.
+    Listen { port: u16, syn_seen: bool },
+}
+
+pub(super) struct Slot {
+    pub(super) handle: SocketHandle,
+    pub(super) shared: Option<Arc<Shared>>,
+    pub(super) waker: Waker,
+    pub(super) role: Role,
+    pub(super) local_port: u16,
+    /// The connect timeout of a dialled connection, until it is established.
+    pub(super) deadline: Option<Instant>,
+    /// Waiting for the next poll to flush its last RST/ACK before removal.
+    pub(super) retired: bool,
+}
+
+pub(super) struct ListenerEntry {
+    pub(super) tx: mpsc::Sender<TunnelStream>,
+    /// Listening sockets currently waiting for a SYN.
+    pub(super) waiting: usize,
+}
+
+/// Every smoltcp socket of the netstack and what the driver knows about each.
+pub(super) struct ConnTable {
+    pub(super) set: SocketSet<'static>,
+    /// Indexed by the id a stream and its waker carry.
+    pub(super) slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Slots in use (connections and listening sockets).
+    pub(super) live: usize,
+    /// Connections smoltcp woke (their [`SocketWaker`]s push here).
+    pub(super) ready: Arc<Mutex<Vec<usize>>>,
+    /// Connections the application touched, and the driver's wake-up.
+    pub(super) wake: Arc<DriverWake>,
+    pub(super) listeners: HashMap<u16, ListenerEntry>,
+    used_ports: HashSet<u16>,
+    next_port: u16,
+    /// Dialled connections still inside their connect timeout.
+    connecting: Vec<usize>,
+    /// Slots to remove after the next poll has flushed their final segment.
+    reap: Vec<usize>,
+    pub(super) tcp: Arc<TcpTuning>,
+}
+
+impl ConnTable {
+    /// An empty table; ephemeral ports start at `first_port` (random, in 49152..65151).
+    pub(super) fn new(wake: Arc<DriverWake>, tcp: Arc<TcpTuning>, first_port: u16) -> Self {
+        ConnTable {
+            set: SocketSet::new(Vec::new()),
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ready: Arc::new(Mutex::new(Vec::new())),
+            wake,
+            listeners: HashMap::new(),
+            used_ports: HashSet::new(),
+            next_port: first_port,
+            connecting: Vec::new(),
+            reap: Vec::new(),
+            tcp,
+        }
+    }
+
+    /// Opens a connection to `remote` (whose route the caller checked) from the first of
+    /// `local_addrs` of its family; the dialler's wait ends when [`Self::service`] sees it
+    /// established, or at the connect timeout.
+    pub(super) fn connect(
+        &mut self,
+        cx: &mut Context,
+        local_addrs: &[IpAddr],
+        shared: Arc<Shared>,
+        remote: SocketAddr,
+    ) -> Result<SocketAddr, NetError> {
+        if self.live >= self.tcp.max_connections {
+            return Err(NetError::TooManyConnections);
+        }
+        let local_ip = local_addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == remote.is_ipv4())
+            .ok_or(NetError::NoRoute)?;
+        let port = self.ephemeral_port().ok_or(NetError::TooManyConnections)?;
+        let mut sock = self.new_socket();
+        sock.connect(cx, IpEndpoint::new(remote.ip().into(), remote.port()), port)
+            .map_err(|_| NetError::NoRoute)?;
+        let handle = self.set.add(sock);
+        self.used_ports.insert(port);
+        let deadline = Instant::now() + self.tcp.connect_timeout;
+        let id = self.alloc_slot(|_, waker| Slot {
+            handle,
+            shared: Some(shared.clone()),
+            waker,
+            role: Role::Conn(ConnState::default()),
+            local_port: port,
+            deadline: Some(deadline),
+            retired: false,
+        });
+        shared.id.store(id, Ordering::Release);
+        self.connecting.push(id);
+        self.service(id);
+        Ok(SocketAddr::new(local_ip, port))
+    }
+
+    pub(super) fn listen(&mut self, port: u16) -> Result<TunnelListener, NetError> {
+        if port == 0 || self.listeners.contains_key(&port) || self.used_ports.contains(&port) {
+            return Err(NetError::AddrInUse);
+        }
+        let (tx, rx) = mpsc::channel(self.tcp.listen_backlog.max(1));
+        self.listeners
+            .insert(port, ListenerEntry { tx, waiting: 0 });
+        self.replenish(port);
+        Ok(TunnelListener { port, rx })
+    }
+
+    /// Keeps `listen_backlog` sockets listening on `port`.
+    pub(super) fn replenish(&mut self, port: u16) {
+        loop {
+            let Some(entry) = self.listeners.get(&port) else {
+                return;
+            };
+            if entry.waiting >= self.tcp.listen_backlog.max(1)
+                || self.live >= self.tcp.max_connections
+            {
+                return;
+            }
+            let mut sock = self.new_socket();
+            if sock.listen(port).is_err() {
+                return;
+            }
+            let handle = self.set.add(sock);
+            let id = self.alloc_slot(|_, waker| Slot {
+                handle,
+                shared: None,
+                waker,
+                role: Role::Listen {
+                    port,
+                    syn_seen: false,
+                },
+                local_port: port,
+                deadline: None,
+                retired: false,
+            });
+            if let Some(e) = self.listeners.get_mut(&port) {
+                e.waiting += 1;
+            }
+            self.register_wakers(id);
+        }
+    }
+
+    fn alloc_slot(&mut self, slot_fn: impl FnOnce(usize, Waker) -> Slot) -> usize {
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let waker = Waker::from(Arc::new(SocketWaker {
+            id,
+            ready: self.ready.clone(),
+        }));
+        self.slots[id] = Some(slot_fn(id, waker));
+        self.live += 1;
+        id
+    }
+
+    fn new_socket(&self) -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; self.tcp.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0u8; self.tcp.tx_buffer]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(Some(smoltcp::time::Duration::from_micros(
+            self.tcp.ack_delay.as_micros() as u64,
+        )));
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        let d = |d: Duration| smoltcp::time::Duration::from_millis(d.as_millis() as u64);
+        s.set_keep_alive(Some(d(self.tcp.keepalive)));
+        s.set_timeout(Some(d(self.tcp.dead_after)));
+        s
+    }
+
+    fn ephemeral_port(&mut self) -> Option<u16> {
+        for _ in 0..16384 {
+            let p = self.next_port;
+            self.next_port = if self.next_port == u16::MAX {
+                49152
+            } else {
+                self.next_port + 1
+            };
+            if !self.used_ports.contains(&p) && !self.listeners.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    pub(super) fn register_wakers(&mut self, id: usize) {
+        if let Some(Some(slot)) = self.slots.get(id) {
+            let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
+            sock.register_recv_waker(&slot.waker);
+            sock.register_send_waker(&slot.waker);
+        }
+    }
+
+    /// Fails every dialled connection whose connect timeout passed; forgets the established.
+    pub(super) fn expire_connects(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.connecting.len() {
+            let id = self.connecting[i];
+            let expired = match self.slots.get(id).and_then(|s| s.as_ref()) {
+                Some(slot) => {
+                    let done = matches!(
+                        slot.role,
+                        Role::Conn(ConnState {
+                            established: true,
+                            ..
+                        })
+                    );
+                    if done {
+                        self.connecting.swap_remove(i);
+                        continue;
+                    }
+                    slot.deadline.is_some_and(|d| now >= d)
+                }
+                None => {
+                    self.connecting.swap_remove(i);
+                    continue;
+                }
+            };
+            if expired {
+                self.connecting.swap_remove(i);
+                self.fail(id, NetError::TimedOut);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn fail(&mut self, id: usize, err: NetError) {
+        if let Some(Some(slot)) = self.slots.get(id) {
+            self.set.get_mut::<tcp::Socket>(slot.handle).abort();
+            if let Some(shared) = &slot.shared {
+                let mut inner = lock(&shared.inner);
+                inner.error = Some(err);
+                inner.phase = Phase::Closed;
+                inner.wake_both();
+            }
+        }
+        self.retire(id);
+    }
+
+    /// Removes a slot after the next poll, so a pending RST or final ACK still goes out.
+    pub(super) fn retire(&mut self, id: usize) {
+        if let Some(Some(slot)) = self.slots.get_mut(id) {
+            if !slot.retired {
+                slot.retired = true;
+                self.reap.push(id);
+            }
+        }
+    }
+
+    /// Removes the slots retired before the last poll.
+    pub(super) fn reap_retired(&mut self) {
+        for id in std::mem::take(&mut self.reap) {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: usize) {
+        if let Some(slot) = self.slots.get_mut(id).and_then(|s| s.take()) {
+            self.set.remove(slot.handle);
+            if matches!(slot.role, Role::Conn(_)) && !self.listeners.contains_key(&slot.local_port)
+            {
+                self.used_ports.remove(&slot.local_port);
+            }
+            self.free.push(id);
+            self.live -= 1;
+        }
+    }
+
+    /// The driver is stopping: every open stream ends (with `Stopped` unless it already has
+    /// its end), every listener closes.
+    pub(super) fn stop_all(&mut self) {
+        for slot in self.slots.iter().flatten() {
+            if let Some(shared) = &slot.shared {
+                let mut inner = lock(&shared.inner);
+                if inner.error.is_none() && !inner.rx_eof {
+                    inner.error = Some(NetError::Stopped);
+                }
+                inner.phase = Phase::Closed;
+                inner.wake_both();
+            }
+        }
+        self.listeners.clear();
+    }
+
+    /// One line per open connection: socket state and queue depths, then the application side.
+    pub(super) fn detail(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (id, slot) in self.slots.iter().enumerate() {
+            let Some(slot) = slot else { continue };
+            if matches!(slot.role, Role::Listen { .. }) {
+                continue;
+            }
+            let sock = self.set.get::<tcp::Socket>(slot.handle);
+            let app = slot.shared.as_ref().map(|sh| {
+                let i = lock(&sh.inner);
+                format!(
+                    "app rx={} tx={} rx_blocked={} queued={} eof={} shut={} reader_waiting={} writer_waiting={}",
+                    i.rx.len(),
+                    i.tx.len(),
+                    i.rx_blocked,
+                    i.queued,
+                    i.rx_eof,
+                    i.tx_shutdown,
+                    i.read_waker.is_some(),
+                    i.write_waker.is_some()
+                )
+            });
+            out.push(format!(
+                "#{id} {:?}->{:?} {} send_q={} recv_q={} can_send={} can_recv={} | {}",
+                sock.local_endpoint(),
+                sock.remote_endpoint(),
+                sock.state(),
+                sock.send_queue(),
+                sock.recv_queue(),
+                sock.can_send(),
+                sock.can_recv(),
+                app.unwrap_or_default()
+            ));
+        }
+        out
+    }
+}
