@@ -2,8 +2,10 @@
 //! the limiter's budget days and months and the validity dates of the certificates we make.
 //! One home for Howard Hinnant's `days_from_civil` / `civil_from_days` (public-domain
 //! algorithms), which are exact for every date in `i64` range and need no time-zone database.
-//! RFC 3339 text is humantime's job; [`rfc3339_utc`] remains only until `daemon::live` uses
-//! humantime as well.
+//! RFC 3339 text is humantime's; [`rfc3339`] only clamps what it is given to the range RFC 3339
+//! can write, so a stored time out of range prints instead of panicking.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Day number of the date `y-m-d` (month 1–12, day 1–31).
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
@@ -30,16 +32,23 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Seconds since the Unix epoch as RFC 3339 UTC, e.g. `2025-01-02T03:04:05Z`.
-pub fn rfc3339_utc(secs: u64) -> String {
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// The last second RFC 3339 (four-digit years) can write: 9999-12-31T23:59:59Z.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// `t` in RFC 3339 UTC to the second, e.g. `2027-11-29T00:00:00Z` (the form `status`, `doctor`
+/// and the CLI print). A time before 1970 shows as the epoch and one past 9999 as its last
+/// second (humantime would panic); sub-second parts are cut, not rounded.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(LAST_RFC3339_SECOND);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// [`rfc3339`] of a signed Unix time (X.509 validity dates).
+pub fn rfc3339_unix(unix: i64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64))
 }
 
 #[cfg(test)]
@@ -57,7 +66,35 @@ mod tests {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
         }
-        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(951_782_400 + 3_723), "2000-02-29T01:02:03Z");
+    }
+
+    #[test]
+    fn rfc3339_known_instants_and_clamps() {
+        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_782_400 + 3_723, "2000-02-29T01:02:03Z"),
+            (1_735_787_045, "2025-01-02T03:04:05Z"),
+            (1_827_446_400, "2027-11-29T00:00:00Z"),
+            (4_102_444_799, "2099-12-31T23:59:59Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+            (400_000_000_000, "9999-12-31T23:59:59Z"), // year 14645: clamped, not a panic
+            (u64::MAX / 4, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(at(secs), text, "{secs}");
+        }
+        // Sub-second parts are cut, not rounded.
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_735_787_045_999)),
+            "2025-01-02T03:04:05Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(rfc3339_unix(-1), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_unix(1_827_446_400), "2027-11-29T00:00:00Z");
+        assert_eq!(rfc3339_unix(i64::MAX), "9999-12-31T23:59:59Z");
     }
 }

@@ -1,22 +1,24 @@
 //! modelgate: a userspace-WireGuard HTTPS gateway to an on-prem OpenAI-compatible model.
 //!
-//! Module map (see `DESIGN.md` in the shared folder and the README):
+//! Module map (the README's "Code map" walks one request through these files):
 //! - [`config`]: TOML config, raw serde structs validated into [`config::Config`]; CLI edits keep comments.
-//! - [`civil`]: calendar arithmetic on UTC day numbers (budgets, certificates, RFC 3339).
+//! - [`civil`]: calendar arithmetic on UTC day numbers (budgets, certificates) and the one RFC 3339 formatter.
 //! - [`cli`]: the `modelgate` verbs (clap), human tables and `--json`.
 //! - [`wgkey`]: WireGuard key parsing/formatting with masked private keys.
 //! - [`tunnel`]: WireGuard peers over one UDP socket (boringtun `Tunn`), AllowedIPs routing.
-//! - [`netstack`]: userspace TCP/IP (smoltcp) over the tunnel; `dial` and `listen`.
-//! - [`keys`]: API keys (format, keyed hash, SQLite store, usage ledger, in-memory ring).
+//! - [`netstack`]: userspace TCP/IP (smoltcp) over the tunnel: the driver task, its connection table and per-connection service; `dial` and `listen`.
+//! - [`keys`]: API keys (format, keyed hash, store behind a backend trait (SQLite), usage ledger, in-memory ring, watcher).
 //! - [`policy`]: pure per-key access decisions and limits (RPM, TPM, concurrency, budgets) with injected clocks.
-//! - [`tls`]: certificates for the public listener (files, self-signed; ACME later).
-//! - [`gateway`]: the HTTPS front: auth, policy, routing, streaming proxy.
+//! - [`tls`]: certificates for the public listener (files, self-signed, ACME TLS-ALPN-01).
+//! - [`gateway`]: the HTTPS front, one named step per file: auth, request, admission, forward, body (response + settlement), audit; compat, meter, fair queue, upstreams.
 //! - [`accept`]: the bounded accept loop of every listener (HTTPS, metrics, control, `--forward`).
 //! - [`daemon`]: `modelgate run`: wires the planes together until shutdown; reloads, drains, sd_notify.
 //! - [`control`]: the local control API (unix socket) behind `modelgate status` and `reload`.
-//! - [`doctor`]: `modelgate doctor`: checks every hop (config … streamed completion) and names the first failing one.
+//! - [`doctor`]: `modelgate doctor`: one file per hop (config … streamed completion); names the first failing one.
 //! - [`telemetry`]: request metrics and the Prometheus listener.
 //! - [`firewall`]: the host's nftables table `inet modelgate` (desired state, apply/remove).
+//! - [`demo`]: `modelgate demo`: the whole product on loopback (corp peer + echo model in-process).
+//! - [`fsutil`]: atomic writes, 0600 files, handing created state files to the state directory's owner.
 #![forbid(unsafe_code)]
 
 pub mod accept;

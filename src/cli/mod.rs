@@ -22,7 +22,7 @@ pub mod wgquick;
 use clap::{Parser, Subcommand};
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::config::{ConfigError, DEFAULT_CONFIG_PATH};
 
@@ -189,15 +189,7 @@ pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
-/// `t` as RFC 3339 UTC to the second, e.g. `2025-01-02T03:04:05Z`. Clamped to what RFC 3339
-/// can write (1970 to 9999), so a stored time out of that range prints instead of panicking.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799); // 9999-12-31T23:59:59Z
-    humantime::format_rfc3339_seconds(t.clamp(UNIX_EPOCH, last)).to_string()
-}
-
-/// Kept only for `daemon::live` until it formats with humantime too; not used by the CLI.
-pub use crate::civil::rfc3339_utc;
+pub(crate) use crate::civil::rfc3339;
 
 #[cfg(test)]
 mod tests {
@@ -207,26 +199,5 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn rfc3339_known_instants() {
-        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
-        assert_eq!(at(0), "1970-01-01T00:00:00Z");
-        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(at(1_735_787_045), "2025-01-02T03:04:05Z");
-        assert_eq!(at(1_827_446_400), "2027-11-29T00:00:00Z");
-        assert_eq!(at(4_102_444_799), "2099-12-31T23:59:59Z");
-        // Sub-second parts are dropped, as the old formatter did.
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_millis(1_735_787_045_999)),
-            "2025-01-02T03:04:05Z"
-        );
-        // Out of RFC 3339's range: clamped, not a panic.
-        assert_eq!(
-            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
-            "1970-01-01T00:00:00Z"
-        );
-        assert_eq!(at(400_000_000_000), "9999-12-31T23:59:59Z"); // year 14645
     }
 }

@@ -22,7 +22,7 @@ use super::{ReloadReport, StatusReport};
 
 /// Socket file mode: owner and group read/write (connect needs write), nobody else.
 pub const SOCKET_MODE: u32 = 0o660;
-/// Group given the socket when it exists (`/etc/group`).
+/// Group given the socket when it exists.
 pub const SOCKET_GROUP: &str = "modelgate";
 pub const MAX_CONNECTIONS: usize = 16;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,19 +57,12 @@ impl Drop for SocketGuard {
     }
 }
 
-/// The gid of `group` from `/etc/group`, if it exists.
+/// The gid of `group` (NSS, as `getent group` sees it), if it exists.
 pub fn group_gid(group: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    parse_group(&text, group)
-}
-
-fn parse_group(text: &str, group: &str) -> Option<u32> {
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == group).then_some(())?;
-        f.next()?;
-        f.next()?.parse().ok()
-    })
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 /// Binds the control socket at `path`.
@@ -356,10 +349,8 @@ mod tests {
     }
 
     #[test]
-    fn group_file_parsing() {
-        let text = "root:x:0:\nmodelgate:x:998:alice,bob\nmodelgateway:x:5:\n";
-        assert_eq!(parse_group(text, "modelgate"), Some(998));
-        assert_eq!(parse_group(text, "nobody"), None);
-        assert_eq!(parse_group("modelgate:x:notanumber:\n", "modelgate"), None);
+    fn group_lookup_through_nss() {
+        assert_eq!(group_gid("root"), Some(0));
+        assert_eq!(group_gid("no-such-group-modelgate-test"), None);
     }
 }

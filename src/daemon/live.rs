@@ -8,9 +8,10 @@
 //! that only a restart can change (listen addresses, state_dir, the private key, …) are listed
 //! in `needs_restart`, never silently ignored. Reloads are serialised.
 
+use crate::civil::rfc3339;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{self, Config, GatewayConfig};
 use crate::control::server::ControlApi;
@@ -387,16 +388,6 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// `t` in RFC 3339 UTC to the second, e.g. `2027-11-29T00:00:00Z`, as `status` shows it. A time
-/// before 1970 shows as the epoch (as its `_unix` twin shows 0); X.509 cannot express one past
-/// 9999-12-31T23:59:59Z, the last instant RFC 3339 can, so the clamp there never changes a
-/// certificate's date (it only keeps the formatter from failing).
-fn rfc3339(t: SystemTime) -> String {
-    const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
-    let t = UNIX_EPOCH + Duration::from_secs(unix(t).min(LAST_RFC3339_SECOND));
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 /// Whole days from `now` until `t` (negative once past).
 fn days_left(t: SystemTime, now: SystemTime) -> i64 {
     match t.duration_since(now) {
@@ -529,25 +520,7 @@ fn upstream_change_lines(cur: &GatewayState, new: &[UpstreamSpec]) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_is_the_status_format() {
-        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
-        assert_eq!(at(0), "1970-01-01T00:00:00Z");
-        assert_eq!(at(951_782_400 + 3_723), "2000-02-29T01:02:03Z");
-        assert_eq!(at(1_827_446_400), "2027-11-29T00:00:00Z");
-        assert_eq!(at(253_402_300_799), "9999-12-31T23:59:59Z");
-        assert_eq!(at(u64::MAX / 4), "9999-12-31T23:59:59Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
-            "1970-01-01T00:00:00Z"
-        );
-        // Sub-second parts are cut, not rounded.
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_millis(1_999)),
-            "1970-01-01T00:00:01Z"
-        );
-    }
+    use std::time::Duration;
 
     #[test]
     fn days_left_rounds_towards_expiry() {

@@ -12,6 +12,7 @@
 //! Deliberately not the host's own trust store: a private CA installed on the appliance would
 //! make this check pass while Cursor's backend, which does not share that store, refuses.
 
+use crate::civil::rfc3339_unix as rfc3339;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -278,13 +279,6 @@ fn chains_to(
         }
         e => format!("{e:?}"),
     }))
-}
-
-/// A certificate time as RFC 3339 UTC, clamped to what RFC 3339 can write (1970 to 9999; X.509
-/// times are four-digit years anyway).
-fn rfc3339(unix: i64) -> String {
-    let secs = unix.clamp(0, 253_402_300_799) as u64; // up to 9999-12-31T23:59:59Z
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Records the chain the server presents and accepts it; the handshake signature is still
