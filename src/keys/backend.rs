@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::format;
-use super::ledger::{MinuteRows, UsageTotals};
-use super::store::{Hashes, KeyRecord, Minted, StoreError};
+use super::secret::Minted;
+use super::types::{Hashes, KeyRecord, MinuteRows, StoreError, UsageTotals};
 use crate::policy::KeyPolicy;
 
 /// A store backend: the key rows and the usage ledger of one database.

@@ -26,13 +26,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::store::{KeyStore, StoreError};
+use super::store::KeyStore;
+pub use super::types::{KeyUsage, UsageTotals, DAY_MS, MINUTE_MS};
+use super::types::{MinuteRows, StoreError};
 use crate::policy::limits::utc_day_month_bounds;
-
-/// Width of a fine-grained row.
-pub const MINUTE_MS: i64 = 60_000;
-/// Width of a compacted row.
-pub const DAY_MS: i64 = 86_400_000;
 
 /// One finished (or aborted) request's usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,39 +42,6 @@ pub struct UsageEvent {
     /// The counts are the gateway's estimate (the upstream reported no usage).
     pub estimated: bool,
 }
-
-/// Sums over some rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UsageTotals {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub requests: u64,
-    /// Requests whose counts were estimated.
-    pub estimated: u64,
-}
-
-impl UsageTotals {
-    pub fn tokens(&self) -> u64 {
-        self.prompt_tokens.saturating_add(self.completion_tokens)
-    }
-    fn add(&mut self, o: &UsageTotals) {
-        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
-        self.requests = self.requests.saturating_add(o.requests);
-        self.estimated = self.estimated.saturating_add(o.estimated);
-    }
-}
-
-/// A key's usage in the current UTC day and month, and ever.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KeyUsage {
-    pub today: UsageTotals,
-    pub this_month: UsageTotals,
-    pub total: UsageTotals,
-}
-
-/// Usage summed per (key id, start of its UTC minute in ms): what one write adds.
-pub(crate) type MinuteRows = HashMap<(Arc<str>, i64), UsageTotals>;
 
 /// The ledger over one store connection (blocking; use from the blocking pool or the CLI).
 #[derive(Debug)]

@@ -22,11 +22,13 @@ mod ring;
 mod secret;
 mod sqlite;
 pub mod store;
+mod types;
 mod watch;
 
 pub use format::{FormatError, Secret};
 pub use ring::{AuthError, KeyRing, RingCounts};
 pub use secret::{ServerSecret, SECRET_FILE};
 pub use sqlite::DB_FILE;
-pub use store::{CreatedKey, KeyRecord, KeyStatus, KeyStore, NewKey, StoreError};
+pub use store::KeyStore;
+pub use types::{CreatedKey, KeyRecord, KeyStatus, NewKey, StoreError};
 pub use watch::{Keys, WATCH_INTERVAL};

@@ -12,7 +12,8 @@ use subtle::ConstantTimeEq;
 
 use super::format;
 use super::secret::{hash_secret, HmacSha256, ServerSecret};
-use super::store::{KeyStore, StoreError};
+use super::store::KeyStore;
+use super::types::StoreError;
 use crate::policy::{Policies, Principal};
 
 /// Why a presented key was refused. All map to 401 `invalid_api_key`; the reason is logged.

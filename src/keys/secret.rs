@@ -15,8 +15,8 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::format;
-use super::store::StoreError;
+use super::format::{self, Secret};
+use super::types::StoreError;
 
 /// File name of the server secret inside the state directory.
 pub const SECRET_FILE: &str = "keys.secret";
@@ -142,4 +142,45 @@ fn read(path: &Path) -> Result<ServerSecret, StoreError> {
             len: buf.len(),
         })?;
     Ok(ServerSecret(bytes))
+}
+
+/// A freshly generated key and its hash, on its way into the store. A backend reads the id and
+/// the hash; only the store gets the secret back out.
+pub(crate) struct Minted {
+    secret: Secret,
+    hash: [u8; 32],
+}
+
+impl fmt::Debug for Minted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Minted")
+            .field("id", &self.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Minted {
+    /// A new secret for the key `id` (a fresh id when `None`), hashed with `mac`.
+    pub(crate) fn new(mac: &HmacSha256, id: Option<&str>) -> Minted {
+        let secret = match id {
+            Some(id) => format::generate_for(id),
+            None => format::generate(),
+        };
+        let parsed = format::parse(secret.expose()).expect("generated keys parse");
+        let hash = hash_secret(mac, parsed.id(), parsed.secret());
+        Minted { secret, hash }
+    }
+
+    pub fn id(&self) -> &str {
+        self.secret.id()
+    }
+
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.hash
+    }
+
+    /// The whole key, for the one time it is shown; only the store takes it.
+    pub(crate) fn into_secret(self) -> Secret {
+        self.secret
+    }
 }

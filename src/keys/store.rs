@@ -9,143 +9,14 @@
 //! next to the server secret `<state_dir>/keys.secret` (`keys::secret`).
 
 use std::fmt;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::backend::{truncate_ms, Backend, NewKeyRow, Rotation};
-use super::format::{self, Secret};
-use super::secret::{self, hash_secret, HmacSha256, ServerSecret, SECRET_FILE};
+use super::secret::{self, Minted, ServerSecret, SECRET_FILE};
 use super::sqlite::{SqliteBackend, DB_FILE};
+pub use super::types::{CreatedKey, KeyRecord, KeyStatus, NewKey, StoreError};
 use crate::fsutil::create_dir_with_mode;
-use crate::policy::KeyPolicy;
-
-/// Everything that can go wrong with the store. Messages name the file and the fix; none
-/// contains a secret.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot {action} {}: {source}; fix: run as the owner of the state directory (root), or check server.state_dir", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("{}: mode {mode:04o} lets other users read the key-hashing secret; fix: chmod 600 {}", path.display(), path.display())]
-    SecretMode { path: PathBuf, mode: u32 },
-    #[error("{}: holds {len} bytes, expected 32; fix: restore it from a backup (a new secret invalidates every API key: delete it and create new keys)", path.display())]
-    SecretLength { path: PathBuf, len: usize },
-    #[error("key store {}: {source}", path.display())]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error("key store {}: schema version {found} is newer than this modelgate understands ({supported}); fix: upgrade modelgate", path.display())]
-    SchemaTooNew {
-        path: PathBuf,
-        found: i64,
-        supported: i64,
-    },
-    #[error("key store {}: key {id}: {problem}; fix: revoke the key and create a new one", path.display())]
-    Corrupt {
-        path: PathBuf,
-        id: String,
-        problem: String,
-    },
-    #[error("key name {name:?}: {problem}; fix: use 1-64 of a-z A-Z 0-9 . _ @ -, starting with a letter or digit")]
-    InvalidName { name: String, problem: &'static str },
-    #[error(
-        "key {0:?}: already exists; fix: choose another NAME, or `modelgate key revoke {0}` first"
-    )]
-    NameExists(String),
-    #[error("key {0:?}: no such key; fix: see `modelgate key list`")]
-    NotFound(String),
-    #[error("key {0:?}: is revoked; fix: create a new key with `modelgate key create`")]
-    Revoked(String),
-    #[error("key {0:?}: has expired, a new secret would not work; fix: create a new key with `modelgate key create`")]
-    Expired(String),
-}
-
-/// A key to create.
-#[derive(Debug, Clone, Default)]
-pub struct NewKey {
-    pub name: String,
-    /// `policy.expires_at` becomes the key's expiry.
-    pub policy: KeyPolicy,
-}
-
-/// A key just created or rotated: the only time its secret exists outside the client.
-#[derive(Debug, Clone)]
-pub struct CreatedKey {
-    pub id: String,
-    pub name: String,
-    /// The whole key (`mg_…`); show it once.
-    pub secret: Secret,
-    pub created_at: SystemTime,
-    pub expires_at: Option<SystemTime>,
-    pub policy: KeyPolicy,
-    /// After a rotation with a grace period: until when the old secret still works.
-    pub previous_valid_until: Option<SystemTime>,
-}
-
-/// Whether a key works (ignoring which secret is presented).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyStatus {
-    Active,
-    Revoked,
-    Expired,
-}
-
-impl KeyStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyStatus::Active => "active",
-            KeyStatus::Revoked => "revoked",
-            KeyStatus::Expired => "expired",
-        }
-    }
-}
-
-/// One stored key, without its secret.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyRecord {
-    pub id: String,
-    pub name: String,
-    pub created_at: SystemTime,
-    pub expires_at: Option<SystemTime>,
-    pub revoked_at: Option<SystemTime>,
-    /// When the secret was last rotated.
-    pub rotated_at: Option<SystemTime>,
-    /// Until when the secret before the last rotation still works (`None`: it does not).
-    pub previous_valid_until: Option<SystemTime>,
-    pub policy: KeyPolicy,
-    pub(crate) hashes: Hashes,
-}
-
-/// The stored HMACs (not secret without `keys.secret`, but never shown either).
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Hashes {
-    pub(crate) current: [u8; 32],
-    pub(crate) previous: Option<[u8; 32]>,
-}
-
-impl fmt::Debug for Hashes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Hashes(…)")
-    }
-}
-
-impl KeyRecord {
-    /// Revoked wins over expired; a key expires at `expires_at` exactly.
-    pub fn status(&self, now: SystemTime) -> KeyStatus {
-        if self.revoked_at.is_some() {
-            KeyStatus::Revoked
-        } else if self.expires_at.is_some_and(|t| now >= t) {
-            KeyStatus::Expired
-        } else {
-            KeyStatus::Active
-        }
-    }
-}
 
 /// Checks a key name: 1-64 of `a-z A-Z 0-9 . _ @ -`, starting with a letter or digit.
 pub fn check_key_name(name: &str) -> Result<(), &'static str> {
@@ -165,42 +36,6 @@ pub fn check_key_name(name: &str) -> Result<(), &'static str> {
         return Err("contains a character other than a-z A-Z 0-9 . _ @ -");
     }
     Ok(())
-}
-
-/// A freshly generated key and its hash, on its way into the store. A backend reads the id and
-/// the hash; only the store gets the secret back out.
-pub(crate) struct Minted {
-    secret: Secret,
-    hash: [u8; 32],
-}
-
-impl fmt::Debug for Minted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Minted")
-            .field("id", &self.id())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Minted {
-    /// A new secret for the key `id` (a fresh id when `None`), hashed with `mac`.
-    fn new(mac: &HmacSha256, id: Option<&str>) -> Minted {
-        let secret = match id {
-            Some(id) => format::generate_for(id),
-            None => format::generate(),
-        };
-        let parsed = format::parse(secret.expose()).expect("generated keys parse");
-        let hash = hash_secret(mac, parsed.id(), parsed.secret());
-        Minted { secret, hash }
-    }
-
-    pub fn id(&self) -> &str {
-        self.secret.id()
-    }
-
-    pub fn hash(&self) -> &[u8; 32] {
-        &self.hash
-    }
 }
 
 /// An open key store: the rows in a backend, the server secret beside it. Not shared between
@@ -291,7 +126,7 @@ impl KeyStore {
             created_at: now,
             expires_at: policy.expires_at,
             policy,
-            secret: minted.secret,
+            secret: minted.into_secret(),
             previous_valid_until: None,
         })
     }
@@ -340,7 +175,7 @@ impl KeyStore {
             }
             let m = Minted::new(&mac, Some(&rec.id));
             let rotation = Rotation {
-                hash: m.hash,
+                hash: *m.hash(),
                 previous: until.map(|t| (rec.hashes.current, t)),
             };
             minted = Some(m);
@@ -350,7 +185,7 @@ impl KeyStore {
         Ok(CreatedKey {
             id: rec.id,
             name: rec.name,
-            secret: minted.secret,
+            secret: minted.into_secret(),
             created_at: rec.created_at,
             expires_at: rec.expires_at,
             policy: rec.policy,

@@ -10,7 +10,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use super::ring::KeyRing;
-use super::store::{KeyStore, StoreError};
+use super::store::KeyStore;
+use super::types::StoreError;
 use crate::policy::Policies;
 
 /// How often [`Keys::watch`] checks the store for commits by other processes.

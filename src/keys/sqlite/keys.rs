@@ -10,7 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{SqliteBackend, TxError};
 use crate::keys::backend::{to_ms, KeyBackend, KeyRow, NewKeyRow, Rotation};
-use crate::keys::store::{KeyRecord, Minted, StoreError};
+use crate::keys::secret::Minted;
+use crate::keys::types::{KeyRecord, StoreError};
 
 const SELECT: &str = "SELECT id, name, created_at, expires_at, revoked_at, rotated_at,
     previous_valid_until, policy, secret_hash, previous_hash FROM keys";

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::backend::Backend;
-use super::store::StoreError;
+use super::types::StoreError;
 
 /// File name of the database inside the state directory.
 pub const DB_FILE: &str = "keys.db";

@@ -5,7 +5,7 @@
 //! `PRAGMA user_version`). Never downgrades: a database newer than this build is refused.
 
 use super::{SqliteBackend, TxError};
-use crate::keys::store::StoreError;
+use crate::keys::types::StoreError;
 
 /// Schema migrations; `PRAGMA user_version` = how many have been applied.
 const MIGRATIONS: &[&str] = &[

@@ -8,8 +8,7 @@ use rusqlite::params;
 
 use super::{SqliteBackend, TxError};
 use crate::keys::backend::LedgerBackend;
-use crate::keys::ledger::{MinuteRows, UsageTotals, DAY_MS, MINUTE_MS};
-use crate::keys::store::StoreError;
+use crate::keys::types::{MinuteRows, StoreError, UsageTotals, DAY_MS, MINUTE_MS};
 
 const UPSERT: &str = "INSERT INTO usage
         (key_id, bucket_start, bucket_ms, prompt_tokens, completion_tokens, requests, estimated)

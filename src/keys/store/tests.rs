@@ -3,8 +3,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::UNIX_EPOCH;
 
 use super::*;
+use crate::keys::format;
 use crate::keys::DB_FILE;
-use crate::policy::{Budget, BudgetPeriod, Endpoint};
+use crate::policy::{Budget, BudgetPeriod, Endpoint, KeyPolicy};
 
 fn mode(p: &Path) -> u32 {
     fs::metadata(p).unwrap().permissions().mode() & 0o777
