@@ -12,6 +12,7 @@ mod audit;
 mod auth;
 mod body;
 pub mod compat;
+mod drain;
 pub mod error;
 pub mod fair;
 mod forward;
@@ -112,9 +113,10 @@ impl Gateway {
         tls: Arc<rustls::ServerConfig>,
         stop: watch::Receiver<bool>,
     ) -> RunningGateway {
+        let peer_events = self.netstack.peer_events();
         let handle = GatewayHandle::new(Arc::new(GatewayState::first(self)));
         RunningGateway {
-            discovery: handle.spawn_discovery(stop.clone()),
+            discovery: handle.spawn_discovery(peer_events, stop.clone()),
             serve: tokio::spawn(serve(handle.clone(), listener, tls, stop)),
             handle,
         }
@@ -139,6 +141,8 @@ pub struct GatewayState {
     pub ledger: Option<LedgerWriter>,
     /// Request counters and histograms (`telemetry`), shared across reloads.
     pub metrics: Arc<Metrics>,
+    /// The end of a shutdown's drain period: open bodies are cut (shared across reloads).
+    pub drain: drain::DrainCut,
 }
 
 impl GatewayState {
@@ -167,6 +171,7 @@ impl GatewayState {
             limiter: Arc::new(Mutex::new(limiter)),
             ledger,
             metrics: Arc::new(Metrics::new()),
+            drain: drain::DrainCut::default(),
         }
     }
 
@@ -197,6 +202,7 @@ impl GatewayState {
             limiter: self.limiter.clone(),
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
         }
     }
 }
@@ -233,17 +239,44 @@ impl GatewayHandle {
         self.changed.notify_one();
     }
 
-    /// Model discovery over the current routes, a round at once after every swap.
-    fn spawn_discovery(&self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// Model discovery over the current routes, a round at once after every swap and every
+    /// time a tunnel peer comes up (`peer_events`), so no probe result from before the
+    /// tunnel was up outlives its first handshake (a restart, a corp peer back from silence).
+    fn spawn_discovery(
+        &self,
+        peer_events: watch::Receiver<u64>,
+        stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
         let me = self.clone();
         let client = self.load().client.clone();
-        tokio::spawn(upstream::discover_live(
+        let discover = upstream::discover_live(
             move || me.load().routes.clone(),
             client,
             DISCOVERY_INTERVAL,
             self.changed.clone(),
-            stop,
-        ))
+            stop.clone(),
+        );
+        let reprobe = probe_when_peers_come_up(peer_events, self.changed.clone(), stop);
+        tokio::spawn(async move {
+            tokio::join!(discover, reprobe);
+        })
+    }
+}
+
+/// Starts a discovery round (`changed`) whenever a tunnel peer comes up, until `stop`.
+async fn probe_when_peers_come_up(
+    mut peer_events: watch::Receiver<u64>,
+    changed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = peer_events.changed() => match r {
+                Ok(()) => changed.notify_one(),
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -363,16 +396,40 @@ async fn serve(
     )
     .await;
     drop(listener);
-    let drain_timeout = handle.load().settings.drain_timeout;
+    let live = handle.load();
     tracing::info!(
-        timeout = ?drain_timeout,
-        "HTTPS listener closed (new connections are refused); draining open requests"
+        timeout = ?live.settings.drain_timeout,
+        "HTTPS listener closed (new connections wait in a socket-activated backlog or are refused); draining open requests"
     );
-    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
-            timeout = ?drain_timeout,
-            "drain timeout reached with connections still open; closing them"
-        ),
+    drain(graceful, live.settings.drain_timeout, &live.drain).await;
+}
+
+/// How long cut connections get to send their last bytes (the error event) once the drain
+/// period is over.
+const CUT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Lets open connections finish for `timeout`; then cuts what is still open (streams end with
+/// an error event, other answers are aborted) and gives them [`CUT_FLUSH`] to say so.
+async fn drain(
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    timeout: Duration,
+    cut: &drain::DrainCut,
+) {
+    let shutdown = graceful.shutdown();
+    tokio::pin!(shutdown);
+    if tokio::time::timeout(timeout, &mut shutdown).await.is_ok() {
+        tracing::info!("all connections drained");
+        return;
+    }
+    tracing::warn!(
+        ?timeout,
+        "drain timeout reached with connections still open; cutting them (streams end with a server_shutting_down error event)"
+    );
+    cut.cut();
+    if tokio::time::timeout(CUT_FLUSH, &mut shutdown)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the cut; closing them");
     }
 }
