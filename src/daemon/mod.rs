@@ -303,8 +303,10 @@ pub async fn run(
     tasks.push(tokio::spawn(reload_on_sighup(live.clone(), stop.clone())));
 
     // READY=1 once requests can work: the listeners are up and the tunnel is (or 2 s passed).
-    let handle = live.gateway.as_ref().map(|g| g.handle.clone());
-    let tunnel = ready::await_tunnel(&netstack, handle.as_ref(), ready::READY_WAIT).await;
+    // (Borrowed, not cloned: a handle kept here would keep the gateway snapshot, and with it
+    // the ledger's writer, alive past the drain, and stall the stop by the ledger timeout.)
+    let handle = live.gateway.as_ref().map(|g| &g.handle);
+    let tunnel = ready::await_tunnel(&netstack, handle, ready::READY_WAIT).await;
     notify::notify_logged(&format!("READY=1\nSTATUS={}{tunnel}", live.status_line()));
 
     // Wait for the stop signal (or the sender going away).

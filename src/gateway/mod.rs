@@ -345,6 +345,7 @@ async fn serve(
         .max_header_list_size(settings.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let conn_stop = stop.clone();
     let connection = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -354,6 +355,7 @@ async fn serve(
         let hs_timeout = live.settings.tls_handshake_timeout;
         let idle_timeout = live.settings.idle_timeout;
         let watcher = graceful.watcher();
+        let stop = conn_stop.clone();
         async move {
             let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -374,9 +376,9 @@ async fn serve(
             let svc = TowerToHyperService::new(app);
             let activity = Arc::new(idle::Activity::new());
             let io = idle::IdleIo::new(tls, activity.clone());
-            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
             tokio::select! {
-                r = watcher.watch(conn.into_owned()) => {
+                r = graceful_after_first_request(conn, &activity, stop, watcher) => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     }
@@ -402,6 +404,50 @@ async fn serve(
         "HTTPS listener closed (new connections wait in a socket-activated backlog or are refused); draining open requests"
     );
     drain(graceful, live.settings.drain_timeout, &live.drain).await;
+}
+
+/// How long a connection accepted just before a stop gets to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves `conn` to its end; once the gateway stops, asks it to finish gracefully (the request
+/// in flight is answered, then it closes). A connection accepted before the stop that has not
+/// sent its first request yet (still in the TLS handshake, or its request in flight) first gets
+/// [`FIRST_REQUEST_GRACE`] to send it: asked at once, hyper would close it unanswered, which
+/// a client sees as a reset (seen in the boot test's restart under load). `_watcher` keeps the
+/// drain waiting for this connection.
+async fn graceful_after_first_request<C>(
+    conn: C,
+    activity: &idle::Activity,
+    mut stop: watch::Receiver<bool>,
+    _watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), C::Error>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    tokio::pin!(conn);
+    let stopped = async {
+        while !*stop.borrow_and_update() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = stopped => {}
+    }
+    let first_request = async {
+        let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+        while !activity.has_read() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = first_request => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// How long cut connections get to send their last bytes (the error event) once the drain

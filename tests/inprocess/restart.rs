@@ -442,3 +442,31 @@ async fn the_end_of_the_drain_cuts_what_is_still_open() {
     let e: serde_json::Value = serde_json::from_str(&waiting.body).unwrap();
     assert_eq!(e["error"]["code"], "server_shutting_down", "{e}");
 }
+
+/// A connection accepted just before the stop, whose request arrives after it, is still
+/// answered (then closed): closing it unanswered is a reset the client sees as a failure, as
+/// the boot test's restart under load once did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_before_the_stop_gets_its_answer() {
+    let (gw, _secret) = stack(Act::NeverAnswer, Duration::from_secs(5)).await;
+    let (mut send, conn) = gw.connect().await;
+    gw.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let req = Request::get("/healthz")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("an answer within 5 s")
+        .expect("answered, not reset");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    // The stop closes it after that answer.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection closes after its answer")
+        .unwrap()
+        .unwrap();
+}
