@@ -357,7 +357,16 @@ async fn serve(
         let watcher = graceful.watcher();
         let stop = conn_stop.clone();
         async move {
-            let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
+            // After a stop a handshake gets FIRST_REQUEST_GRACE at most (the drain waits for it).
+            let handshake = tokio::time::timeout(hs_timeout, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => r,
+                () = stopped_then(stop.clone(), FIRST_REQUEST_GRACE) => {
+                    tracing::debug!(%peer, "TLS handshake unfinished at the stop");
+                    return;
+                }
+            };
+            let tls = match tls {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -418,23 +427,16 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 async fn graceful_after_first_request<C>(
     conn: C,
     activity: &idle::Activity,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     _watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), C::Error>
 where
     C: hyper_util::server::graceful::GracefulConnection,
 {
     tokio::pin!(conn);
-    let stopped = async {
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
-                break;
-            }
-        }
-    };
     tokio::select! {
         r = conn.as_mut() => return r,
-        () = stopped => {}
+        () = stopped_then(stop, Duration::ZERO) => {}
     }
     let first_request = async {
         let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
@@ -448,6 +450,16 @@ where
     }
     conn.as_mut().graceful_shutdown();
     conn.await
+}
+
+/// Resolves `grace` after `stop` turned true (or its sender went away).
+async fn stopped_then(mut stop: watch::Receiver<bool>, grace: Duration) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(grace).await;
 }
 
 /// How long cut connections get to send their last bytes (the error event) once the drain
