@@ -54,6 +54,23 @@ fn start_probe(c: &Chain, key: &str, name: &str) -> Proc {
     p
 }
 
+/// `doctor --json --name gw.test ARGS…` in the edge: its report.
+fn doctor(c: &Chain, args: &[&str]) -> Value {
+    let mut cmd = vec![
+        c.app.bin.to_str().unwrap(),
+        "--config",
+        c.app.cfg.to_str().unwrap(),
+        "doctor",
+        "--json",
+        "--name",
+        NAME,
+    ];
+    cmd.extend_from_slice(args);
+    let out = c.lab.exec(&c.lab.edge, &cmd);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", text(&out.stderr)))
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     Term,
@@ -141,20 +158,7 @@ fn sigterm_and_kill9_restarts_serve_within_3s_of_healthz() {
     );
     let s = c.status();
     assert_eq!(s["peers"][0]["state"], "up", "{s}");
-    let doctor = c.lab.exec(
-        &c.lab.edge,
-        &[
-            c.app.bin.to_str().unwrap(),
-            "--config",
-            c.app.cfg.to_str().unwrap(),
-            "doctor",
-            "--json",
-            "--name",
-            NAME,
-        ],
-    );
-    let d: Value = serde_json::from_slice(&doctor.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", text(&doctor.stderr)));
+    let d = doctor(&c, &[]);
     for id in ["peers", "upstreams", "models", "completion"] {
         let hop = d["hops"]
             .as_array()
@@ -336,22 +340,7 @@ fn a_dead_peer_cuts_streams_with_an_error_event_and_is_refused_at_once() {
     let human = text(&c.app.mg(&["status"]).stdout);
     assert!(human.contains("state: SILENT since"), "{human}");
 
-    let doctor = c.lab.exec(
-        &c.lab.edge,
-        &[
-            c.app.bin.to_str().unwrap(),
-            "--config",
-            c.app.cfg.to_str().unwrap(),
-            "doctor",
-            "--json",
-            "--name",
-            NAME,
-            "--timeout",
-            "5s",
-        ],
-    );
-    let d: Value = serde_json::from_slice(&doctor.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", text(&doctor.stderr)));
+    let d = doctor(&c, &["--timeout", "5s"]);
     let hop5 = &d["hops"][4];
     assert_eq!(hop5["hop"], "peers");
     assert_eq!(hop5["status"], "fail", "{d}");

@@ -350,6 +350,9 @@ fn appliance_restart_resumes_after_corp_handshake() {
     let _corp = lab.start_wg(&lab.corp, &lab.wg_corp, &app.corp_conf);
     assert_forward_answers(lab, "15000", "before the restart");
     let handshake_before = lab.latest_handshake(&lab.corp, &lab.wg_corp);
+    // `wg show` counts whole seconds, and the restarted appliance handshakes at once: without
+    // this the new handshake can fall into the same second as the old one.
+    std::thread::sleep(Duration::from_millis(1100));
 
     mg.stop();
     *mg = app.run(lab, &[&forward()]);
