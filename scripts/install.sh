@@ -6,7 +6,8 @@
 #   bash scripts/install.sh --binary PATH --destdir DIR [--prefix /usr]   # staging tree, no root
 #   sudo bash scripts/install.sh --uninstall          # remove what this installed
 #
-# Installs: PREFIX/bin/modelgate, the systemd units (PREFIX/lib/systemd/system), the man pages
+# Installs: PREFIX/bin/modelgate, the systemd units (PREFIX/lib/systemd/system: modelgate.service,
+# its listening socket modelgate.socket, modelgate-firewall.service), the man pages
 # and bash/zsh/fish completions generated from the binary's own clap definitions
 # (`modelgate generate …`), the firewall environment skeleton /etc/modelgate/firewall.env (never
 # overwritten), the example config under PREFIX/share/doc/modelgate/examples; creates the
@@ -57,7 +58,7 @@ FISH_DIR="$DESTDIR$PREFIX/share/fish/vendor_completions.d"
 SHARE_DIR="$DESTDIR$PREFIX/share/modelgate"
 DOC_DIR="$DESTDIR$PREFIX/share/doc/modelgate"
 ETC_DIR="$DESTDIR/etc/modelgate"
-UNITS=(modelgate.service modelgate-firewall.service)
+UNITS=(modelgate.socket modelgate.service modelgate-firewall.service)
 systemd_running() { [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; }
 
 if [ "$UNINSTALL" = 1 ]; then
@@ -146,5 +147,6 @@ Next:
   sudo -u modelgate modelgate key create alice --models 'qwen*'
   sudoedit /etc/modelgate/firewall.env     # MODELGATE_SSH_FROM=<where you administer from>
   modelgate firewall print                 # check what the firewall will let in
-  sudo systemctl enable --now modelgate-firewall.service modelgate.service
+  sudo systemctl enable --now modelgate-firewall.service modelgate.socket modelgate.service
+Upgrading a running daemon: sudo systemctl restart modelgate (connections wait, none is refused).
 EOF

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Boots the packaged units for real: a Debian 12 root made with debootstrap, the .deb installed
-# with dpkg, `modelgate init`, both units enabled, then `systemd-nspawn --boot` with a private
-# network. A check unit inside the container inspects the running daemon (user, capabilities,
-# seccomp, sockets, state ownership, firewall table, reload, stop) and powers the container off;
-# this script then asserts on what it wrote.
+# with dpkg, `modelgate init`, the units enabled (modelgate.socket, modelgate.service,
+# modelgate-firewall.service), then `systemd-nspawn --boot` with a private network. A check unit
+# inside the container inspects the running daemon (user, capabilities, seccomp, the HTTPS
+# socket handed over by systemd, state ownership, firewall table, reload), restarts it three
+# times and upgrades the package (dpkg -i) under a client looping HTTPS requests to /healthz
+# (counting refused connections and the longest wait), stops it, and powers the container off; this script then asserts on what it
+# wrote.
 #
 #   sudo bash scripts/systemd-boot-test.sh --deb PATH
 #
 # Needs root, systemd-container and debootstrap (installed with apt when missing) and Debian's
 # archive. The debootstrapped root is cached as a tarball ($MODELGATE_BOOT_CACHE, default
-# /var/tmp/modelgate-boot-root.tar) so only the first run on a machine pays for it (~2 min).
+# /var/tmp/modelgate-boot-root-<hash of the package list>.tar) so only the first run on a
+# machine pays for it (~2 min).
 # tests/system/systemd.rs runs this with the .deb that scripts/build-deb.sh makes from the debug
 # binary.
 #
@@ -36,7 +40,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-CACHE="${MODELGATE_BOOT_CACHE:-/var/tmp/modelgate-boot-root.tar}"
+# curl: the looping client of the restart check.
+PACKAGES=systemd,systemd-sysv,dbus,nftables,iproute2,procps,curl
+CACHE="${MODELGATE_BOOT_CACHE:-/var/tmp/modelgate-boot-root-$(printf %s "$PACKAGES" | sha256sum | cut -c1-8).tar}"
 WORK="$(mktemp -d /var/tmp/modelgate-boot.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 ROOT="$WORK/root"
@@ -44,7 +50,7 @@ mkdir -p "$ROOT"
 t0=$(date +%s)
 if [ ! -s "$CACHE" ]; then
   echo "== debootstrap bookworm (cached afterwards in $CACHE)"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,nftables,iproute2,procps \
+  debootstrap --variant=minbase --include="$PACKAGES" \
     bookworm "$ROOT" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log"; exit 1; }
   tar -C "$ROOT" -cf "$CACHE.tmp" . && mv "$CACHE.tmp" "$CACHE"
@@ -71,6 +77,7 @@ cat > "$ROOT/root/check.sh" <<'EOF'
 out=/root/check.out
 {
   echo "active=$(systemctl is-active modelgate.service)"
+  echo "socket_active=$(systemctl is-active modelgate.socket)"
   echo "firewall_active=$(systemctl is-active modelgate-firewall.service)"
   echo "restarts=$(systemctl show -p NRestarts --value modelgate.service)"
   pid=$(systemctl show -p MainPID --value modelgate.service)
@@ -80,6 +87,8 @@ out=/root/check.out
     echo "$f=$(awk -v k="$f:" '$1==k{print $2}' /proc/$pid/status)"
   done
   echo "tcp443=$(ss -Htlnp 'sport = :443' | grep -c modelgate)"
+  # The listening socket is systemd's (pid 1), handed to the daemon.
+  echo "tcp443_systemd=$(ss -Htlnp 'sport = :443' | grep -c 'systemd')"
   echo "udp51820=$(ss -Hulnp 'sport = :51820' | grep -c modelgate)"
   echo "state_owner=$(stat -c %U /var/lib/modelgate/wg.key)"
   echo "run_dir=$(stat -c '%U:%G:%a' /run/modelgate)"
@@ -89,12 +98,57 @@ out=/root/check.out
   sleep 1
   echo "after_reload_active=$(systemctl is-active modelgate.service)"
   echo "after_reload_pid_same=$([ "$(systemctl show -p MainPID --value modelgate.service)" = "$pid" ] && echo yes || echo no)"
-  systemctl stop modelgate.service
+  # Restarts under load: a client loops HTTPS requests (bounded: 12 s, 3000 requests) while
+  # the service is restarted three times; every connection must be served, none refused
+  # (curl exit 7), and the longest wait is reported. Then the same while the package is
+  # upgraded (dpkg -i of the same .deb: its postinst try-restarts the running daemon).
+  load() { # SECONDS LOG
+    end=$(( $(date +%s) + $1 )); n=0
+    while [ "$(date +%s)" -lt "$end" ] && [ "$n" -lt 3000 ]; do
+      t0=$(date +%s%N)
+      code=$(curl -sk --max-time 30 -o /dev/null -w '%{http_code}' https://127.0.0.1:443/healthz)
+      rc=$?
+      echo "$rc $code $(( ($(date +%s%N) - t0) / 1000000 ))"
+      n=$((n + 1))
+    done > "$2" 2>&1
+  }
+  summary() { # PREFIX LOG
+    echo "$1_requests=$(wc -l < "$2")"
+    echo "$1_refused=$(awk '$1 == 7' "$2" | wc -l)"
+    echo "$1_failed=$(awk '$1 != 0 || $2 != "200"' "$2" | wc -l)"
+    echo "$1_max_ms=$(awk 'BEGIN { m = 0 } $3 > m { m = $3 } END { print m }' "$2")"
+    # Each failure: curl's exit code, the HTTP status, milliseconds, and when (line number).
+    awk '$1 != 0 || $2 != "200" { print "load_failure: request " NR ": " $0 }' "$2" | head -5
+  }
+  load 12 /root/load.log &
+  loader=$!
+  for i in 1 2 3; do
+    sleep 2
+    t0=$(date +%s%N)
+    systemctl restart modelgate.service
+    echo "restart_${i}_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
+  done
+  wait "$loader"
+  summary load /root/load.log
+  before_upgrade=$(systemctl show -p MainPID --value modelgate.service)
+  load 6 /root/upgrade.log &
+  loader=$!
+  sleep 2
+  dpkg -i /root/modelgate.deb > /root/dpkg-upgrade.log 2>&1 && echo "upgrade_dpkg=ok" || echo "upgrade_dpkg=failed"
+  wait "$loader"
+  summary upgrade /root/upgrade.log
+  echo "upgrade_pid_new=$([ "$(systemctl show -p MainPID --value modelgate.service)" != "$before_upgrade" ] && echo yes || echo no)"
+  echo "after_restart_active=$(systemctl is-active modelgate.service)"
+  echo "after_restart_pid_new=$([ "$(systemctl show -p MainPID --value modelgate.service)" != "$pid" ] && echo yes || echo no)"
+  echo "socket_handed_over=$(journalctl -u modelgate.service --no-pager | grep -c 'socket_from_systemd=Some("https")')"
+  systemctl stop modelgate.socket modelgate.service
   echo "stop_result=$(systemctl show -p Result --value modelgate.service)"
+  echo "socket_after_stop=$(systemctl is-active modelgate.socket)"
+  echo "tcp443_after_stop=$(ss -Htln 'sport = :443' | wc -l)"
   systemctl stop modelgate-firewall.service
   echo "nft_table_after_stop=$(nft list tables | grep -c 'inet modelgate')"
   echo "== journal"
-  journalctl -u modelgate.service -u modelgate-firewall.service --no-pager | tail -40
+  journalctl -u modelgate.socket -u modelgate.service -u modelgate-firewall.service --no-pager | tail -60
 } > "$out" 2>&1
 systemctl poweroff
 EOF
@@ -110,8 +164,8 @@ ExecStart=/root/check.sh
 [Install]
 WantedBy=multi-user.target
 EOF
-nspawn --pipe systemctl enable --quiet modelgate.service modelgate-firewall.service \
-  modelgate-check.service >/dev/null 2>&1
+nspawn --pipe systemctl enable --quiet modelgate.socket modelgate.service \
+  modelgate-firewall.service modelgate-check.service >/dev/null 2>&1
 
 t2=$(date +%s)
 echo "== booting"
@@ -129,6 +183,7 @@ expect() {
 }
 uid="$(grep -m1 '^modelgate_uid=' "$ROOT/root/check.out" | cut -d= -f2)"
 expect active active
+expect socket_active active
 expect firewall_active active
 expect restarts 0
 expect uid "$uid"
@@ -138,6 +193,7 @@ expect CapAmb 0000000000000400
 expect NoNewPrivs 1
 expect Seccomp 2
 expect tcp443 1
+expect tcp443_systemd 1
 expect udp51820 1
 expect state_owner modelgate
 expect run_dir modelgate:modelgate:750
@@ -145,7 +201,22 @@ expect nft_table 1
 expect reload ok
 expect after_reload_active active
 expect after_reload_pid_same yes
+expect load_refused 0
+expect load_failed 0
+expect upgrade_dpkg ok
+expect upgrade_refused 0
+expect upgrade_failed 0
+expect upgrade_pid_new yes
+expect after_restart_active active
+expect after_restart_pid_new yes
+expect socket_after_stop inactive
+expect tcp443_after_stop 0
 expect stop_result success
 expect nft_table_after_stop 0
+socket_handed="$(grep -m1 '^socket_handed_over=' "$ROOT/root/check.out" | cut -d= -f2)"
+if [ "${socket_handed:-0}" -lt 5 ]; then
+  echo "FAIL: socket_handed_over=$socket_handed, want 5 (the first start, three restarts, the upgrade)"; fail=1
+fi
+echo "restart under load: $(grep -E '^(load_[a-z_]+=|restart_[0-9]_ms|upgrade_[a-z_]+=)' "$ROOT/root/check.out" | tr '\n' ' ')"
 echo "timings: root $((t1 - t0)) s, install $((t2 - t1)) s, boot+checks+poweroff $((t3 - t2)) s"
 [ "$fail" = 0 ] && echo "BOOT TEST PASSED" || { echo "BOOT TEST FAILED"; exit 1; }

@@ -93,6 +93,9 @@ if [ "$deny_offline" = 1 ]; then
     exit 1
   fi
   echo "note: advisories checked OFFLINE against the cached RustSec database of $(git -C "$db" log -1 --format=%cs 2>/dev/null || echo '?') (github.com unreachable)"
+  # --offline resolves the whole graph, other platforms' crates too (listenfd's Windows
+  # dependencies), which a Linux build never downloads: fetch them from crates.io first.
+  cargo fetch --locked --quiet
   cargo deny --offline check
 else
   cargo deny check

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::CliError;
 use crate::config::Config;
-use crate::daemon::{run_until_signal, Forward, RunOptions};
+use crate::daemon::{run_until_signal, Forward, Inherited, RunOptions};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -27,6 +27,9 @@ fn forward_arg(s: &str) -> Result<Forward, String> {
 }
 
 pub fn execute(config_path: &Path, a: RunArgs) -> Result<(), CliError> {
+    // Sockets from systemd (socket activation) are taken while this is the only thread: it
+    // clears LISTEN_* from the environment.
+    let inherited = Inherited::from_env();
     let config = Config::load(config_path)?;
     crate::daemon::check_forwards(&config, &a.forwards).map_err(CliError::usage)?;
     tracing::info!(
@@ -44,6 +47,7 @@ pub fn execute(config_path: &Path, a: RunArgs) -> Result<(), CliError> {
             config,
             RunOptions {
                 forwards: a.forwards,
+                inherited,
             },
         ))
         .map_err(|e| CliError::runtime(format!("{e:#}")))

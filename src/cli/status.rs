@@ -157,6 +157,46 @@ fn render_peer(o: &mut String, p: &PeerStatus) {
     if let Some(k) = p.persistent_keepalive {
         let _ = writeln!(o, "  persistent keepalive: every {k} seconds");
     }
+    render_peer_health(o, p);
+}
+
+/// The `last received` and (when not up) `state` lines of a peer.
+fn render_peer_health(o: &mut String, p: &PeerStatus) {
+    match p.last_received_seconds_ago {
+        Some(1) => {
+            let _ = writeln!(o, "  last received: 1 second ago");
+        }
+        Some(n) => {
+            let _ = writeln!(o, "  last received: {n} seconds ago");
+        }
+        None => {}
+    }
+    let limit = p.silent_after_seconds;
+    match p.state.as_str() {
+        "" | "up" => {}
+        "silent" => {
+            let since = p
+                .silent_since_unix
+                .map(|t| crate::civil::rfc3339_unix(i64::try_from(t).unwrap_or(i64::MAX)))
+                .unwrap_or_else(|| "(unknown)".into());
+            let _ = writeln!(
+                o,
+                "  state: SILENT since {since} (nothing received, not even a keepalive, for more than {limit} s: its WireGuard is down or its NAT/firewall drops UDP; requests get 503)"
+            );
+        }
+        "no_handshake" => {
+            let _ = writeln!(
+                o,
+                "  state: no handshake since the daemon started (requests get 503)"
+            );
+        }
+        "stale" => {
+            let _ = writeln!(o, "  state: latest handshake too old (requests get 503)");
+        }
+        other => {
+            let _ = writeln!(o, "  state: {other}");
+        }
+    }
 }
 
 /// One `upstream:` block.
@@ -249,6 +289,11 @@ mod tests {
                 rx_bytes: 2048,
                 tx_bytes: 10,
                 persistent_keepalive: Some(25),
+                state: "up".into(),
+                last_received_seconds_ago: Some(3),
+                last_received_unix: Some(2),
+                silent_since_unix: None,
+                silent_after_seconds: 55,
             }],
             upstreams: vec![UpstreamStatus {
                 name: "vllm".into(),
@@ -293,9 +338,43 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
+        assert!(
+            t.contains(
+                "  persistent keepalive: every 25 seconds\n  last received: 3 seconds ago\n"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("state:"), "an up peer has no state line:\n{t}");
         // The JSON round-trips (the CLI prints what the daemon sent).
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<StatusReport>(&j).unwrap(), s);
+
+        // A silent peer says since when and what it means.
+        let mut silent = s.clone();
+        let p = &mut silent.peers[0];
+        p.state = "silent".into();
+        p.last_received_seconds_ago = Some(62);
+        p.silent_since_unix = Some(1_795_000_000);
+        let t = render(&silent);
+        assert!(
+            t.contains("  last received: 62 seconds ago\n  state: SILENT since 2026-11-18T")
+                && t.contains("for more than 55 s"),
+            "{t}"
+        );
+        // A daemon from before the fields: the JSON still parses, nothing extra printed.
+        let mut old: serde_json::Value = serde_json::to_value(&s).unwrap();
+        for k in [
+            "state",
+            "last_received_seconds_ago",
+            "last_received_unix",
+            "silent_since_unix",
+            "silent_after_seconds",
+        ] {
+            old["peers"][0].as_object_mut().unwrap().remove(k);
+        }
+        let parsed: StatusReport = serde_json::from_value(old).unwrap();
+        assert_eq!(parsed.peers[0].state, "");
+        assert!(!render(&parsed).contains("last received"));
     }
 
     #[test]

@@ -71,6 +71,24 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Keepalive interval the appliance sends, seconds; `null` when off.
     pub persistent_keepalive: Option<u16>,
+    /// `up`, `silent` (nothing received, not even a keepalive, for more than
+    /// `silent_after_seconds`), `no_handshake` (none since the daemon started) or `stale`
+    /// (the last handshake is older than 300 s). Requests to a peer that dials in and is not
+    /// `up` get 503 at once. Empty from a daemon that predates the field.
+    #[serde(default)]
+    pub state: String,
+    /// Seconds since the last authenticated packet from the peer (keepalives count); `null`
+    /// before the first.
+    #[serde(default)]
+    pub last_received_seconds_ago: Option<u64>,
+    #[serde(default)]
+    pub last_received_unix: Option<u64>,
+    /// When `state` is `silent`: UNIX seconds of the last packet, i.e. silent since then.
+    #[serde(default)]
+    pub silent_since_unix: Option<u64>,
+    /// How long the peer may be silent before it is down: two of its keepalives + 5 s.
+    #[serde(default)]
+    pub silent_after_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

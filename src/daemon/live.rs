@@ -25,9 +25,31 @@ use crate::keys::{KeyRing, KeyStore, Keys};
 use crate::netstack::Netstack;
 use crate::telemetry::{self, Metrics, Scrape};
 use crate::tls::TlsState;
-use crate::tunnel::PeerChanges;
+use crate::tunnel::{PeerChanges, PeerHealth};
 
 use super::{check_forwards, notify, peer_specs, upstream_specs, Forward};
+
+/// One peer of `status`, from the tunnel's stats at `now`.
+fn peer_status(p: &crate::tunnel::PeerStats, now: SystemTime) -> PeerStatus {
+    let ago = |d: Option<std::time::Duration>| d.and_then(|d| now.checked_sub(d)).map(unix);
+    let last_received_unix = ago(p.last_received);
+    PeerStatus {
+        name: p.name.clone(),
+        public_key: p.public_key.to_string(),
+        endpoint: p.endpoint.map(|e| e.to_string()),
+        allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+        latest_handshake_seconds_ago: p.last_handshake.map(|d| d.as_secs()),
+        latest_handshake_unix: ago(p.last_handshake),
+        rx_bytes: p.rx_bytes,
+        tx_bytes: p.tx_bytes,
+        persistent_keepalive: p.keepalive,
+        state: p.health.as_str().to_string(),
+        last_received_seconds_ago: p.last_received.map(|d| d.as_secs()),
+        last_received_unix,
+        silent_since_unix: last_received_unix.filter(|_| p.health == PeerHealth::Silent),
+        silent_after_seconds: p.silent_after.as_secs(),
+    }
+}
 
 /// The gateway's parts that a reload touches.
 pub(crate) struct GatewayParts {
@@ -83,25 +105,7 @@ impl Live {
         let now = SystemTime::now();
         let peers = stats
             .as_ref()
-            .map(|s| {
-                s.peers
-                    .iter()
-                    .map(|p| PeerStatus {
-                        name: p.name.clone(),
-                        public_key: p.public_key.to_string(),
-                        endpoint: p.endpoint.map(|e| e.to_string()),
-                        allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                        latest_handshake_seconds_ago: p.last_handshake.map(|d| d.as_secs()),
-                        latest_handshake_unix: p
-                            .last_handshake
-                            .and_then(|d| now.checked_sub(d))
-                            .map(unix),
-                        rx_bytes: p.rx_bytes,
-                        tx_bytes: p.tx_bytes,
-                        persistent_keepalive: p.keepalive,
-                    })
-                    .collect()
-            })
+            .map(|s| s.peers.iter().map(|p| peer_status(p, now)).collect())
             .unwrap_or_default();
         let udp = self.netstack.udp_addr();
         let (upstreams, https) = match &self.gateway {

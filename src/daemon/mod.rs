@@ -12,8 +12,12 @@
 //! control listeners close (the socket file is removed), the usage ledger writes what is
 //! pending, and the tunnel stops.
 
+mod listen;
 mod live;
 pub mod notify;
+mod ready;
+
+pub use listen::{Inherited, InheritedSocket};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -32,14 +36,17 @@ use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
 use crate::policy::limits::Limiter;
 use crate::telemetry::Metrics;
 use crate::tls::TlsState;
+use crate::tunnel::endpoints::EndpointStore;
 use crate::tunnel::PeerSpec;
 use live::{GatewayParts, Live};
 
 /// Options of `modelgate run` that are not part of the config file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct RunOptions {
     /// `--forward LISTEN=TARGET`: debug TCP forwards from a local port through the tunnel.
     pub forwards: Vec<Forward>,
+    /// Sockets systemd passed (socket activation); the HTTPS one is used instead of binding.
+    pub inherited: Inherited,
 }
 
 /// One `--forward 127.0.0.1:8080=10.20.0.5:8000`.
@@ -183,17 +190,31 @@ async fn wait_for_signal() {
 /// The daemon proper; `stop` turning true ends it. Tests call this directly.
 pub async fn run(
     config: Config,
-    opts: RunOptions,
+    mut opts: RunOptions,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     check_forwards(&config, &opts.forwards).map_err(anyhow::Error::msg)?;
     let ns_cfg = netstack_config(&config)?;
+    let https_socket = match &config.tls {
+        Some(_) => opts
+            .inherited
+            .take_https(config.server.listen)
+            .map_err(anyhow::Error::msg)?,
+        None => {
+            if !opts.inherited.is_empty() {
+                tracing::warn!("systemd passed a socket, but the config has no [tls]: the HTTPS gateway is off and the socket unused");
+            }
+            None
+        }
+    };
     // The control socket first: a second daemon on the same config is told so plainly here,
     // before it trips over the first one's ports.
     let control_path = config.server.control_socket.clone();
     let (control, guard) =
         crate::control::server::bind(&control_path).map_err(anyhow::Error::msg)?;
-    let netstack = Netstack::start(ns_cfg).map_err(|e| {
+    // Stored endpoints: the peers are handshaken at once (see tunnel/restart.rs).
+    let store = EndpointStore::in_dir(&config.server.state_dir);
+    let netstack = Netstack::start_with_store(ns_cfg, Some(store)).map_err(|e| {
         anyhow::anyhow!(
             "cannot bind the WireGuard UDP socket {}: {e}; fix: free the port or change [wireguard] listen / --wg-listen",
             config.wireguard.listen
@@ -213,7 +234,8 @@ pub async fn run(
     let mut parts = None;
     let metrics;
     if let Some(tls_cfg) = &config.tls {
-        let started = start_gateway(&config, tls_cfg, &netstack, &stop, &mut tasks).await?;
+        let started =
+            start_gateway(&config, tls_cfg, &netstack, https_socket, &stop, &mut tasks).await?;
         gateway_task = Some(started.serve);
         ledger_task = Some(started.ledger);
         metrics = started.parts.handle.load().metrics.clone();
@@ -280,7 +302,12 @@ pub async fn run(
     )));
     tasks.push(tokio::spawn(reload_on_sighup(live.clone(), stop.clone())));
 
-    notify::notify_logged(&format!("READY=1\nSTATUS={}", live.status_line()));
+    // READY=1 once requests can work: the listeners are up and the tunnel is (or 2 s passed).
+    // (Borrowed, not cloned: a handle kept here would keep the gateway snapshot, and with it
+    // the ledger's writer, alive past the drain, and stall the stop by the ledger timeout.)
+    let handle = live.gateway.as_ref().map(|g| &g.handle);
+    let tunnel = ready::await_tunnel(&netstack, handle, ready::READY_WAIT).await;
+    notify::notify_logged(&format!("READY=1\nSTATUS={}{tunnel}", live.status_line()));
 
     // Wait for the stop signal (or the sender going away).
     while !*stop.borrow() {
@@ -329,12 +356,14 @@ struct StartedGateway {
     parts: GatewayParts,
 }
 
-/// Binds the HTTPS port and starts the gateway with its key ring, certificate, upstreams,
-/// limiter (seeded with this UTC day's and month's usage) and usage ledger writer.
+/// Binds the HTTPS port (or takes the socket systemd passed) and starts the gateway with its
+/// key ring, certificate, upstreams, limiter (seeded with this UTC day's and month's usage)
+/// and usage ledger writer.
 async fn start_gateway(
     config: &Config,
     tls_cfg: &TlsConfig,
     netstack: &Netstack,
+    inherited: Option<InheritedSocket>,
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<StartedGateway> {
@@ -354,15 +383,14 @@ async fn start_gateway(
         tracing::warn!("no [[upstream]] configured: every model request will get 404; add one with `modelgate upstream add`");
     }
     let (limiter, ledger, ledger_task) = start_ledger(&state_dir)?;
-    let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {} (HTTPS): {e}; fix: free the port, or change [server] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
-            config.server.listen
-        )
-    })?;
+    let from_systemd = inherited
+        .as_ref()
+        .map(|s| s.name.clone().unwrap_or_default());
+    let listener = https_listener(config.server.listen, inherited).await?;
     let https = listener.local_addr().unwrap_or(config.server.listen);
     tracing::info!(
         listen = %https,
+        socket_from_systemd = ?from_systemd,
         certificate_expires = ?tls.not_after().map(humantime::format_rfc3339_seconds),
         "HTTPS gateway listening"
     );
@@ -385,6 +413,25 @@ async fn start_gateway(
             keys,
             https,
         },
+    })
+}
+
+/// The HTTPS listener: the socket systemd passed, or `listen` bound here.
+async fn https_listener(
+    listen: SocketAddr,
+    inherited: Option<InheritedSocket>,
+) -> anyhow::Result<TcpListener> {
+    if let Some(s) = inherited {
+        let l = s.listener;
+        return l
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+            .map_err(|e| anyhow::anyhow!("the HTTPS socket from systemd ({}) is unusable: {e}; fix: `systemctl restart modelgate.socket modelgate.service`", s.addr));
+    }
+    TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {listen} (HTTPS): {e}; fix: free the port, or change [server] listen (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        )
     })
 }
 

@@ -35,6 +35,8 @@ pub enum Outcome<'a> {
     ClientDisconnected,
     /// The upstream failed mid-body.
     UpstreamError,
+    /// The drain period of a shutdown ended with the body still open: the gateway cut it.
+    ShutdownCut,
     /// Refused before an answer (auth, policy, limits, routing, upstream failure).
     Refused(&'a ApiError),
 }
@@ -46,6 +48,7 @@ impl fmt::Display for Outcome<'_> {
             Outcome::LimitCut => f.write_str("limit_cut"),
             Outcome::ClientDisconnected => f.write_str("client_disconnected"),
             Outcome::UpstreamError => f.write_str("upstream_error"),
+            Outcome::ShutdownCut => f.write_str("shutdown_cut"),
             // The refusal with its reason, as the operator needs it.
             Outcome::Refused(e) => write!(f, "{e:?}"),
         }

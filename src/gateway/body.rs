@@ -10,6 +10,14 @@
 //! upstream connection is dropped, which resets it so the model stops generating. Dropping the
 //! client's response drops the upstream connection at once the same way.
 //!
+//! A body cut short — the upstream connection died mid-answer (model killed, corp peer gone) or
+//! the drain period of a shutdown ended ([`DrainCut`]) — never looks like a complete answer:
+//! a stream (SSE) ends with one `data:` event carrying an OpenAI-shaped error
+//! (`upstream_disconnected` or `server_shutting_down`, type `server_error`) and then closes
+//! cleanly, so the SDKs raise a typed `APIError` with the reason instead of failing to parse a
+//! truncated body; any other answer is aborted (HTTP/1.1: the connection closes before the
+//! body is complete; HTTP/2: `RST_STREAM`), so the client sees an incomplete body error.
+//!
 //! Per frame: no allocation on an unmetered body beyond the bounded usage tail; no lock unless
 //! the key's tokens are charged as they stream.
 
@@ -28,6 +36,7 @@ use tokio::time::Sleep;
 
 use super::admission::{Settlement, Used, BYTES_PER_TOKEN};
 use super::audit::{AuditRecord, Outcome};
+use super::drain::{DrainCut, Registration};
 use super::error::insert_rate_headers;
 use super::fair::Slot;
 use super::forward::Forwarded;
@@ -44,15 +53,18 @@ pub struct Answer {
     keepalive: Option<KeepAlive>,
     slot: Option<Slot>,
     settlement: Settlement,
+    drain: DrainCut,
 }
 
 /// The respond step: the client's response head (status, the upstream's content type and
-/// cache control, the key's rate-limit headers) and how its body is read.
+/// cache control, the key's rate-limit headers) and how its body is read; `drain` cuts it at
+/// the end of a shutdown's drain period.
 pub fn respond(
     forwarded: Forwarded,
     request: &ClientRequest,
     sse_keepalive: Duration,
     settlement: Settlement,
+    drain: &DrainCut,
 ) -> Answer {
     let Forwarded { response, slot } = forwarded;
     let (parts, upstream) = response.into_parts();
@@ -89,6 +101,7 @@ pub fn respond(
         keepalive: sse.then(|| KeepAlive::new(sse_keepalive)),
         slot,
         settlement,
+        drain: drain.clone(),
     }
 }
 
@@ -105,6 +118,8 @@ impl Answer {
                 settlement: self.settlement,
                 record,
             }),
+            drain: self.drain,
+            drain_reg: None,
         };
         let (parts, ()) = self.head.into_parts();
         Response::from_parts(parts, Body::new(body))
@@ -121,17 +136,58 @@ struct ProxyBody {
     slot: Option<Slot>,
     /// Settled and emitted exactly once, when the body ends or is dropped.
     account: Option<Account>,
+    /// The end of a shutdown's drain period.
+    drain: DrainCut,
+    /// Registered the first time the body waits for the upstream.
+    drain_reg: Option<Registration>,
 }
 
 /// Where the body is between the upstream and the client.
 enum Phase {
     /// Frames come from the upstream.
     Open(Incoming),
-    /// The gateway ended the stream (a limit ran out): its ending went out with the last
-    /// frame, the upstream is dropped (reset), and the body ends at the next poll.
-    Cut,
+    /// The gateway ended the stream: its ending went out with the last frame, the upstream is
+    /// dropped (reset, so the model stops), and the body ends at the next poll.
+    Cut(Cut),
     /// Ended, settled and emitted.
     Ended,
+}
+
+/// Why the gateway ended a body early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The key's TPM or budget ran out (a clean `finish_reason: "length"` ending).
+    Limit,
+    /// The upstream connection failed mid-answer.
+    Upstream,
+    /// The drain period of a shutdown ended.
+    Shutdown,
+}
+
+impl Cut {
+    /// The SSE event a cut stream ends with (`Limit` has its own ending, from the meter).
+    fn event(self) -> &'static [u8] {
+        match self {
+            Cut::Limit => b"",
+            Cut::Upstream => UPSTREAM_DISCONNECTED_EVENT,
+            Cut::Shutdown => SHUTTING_DOWN_EVENT,
+        }
+    }
+}
+
+/// The last event of a stream whose upstream connection died: OpenAI's error shape, which the
+/// SDKs raise as `APIError` (message, `type`, `code`).
+const UPSTREAM_DISCONNECTED_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"The connection to the model server was lost in the middle of this response (the model server or the tunnel to it went away); the response is incomplete. Retry the request.\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_disconnected\"}}\n\n";
+/// The last event of a stream still open when a shutdown's drain period ended.
+const SHUTTING_DOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"The gateway is restarting and ended this response at the end of its drain period; the response is incomplete. Retry the request.\",\"type\":\"server_error\",\"param\":null,\"code\":\"server_shutting_down\"}}\n\n";
+
+/// Why a body ended with an error (the client sees an incomplete body).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the model server's answer broke off: {0}")]
+    Upstream(hyper::Error),
+    #[error("the answer was cut at the end of the shutdown's drain period")]
+    ShuttingDown,
 }
 
 /// How the body's token usage is learnt.
@@ -273,7 +329,7 @@ impl ProxyBody {
                 let delivered = meter.tokens.saturating_sub(ev.tokens);
                 out.extend_from_slice(&meter.cut_tail(*client_wants_usage, prompt, delivered));
                 // Dropping the upstream body resets its connection: the model stops.
-                *phase = Phase::Cut;
+                *phase = Phase::Cut(Cut::Limit);
                 break;
             }
             if ev.forward {
@@ -313,7 +369,10 @@ impl ProxyBody {
     fn finish(&mut self, outcome: Outcome<'_>) {
         // Free the model server's slot first: the upstream connection is done with.
         self.slot = None;
-        let cut = matches!(self.phase, Phase::Cut);
+        let cut = match self.phase {
+            Phase::Cut(c) => Some(c),
+            _ => None,
+        };
         self.phase = Phase::Ended;
         let Some(Account {
             mut settlement,
@@ -326,7 +385,7 @@ impl ProxyBody {
             Reading::Metered { meter, .. } => meter.usage,
             Reading::Tail(t) => t.usage(),
         };
-        if cut {
+        if cut == Some(Cut::Limit) {
             // A cut stream never saw the upstream's usage chunk: the prompt estimate and the
             // tokens counted so far, which the audit line and metrics log too.
             let counted = match &self.reading {
@@ -360,21 +419,68 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// Ends the body early for `why`. A stream gets its error event (after closing a partly
+    /// sent event, so the event parses) and then ends cleanly at the next poll; any other
+    /// answer is aborted with `abort`, so the client sees an incomplete body.
+    fn cut(&mut self, why: Cut, abort: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &self.keepalive {
+            Some(k) => {
+                let mut out = BytesMut::with_capacity(2 + why.event().len());
+                if !k.at_boundary {
+                    out.extend_from_slice(b"\n\n");
+                }
+                out.extend_from_slice(why.event());
+                let out = out.freeze();
+                self.record(&out);
+                // Dropping the upstream body resets its connection: the model stops.
+                self.phase = Phase::Cut(why);
+                Poll::Ready(Some(Ok(Frame::data(out))))
+            }
+            None => {
+                self.phase = Phase::Cut(why);
+                self.finish(why.outcome());
+                Poll::Ready(Some(Err(abort)))
+            }
+        }
+    }
+
+    /// Whether the drain period ended while the upstream is silent (registers the wake-up).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drain.poll_cut(&mut self.drain_reg, cx)
+    }
+}
+
+impl Cut {
+    /// How the audit line reports it.
+    fn outcome(self) -> Outcome<'static> {
+        match self {
+            Cut::Limit => Outcome::LimitCut,
+            Cut::Upstream => Outcome::UpstreamError,
+            Cut::Shutdown => Outcome::ShutdownCut,
+        }
+    }
+}
+
 impl HttpBody for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         loop {
             let upstream = match &mut this.phase {
+                Phase::Open(_) if this.drain.is_cut() => {
+                    return this.cut(Cut::Shutdown, BodyError::ShuttingDown)
+                }
                 Phase::Open(upstream) => upstream,
-                Phase::Cut => {
+                Phase::Cut(why) => {
                     // The ending went out with the last frame.
-                    this.finish(Outcome::Ok);
+                    let outcome = why.outcome();
+                    this.finish(outcome);
                     return Poll::Ready(None);
                 }
                 Phase::Ended => return Poll::Ready(None),
@@ -386,11 +492,16 @@ impl HttpBody for ProxyBody {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.finish(Outcome::UpstreamError);
-                    return Poll::Ready(Some(Err(e)));
+                    tracing::debug!(error = %e, "upstream answer broke off mid-body");
+                    return this.cut(Cut::Upstream, BodyError::Upstream(e));
                 }
                 Poll::Ready(None) => return Poll::Ready(this.on_end().map(|b| Ok(Frame::data(b)))),
-                Poll::Pending => return this.poll_silence(cx).map(|b| Some(Ok(Frame::data(b)))),
+                Poll::Pending => {
+                    if this.poll_drain(cx) {
+                        return this.cut(Cut::Shutdown, BodyError::ShuttingDown);
+                    }
+                    return this.poll_silence(cx).map(|b| Some(Ok(Frame::data(b))));
+                }
             }
         }
     }

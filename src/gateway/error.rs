@@ -53,12 +53,16 @@ pub enum ApiError {
     RequestTooLarge(LimitRefusal),
     /// The key's day or month token budget cannot cover the request.
     InsufficientQuota(LimitRefusal),
+    /// The drain period of a shutdown ended before the model server answered.
+    ShuttingDown,
 }
 
 impl ApiError {
     pub fn from_net(e: NetError) -> ApiError {
         match e {
-            NetError::NoHandshake | NetError::Stopped => ApiError::TunnelDown,
+            NetError::NoHandshake | NetError::PeerSilent | NetError::Stopped => {
+                ApiError::TunnelDown
+            }
             NetError::TimedOut => ApiError::GatewayTimeout,
             NetError::TooManyConnections => ApiError::Overloaded,
             NetError::NoRoute => ApiError::BadGateway("no route to the model server".into()),
@@ -93,7 +97,8 @@ impl ApiError {
             ApiError::TunnelDown
             | ApiError::ModelsUnavailable
             | ApiError::Overloaded
-            | ApiError::ModelBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::ModelBusy { .. }
+            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RateLimited(_)
@@ -198,6 +203,11 @@ impl ApiError {
                 "insufficient_quota",
                 Some("insufficient_quota"),
             ),
+            ApiError::ShuttingDown => (
+                "The gateway is restarting and the model server had not answered yet. Retry the request.".into(),
+                "server_error",
+                Some("server_shutting_down"),
+            ),
         }
     }
 
@@ -215,7 +225,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::TunnelDown | ApiError::ModelsUnavailable => Some(5),
-            ApiError::Overloaded => Some(1),
+            ApiError::Overloaded | ApiError::ShuttingDown => Some(1),
             ApiError::ModelBusy { .. } => Some(MODEL_BUSY_RETRY_SECS),
             ApiError::RateLimited(r)
             | ApiError::TooManyConcurrent(r)

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// A byte of the client's request has been read (the TLS handshake is not counted).
+    read: AtomicBool,
 }
 
 impl Activity {
@@ -25,7 +27,13 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            read: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the client sent any request bytes yet.
+    pub fn has_read(&self) -> bool {
+        self.read.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -68,6 +76,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.touch();
+            self.activity.read.store(true, Ordering::Relaxed);
         }
         r
     }

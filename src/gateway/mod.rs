@@ -12,6 +12,7 @@ mod audit;
 mod auth;
 mod body;
 pub mod compat;
+mod drain;
 pub mod error;
 pub mod fair;
 mod forward;
@@ -112,9 +113,10 @@ impl Gateway {
         tls: Arc<rustls::ServerConfig>,
         stop: watch::Receiver<bool>,
     ) -> RunningGateway {
+        let peer_events = self.netstack.peer_events();
         let handle = GatewayHandle::new(Arc::new(GatewayState::first(self)));
         RunningGateway {
-            discovery: handle.spawn_discovery(stop.clone()),
+            discovery: handle.spawn_discovery(peer_events, stop.clone()),
             serve: tokio::spawn(serve(handle.clone(), listener, tls, stop)),
             handle,
         }
@@ -139,6 +141,8 @@ pub struct GatewayState {
     pub ledger: Option<LedgerWriter>,
     /// Request counters and histograms (`telemetry`), shared across reloads.
     pub metrics: Arc<Metrics>,
+    /// The end of a shutdown's drain period: open bodies are cut (shared across reloads).
+    pub drain: drain::DrainCut,
 }
 
 impl GatewayState {
@@ -167,6 +171,7 @@ impl GatewayState {
             limiter: Arc::new(Mutex::new(limiter)),
             ledger,
             metrics: Arc::new(Metrics::new()),
+            drain: drain::DrainCut::default(),
         }
     }
 
@@ -197,6 +202,7 @@ impl GatewayState {
             limiter: self.limiter.clone(),
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
         }
     }
 }
@@ -233,17 +239,44 @@ impl GatewayHandle {
         self.changed.notify_one();
     }
 
-    /// Model discovery over the current routes, a round at once after every swap.
-    fn spawn_discovery(&self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// Model discovery over the current routes, a round at once after every swap and every
+    /// time a tunnel peer comes up (`peer_events`), so no probe result from before the
+    /// tunnel was up outlives its first handshake (a restart, a corp peer back from silence).
+    fn spawn_discovery(
+        &self,
+        peer_events: watch::Receiver<u64>,
+        stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
         let me = self.clone();
         let client = self.load().client.clone();
-        tokio::spawn(upstream::discover_live(
+        let discover = upstream::discover_live(
             move || me.load().routes.clone(),
             client,
             DISCOVERY_INTERVAL,
             self.changed.clone(),
-            stop,
-        ))
+            stop.clone(),
+        );
+        let reprobe = probe_when_peers_come_up(peer_events, self.changed.clone(), stop);
+        tokio::spawn(async move {
+            tokio::join!(discover, reprobe);
+        })
+    }
+}
+
+/// Starts a discovery round (`changed`) whenever a tunnel peer comes up, until `stop`.
+async fn probe_when_peers_come_up(
+    mut peer_events: watch::Receiver<u64>,
+    changed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = peer_events.changed() => match r {
+                Ok(()) => changed.notify_one(),
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -312,6 +345,7 @@ async fn serve(
         .max_header_list_size(settings.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let conn_stop = stop.clone();
     let connection = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -321,8 +355,18 @@ async fn serve(
         let hs_timeout = live.settings.tls_handshake_timeout;
         let idle_timeout = live.settings.idle_timeout;
         let watcher = graceful.watcher();
+        let stop = conn_stop.clone();
         async move {
-            let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
+            // After a stop a handshake gets FIRST_REQUEST_GRACE at most (the drain waits for it).
+            let handshake = tokio::time::timeout(hs_timeout, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => r,
+                () = stopped_then(stop.clone(), FIRST_REQUEST_GRACE) => {
+                    tracing::debug!(%peer, "TLS handshake unfinished at the stop");
+                    return;
+                }
+            };
+            let tls = match tls {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -341,9 +385,9 @@ async fn serve(
             let svc = TowerToHyperService::new(app);
             let activity = Arc::new(idle::Activity::new());
             let io = idle::IdleIo::new(tls, activity.clone());
-            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
             tokio::select! {
-                r = watcher.watch(conn.into_owned()) => {
+                r = graceful_after_first_request(conn, &activity, stop, watcher) => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     }
@@ -363,16 +407,87 @@ async fn serve(
     )
     .await;
     drop(listener);
-    let drain_timeout = handle.load().settings.drain_timeout;
+    let live = handle.load();
     tracing::info!(
-        timeout = ?drain_timeout,
-        "HTTPS listener closed (new connections are refused); draining open requests"
+        timeout = ?live.settings.drain_timeout,
+        "HTTPS listener closed (new connections wait in a socket-activated backlog or are refused); draining open requests"
     );
-    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
-            timeout = ?drain_timeout,
-            "drain timeout reached with connections still open; closing them"
-        ),
+    drain(graceful, live.settings.drain_timeout, &live.drain).await;
+}
+
+/// How long a connection accepted just before a stop gets to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves `conn` to its end; once the gateway stops, asks it to finish gracefully (the request
+/// in flight is answered, then it closes). A connection accepted before the stop that has not
+/// sent its first request yet (still in the TLS handshake, or its request in flight) first gets
+/// [`FIRST_REQUEST_GRACE`] to send it: asked at once, hyper would close it unanswered, which
+/// a client sees as a reset (seen in the boot test's restart under load). `_watcher` keeps the
+/// drain waiting for this connection.
+async fn graceful_after_first_request<C>(
+    conn: C,
+    activity: &idle::Activity,
+    stop: watch::Receiver<bool>,
+    _watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), C::Error>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = stopped_then(stop, Duration::ZERO) => {}
+    }
+    let first_request = async {
+        let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+        while !activity.has_read() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = first_request => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// Resolves `grace` after `stop` turned true (or its sender went away).
+async fn stopped_then(mut stop: watch::Receiver<bool>, grace: Duration) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(grace).await;
+}
+
+/// How long cut connections get to send their last bytes (the error event) once the drain
+/// period is over.
+const CUT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Lets open connections finish for `timeout`; then cuts what is still open (streams end with
+/// an error event, other answers are aborted) and gives them [`CUT_FLUSH`] to say so.
+async fn drain(
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    timeout: Duration,
+    cut: &drain::DrainCut,
+) {
+    let shutdown = graceful.shutdown();
+    tokio::pin!(shutdown);
+    if tokio::time::timeout(timeout, &mut shutdown).await.is_ok() {
+        tracing::info!("all connections drained");
+        return;
+    }
+    tracing::warn!(
+        ?timeout,
+        "drain timeout reached with connections still open; cutting them (streams end with a server_shutting_down error event)"
+    );
+    cut.cut();
+    if tokio::time::timeout(CUT_FLUSH, &mut shutdown)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the cut; closing them");
     }
 }

@@ -31,7 +31,13 @@ pub async fn forward(
     req: Request<Body>,
 ) -> Response {
     let mut record = AuditRecord::start(&state.metrics, client.ip(), endpoint);
-    match handle(&state, &mut record, endpoint, req).await {
+    // A request still waiting for the model server when a shutdown's drain period ends gets
+    // a 503 the SDKs retry (the next process takes it), not a dropped connection.
+    let handled = tokio::select! {
+        r = handle(&state, &mut record, endpoint, req) => r,
+        () = state.drain.cancelled() => Err(ApiError::ShuttingDown),
+    };
+    match handled {
         Ok(answer) => answer.into_response(record),
         Err(e) => {
             record.refused(&e, &state.routes);
@@ -63,6 +69,7 @@ async fn handle(
         &request,
         settings.sse_keepalive,
         settlement,
+        &state.drain,
     ))
 }
 

@@ -12,16 +12,17 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult};
 use smoltcp::wire::{HardwareAddress, IpCidr};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::device::{self, DeviceCounters, TunnelDevice};
 use super::sockets::ConnTable;
 use super::stream::{DriverWake, NetError, Shared};
 use super::{Command, NetstackConfig, NetstackStats, TcpTuning};
+use crate::tunnel::endpoints::{EndpointStore, EndpointWriter};
 use crate::tunnel::udp::UdpEndpoint;
 use crate::tunnel::{Output, RouteError, WgCore, MAX_PACKET};
 
@@ -51,6 +52,10 @@ pub(super) struct Driver {
     epoch: std::time::Instant,
     local_addrs: Vec<IpAddr>,
     cmd_rx: mpsc::Receiver<Command>,
+    /// Stores the peers' learned endpoints off the packet path (the daemon; not the demo).
+    endpoints: Option<EndpointWriter>,
+    /// Bumped whenever a peer comes up ([`super::Netstack::peer_events`]).
+    peer_up: watch::Sender<u64>,
 }
 
 /// Why the driver woke.
@@ -64,16 +69,31 @@ enum Event {
 }
 
 impl Driver {
-    /// Binds the UDP socket and builds the smoltcp interface on the tunnel addresses.
+    /// Binds the UDP socket and builds the smoltcp interface on the tunnel addresses. With a
+    /// `store`, the peers' stored endpoints are restored (and handshaken when the driver
+    /// runs) and their learned endpoints are written back as they change.
     pub(super) fn new(
         cfg: &NetstackConfig,
+        store: Option<EndpointStore>,
         cmd_rx: mpsc::Receiver<Command>,
         wake: Arc<DriverWake>,
         tcp: Arc<TcpTuning>,
+        peer_up: watch::Sender<u64>,
     ) -> io::Result<Driver> {
         let udp = UdpEndpoint::bind(cfg.listen)?;
         let udp_addr = udp.local_addr()?;
         let mut core = WgCore::new(&cfg.private_key, cfg.peers.clone());
+        let endpoints = store.map(|store| {
+            let restored = core.restore_endpoints(&store.load_logged());
+            if !restored.is_empty() {
+                tracing::info!(
+                    peers = ?restored,
+                    file = %store.path().display(),
+                    "handshaking the peers at their stored endpoints"
+                );
+            }
+            EndpointWriter::start(store)
+        });
         let mtu = usize::from(cfg.mtu);
 
         let mut seed = [0u8; 8];
@@ -128,6 +148,8 @@ impl Driver {
             epoch,
             local_addrs: cfg.addresses.iter().map(|a| a.addr()).collect(),
             cmd_rx,
+            endpoints,
+            peer_up,
         })
     }
 
@@ -150,6 +172,9 @@ impl Driver {
             self.process();
         }
         self.conns.stop_all();
+        if let Some(w) = self.endpoints.take() {
+            w.finish().await;
+        }
     }
 
     fn initiate_handshakes(&mut self) {
@@ -198,10 +223,11 @@ impl Driver {
     /// Reads up to [`UDP_BATCH`] datagrams into the core; handshake replies go straight out,
     /// decrypted packets wait in `rx_queue` for the next smoltcp poll.
     fn drain_udp(&mut self) {
+        self.core.set_now(Instant::now());
         for _ in 0..UDP_BATCH {
             let (n, from, local) = match self.udp.try_recv(&mut self.recv_buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // ICMP errors surface as ECONNREFUSED etc. on the next read; ignore them.
                     tracing::trace!(error = %e, "WireGuard UDP receive error");
@@ -223,6 +249,18 @@ impl Driver {
                     }
                 });
         }
+        // A peer that was not up spoke: see at once whether it is up now (a first handshake
+        // completes here), not only at the next tick.
+        if self.core.take_recheck() {
+            self.refresh_health();
+        }
+    }
+
+    /// Recomputes peer health; announces a peer coming up.
+    fn refresh_health(&mut self) {
+        if self.core.refresh_health() {
+            self.peer_up.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// The WireGuard timers (handshakes, keepalives) and the connect timeouts.
@@ -235,6 +273,10 @@ impl Driver {
             }
         });
         self.conns.expire_connects(std::time::Instant::now());
+        self.refresh_health();
+        if let (Some(w), Some(snapshot)) = (&self.endpoints, self.core.take_endpoint_changes()) {
+            w.offer(snapshot);
+        }
     }
 
     fn command(&mut self, c: Command) {
@@ -252,6 +294,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Command::Stats { reply, detail } => {
+                self.core.set_now(Instant::now());
                 let _ = reply.send(self.stats(detail));
             }
             Command::SetPeers { peers, reply } => {
@@ -267,11 +310,14 @@ impl Driver {
         }
     }
 
-    /// A dial: fails fast when no peer routes `remote` or that peer never shook hands.
+    /// A dial: fails fast when no peer routes `remote`, or that peer never shook hands or fell
+    /// silent.
     fn connect(&mut self, shared: Arc<Shared>, remote: SocketAddr) -> Result<SocketAddr, NetError> {
+        self.core.set_now(Instant::now());
         match self.core.check_route(remote.ip()) {
             Err(RouteError::NoRoute) => return Err(NetError::NoRoute),
             Err(RouteError::NoEndpoint) => return Err(NetError::NoHandshake),
+            Err(RouteError::Silent) => return Err(NetError::PeerSilent),
             Ok(()) => {}
         }
         let cx = self.iface.context();

@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::tunnel::endpoints::EndpointStore;
 use crate::tunnel::{DropCounters, PeerChanges, PeerSpec, PeerStats};
 use crate::wgkey::{PrivateKey, PublicKey};
 use driver::Driver;
@@ -144,15 +145,27 @@ pub struct Netstack {
     tcp: Arc<TcpTuning>,
     stop: Arc<tokio::sync::Notify>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    peer_up: watch::Receiver<u64>,
 }
 
 impl Netstack {
     /// Binds the WireGuard UDP socket and starts the driver task on the current runtime.
     pub fn start(cfg: NetstackConfig) -> io::Result<Netstack> {
+        Netstack::start_with_store(cfg, None)
+    }
+
+    /// [`Netstack::start`] with the endpoint store of the state directory (the daemon): peers
+    /// are handshaken at once at their stored endpoints, and learned endpoints are stored as
+    /// they change (see `tunnel/restart.rs`).
+    pub fn start_with_store(
+        cfg: NetstackConfig,
+        store: Option<EndpointStore>,
+    ) -> io::Result<Netstack> {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let wake = Arc::new(DriverWake::new());
         let tcp = Arc::new(cfg.tcp.clone());
-        let driver = Driver::new(&cfg, cmd_rx, wake.clone(), tcp.clone())?;
+        let (up_tx, peer_up) = watch::channel(0);
+        let driver = Driver::new(&cfg, store, cmd_rx, wake.clone(), tcp.clone(), up_tx)?;
         let udp_addr = driver.udp_addr;
         let public_key = driver.core.public_key();
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -165,7 +178,14 @@ impl Netstack {
             tcp,
             stop,
             task: Arc::new(Mutex::new(Some(task))),
+            peer_up,
         })
+    }
+
+    /// Changes (a counter) whenever a peer comes up: its first handshake completed, or it was
+    /// heard from again after a silence. Readiness and the upstream probes wait on it.
+    pub fn peer_events(&self) -> watch::Receiver<u64> {
+        self.peer_up.clone()
     }
 
     /// The bound WireGuard UDP address (useful with port 0).
@@ -178,8 +198,8 @@ impl Netstack {
     }
 
     /// Opens a TCP connection through the tunnel. Fails fast with a clear reason when no peer
-    /// routes `addr` or that peer has never completed a handshake; otherwise waits up to the
-    /// connect timeout.
+    /// routes `addr`, that peer has never completed a handshake, or it has fallen silent;
+    /// otherwise waits up to the connect timeout.
     pub async fn dial(&self, addr: SocketAddr) -> Result<TunnelStream, NetError> {
         let shared = Shared::new(self.wake.clone(), self.tcp.app_buffer, self.tcp.app_buffer);
         let (reply, rx) = oneshot::channel();

@@ -24,6 +24,8 @@ pub enum NetError {
     NoRoute,
     #[error("the WireGuard peer that routes this address has not completed a handshake yet (is the corp side up and dialling this appliance?)")]
     NoHandshake,
+    #[error("the WireGuard peer that routes this address has sent nothing, not even a keepalive, for longer than its keepalive allows (is the corp side's WireGuard up, and do its NAT and firewall let its UDP out to this appliance?)")]
+    PeerSilent,
     #[error("connection refused by the server inside the tunnel")]
     Refused,
     #[error("connection reset by the server inside the tunnel")]
@@ -42,7 +44,7 @@ impl NetError {
     pub fn kind(self) -> io::ErrorKind {
         match self {
             NetError::NoRoute => io::ErrorKind::HostUnreachable,
-            NetError::NoHandshake => io::ErrorKind::NotConnected,
+            NetError::NoHandshake | NetError::PeerSilent => io::ErrorKind::NotConnected,
             NetError::Refused => io::ErrorKind::ConnectionRefused,
             NetError::Reset => io::ErrorKind::ConnectionReset,
             NetError::TimedOut => io::ErrorKind::TimedOut,

@@ -349,6 +349,41 @@ pub struct Scrape {
     pub certificate_not_after: Option<SystemTime>,
 }
 
+/// `modelgate_peer_up` and `modelgate_peer_last_receive_age_seconds`: the peer as requests
+/// see it (up, or silent / without a handshake) and how long it has been quiet.
+fn render_peer_health(out: &mut String, peers: &[PeerStats]) {
+    header(
+        out,
+        "modelgate_peer_up",
+        "1 when the peer has a session and was heard from (keepalives count) within its silence limit, else 0.",
+        "gauge",
+    );
+    for p in peers {
+        let up = u8::from(p.health == crate::tunnel::PeerHealth::Up);
+        let _ = writeln!(
+            out,
+            "modelgate_peer_up{{peer=\"{}\"}} {up}",
+            escape(&p.name)
+        );
+    }
+    header(
+        out,
+        "modelgate_peer_last_receive_age_seconds",
+        "Seconds since the peer's last authenticated packet, keepalives included (absent before the first).",
+        "gauge",
+    );
+    for p in peers {
+        if let Some(age) = p.last_received {
+            let _ = writeln!(
+                out,
+                "modelgate_peer_last_receive_age_seconds{{peer=\"{}\"}} {}",
+                escape(&p.name),
+                age.as_secs_f64()
+            );
+        }
+    }
+}
+
 /// The full exposition: request families, then peers, upstreams and the certificate.
 pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
     let mut out = String::with_capacity(4096);
@@ -369,6 +404,7 @@ pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
             );
         }
     }
+    render_peer_health(&mut out, &scrape.peers);
     for (name, help, pick) in [
         (
             "modelgate_peer_receive_bytes_total",

@@ -91,6 +91,9 @@ fn exposition_is_well_formed() {
             rx_bytes: 7,
             tx_bytes: 9,
             keepalive: None,
+            last_received: Some(Duration::from_millis(1500)),
+            health: crate::tunnel::PeerHealth::Silent,
+            silent_after: Duration::from_secs(55),
         }],
         upstreams: vec![("vllm".into(), true, 3, 2), ("down".into(), false, 0, 0)],
         certificate_not_after: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000)),
@@ -101,6 +104,8 @@ fn exposition_is_well_formed() {
     ));
     assert!(text.contains("modelgate_peer_last_handshake_age_seconds{peer=\"corp\"} 2.5\n"));
     assert!(text.contains("modelgate_peer_receive_bytes_total{peer=\"corp\"} 7\n"));
+    assert!(text.contains("modelgate_peer_up{peer=\"corp\"} 0\n"));
+    assert!(text.contains("modelgate_peer_last_receive_age_seconds{peer=\"corp\"} 1.5\n"));
     assert!(text.contains("modelgate_peer_transmit_bytes_total{peer=\"corp\"} 9\n"));
     assert!(text.contains("modelgate_upstream_up{upstream=\"vllm\"} 1\n"));
     assert!(text.contains("modelgate_upstream_up{upstream=\"down\"} 0\n"));

@@ -5,13 +5,28 @@
 //! It never does I/O and never blocks: the netstack driver feeds it datagrams and packets and
 //! acts on the [`Output`]s it emits. It never lets a decrypted packet through whose inner source
 //! lies outside the sending peer's AllowedIPs (WireGuard paper §II, "cryptokey routing").
+//!
+//! Restarts (`restart.rs`): each peer's last authenticated endpoint is handed out for the
+//! endpoint store and restored from it, so a restarted appliance handshakes at once instead of
+//! waiting up to two minutes for the corp side's rekey; a data packet on a session this process
+//! does not have, arriving from such a known endpoint, starts a handshake there (rate-limited,
+//! never towards an address only an unauthenticated packet named). Health (`health.rs`): the
+//! time of every peer's last authenticated packet, keepalives included, tells a dead peer from
+//! its silence. Time comes from the core's clock ([`WgCore::set_now`]), which the driver sets
+//! once per batch, so tests inject it and the packet path reads no clock.
 
+pub mod endpoints;
+mod health;
+mod restart;
 pub mod udp;
+
+pub use health::{silent_after, PeerHealth};
+pub use restart::LearnedEndpoint;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -53,6 +68,13 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub keepalive: Option<u16>,
+    /// Time since the last authenticated packet of any kind (keepalives included) arrived from
+    /// the peer in this process; `None` before the first.
+    pub last_received: Option<Duration>,
+    /// Up, silent, or without a (fresh) handshake (see [`PeerHealth`]).
+    pub health: PeerHealth,
+    /// How long the peer may be silent before it counts as down ([`silent_after`]).
+    pub silent_after: Duration,
 }
 
 /// Something the caller must do after calling into the core.
@@ -76,6 +98,9 @@ pub enum RouteError {
     NoRoute,
     /// The peer exists but has never been heard from and has no configured endpoint.
     NoEndpoint,
+    /// The peer dials us and has sent nothing, not even a keepalive, for longer than its
+    /// [`silent_after`]: its WireGuard is down or a firewall drops its packets.
+    Silent,
 }
 
 /// What [`WgCore::set_peers`] did, by peer name (for the reload answer and the log).
@@ -101,6 +126,16 @@ struct Peer {
     /// Receiver-index prefix boringtun uses for this peer's sessions (`index << 8`).
     #[cfg_attr(not(test), allow(dead_code))]
     index: u32,
+    /// When `endpoint` was learned from an authenticated packet (or when the stored one was);
+    /// `None` while it is only the configured one (never stored).
+    learned: Option<SystemTime>,
+    /// The core's clock at the last authenticated packet (handshake, data or keepalive).
+    last_rx: Option<Instant>,
+    /// Health was [`PeerHealth::Up`] when last computed; a packet from a peer that was not up
+    /// asks for a new computation (the way back up is noticed within the same batch).
+    up: bool,
+    /// The last handshake started because data arrived on a session this process lacks.
+    last_rekick: Option<Instant>,
 }
 
 /// Counters for packets the core refused, for `status` and tests.
@@ -130,6 +165,12 @@ pub struct WgCore {
     last_limiter_reset: Instant,
     drops: DropCounters,
     buf: Vec<u8>,
+    /// The core's clock: set by the driver once per batch ([`WgCore::set_now`]).
+    now: Instant,
+    /// A peer's learned endpoint changed since [`WgCore::take_endpoint_changes`] last looked.
+    endpoints_dirty: bool,
+    /// A peer that was not up sent an authenticated packet: [`WgCore::refresh_health`] is due.
+    recheck: bool,
 }
 
 impl WgCore {
@@ -150,6 +191,9 @@ impl WgCore {
             last_limiter_reset: Instant::now(),
             drops: DropCounters::default(),
             buf: vec![0u8; MAX_PACKET],
+            now: Instant::now(),
+            endpoints_dirty: false,
+            recheck: false,
         };
         for spec in peers {
             core.add_peer(spec);
@@ -159,6 +203,12 @@ impl WgCore {
 
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.public.to_bytes())
+    }
+
+    /// Sets the core's clock (the driver calls it once per batch of datagrams, per tick and
+    /// before a route check; tests move it to inject time).
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
     }
 
     fn add_peer(&mut self, spec: PeerSpec) {
@@ -183,6 +233,10 @@ impl WgCore {
             rx_bytes: 0,
             tx_bytes: 0,
             index,
+            learned: None,
+            last_rx: None,
+            up: false,
+            last_rekick: None,
         });
     }
 
@@ -220,6 +274,7 @@ impl WgCore {
                     if spec.endpoint.is_some() && spec.endpoint != peer.spec.endpoint {
                         peer.endpoint = spec.endpoint;
                         peer.local_ip = None;
+                        peer.learned = None;
                     }
                     if same {
                         changes.unchanged.push(spec.name.clone());
@@ -229,10 +284,21 @@ impl WgCore {
                     peer.spec = spec;
                     self.insert_peer(peer);
                 }
-                Some(_) => {
+                Some(old) => {
                     changes.restarted.push(spec.name.clone());
-                    fresh.push(self.peers.len());
+                    let pos = self.peers.len();
+                    fresh.push(pos);
+                    let configured = spec.endpoint;
                     self.add_peer(spec);
+                    // The fresh session starts where the old one was last heard from (unless
+                    // the endpoint is configured): the peer keeps sending on its old session,
+                    // which nobody here can decrypt any more, until it hears from us.
+                    if configured.is_none() && old.learned.is_some() {
+                        let peer = &mut self.peers[pos];
+                        peer.endpoint = old.endpoint;
+                        peer.local_ip = old.local_ip;
+                        peer.learned = old.learned;
+                    }
                 }
                 None => {
                     changes.added.push(spec.name.clone());
@@ -243,6 +309,8 @@ impl WgCore {
         }
         changes.removed = old.into_values().map(|p| p.spec.name).collect();
         changes.removed.sort();
+        // The store follows the peer set (removed peers leave it, moved endpoints change).
+        self.endpoints_dirty = true;
         for pos in fresh {
             self.initiate_one(pos, out);
         }
@@ -285,12 +353,16 @@ impl WgCore {
             .map(|&(_, pos)| pos)
     }
 
-    /// Whether a packet to `dst` could leave now (for fast, clear dial errors).
+    /// Whether a packet to `dst` could leave now (for fast, clear dial errors), by the core's
+    /// clock.
     ///
     /// A peer that dials us (no configured endpoint) counts as down when it has never completed
-    /// a handshake or its last one is older than [`PEER_STALE_AFTER`]: its NAT mapping is likely
-    /// gone and only it can bring the tunnel back, so callers fail at once (HTTP 503) instead
-    /// of waiting out a connect timeout.
+    /// a handshake, its last one is older than [`PEER_STALE_AFTER`], or it has been silent
+    /// (nothing authenticated, not even a keepalive) for longer than its [`silent_after`]: its
+    /// WireGuard or its NAT is gone and only it can bring the tunnel back, so callers fail at
+    /// once (HTTP 503) instead of waiting out a connect timeout. A peer with a configured
+    /// endpoint is never refused here: we can handshake it ourselves, and traffic is what
+    /// makes us try.
     pub fn check_route(&self, dst: IpAddr) -> Result<(), RouteError> {
         let pos = self.route(dst).ok_or(RouteError::NoRoute)?;
         let peer = &self.peers[pos];
@@ -298,12 +370,10 @@ impl WgCore {
             return Err(RouteError::NoEndpoint);
         }
         if peer.spec.endpoint.is_none() {
-            let fresh = peer
-                .tunn
-                .time_since_last_handshake()
-                .is_some_and(|age| age <= PEER_STALE_AFTER);
-            if !fresh {
-                return Err(RouteError::NoEndpoint);
+            match self.health_of(peer) {
+                PeerHealth::Up => {}
+                PeerHealth::Silent => return Err(RouteError::Silent),
+                PeerHealth::NoHandshake | PeerHealth::Stale => return Err(RouteError::NoEndpoint),
             }
         }
         Ok(())
@@ -327,6 +397,9 @@ impl WgCore {
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     keepalive: p.spec.keepalive,
+                    last_received: p.last_rx.map(|t| self.now.saturating_duration_since(t)),
+                    health: self.health_of(p),
+                    silent_after: silent_after(p.spec.keepalive),
                 }
             })
             .collect()
@@ -381,8 +454,16 @@ impl WgCore {
         }
         if authenticated {
             // Roaming (WireGuard paper §II-C): the latest authenticated packet sets the endpoint.
-            peer.endpoint = Some(from);
-            peer.local_ip = local;
+            if peer.endpoint != Some(from) || peer.local_ip != local || peer.learned.is_none() {
+                peer.endpoint = Some(from);
+                peer.local_ip = local;
+                peer.learned = Some(SystemTime::now());
+                self.endpoints_dirty = true;
+            }
+            peer.last_rx = Some(self.now);
+            if !peer.up {
+                self.recheck = true;
+            }
         }
     }
 
@@ -433,7 +514,16 @@ impl WgCore {
             }
             Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
             Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
-            Ok(Packet::PacketData(p)) => p.receiver_idx,
+            Ok(Packet::PacketData(p)) => {
+                let pos = self.by_index.get(&(p.receiver_idx >> 8)).copied();
+                if pos.is_none() {
+                    self.drops.invalid += 1;
+                    // Data on a session this process does not have: the peer is still on the
+                    // session of a previous run. See `restart.rs`.
+                    self.rekick(from, out);
+                }
+                return pos;
+            }
         };
         let pos = self.by_index.get(&(receiver_idx >> 8)).copied();
         if pos.is_none() {
@@ -485,6 +575,7 @@ impl WgCore {
     /// Advances WireGuard timers (call every 250 ms): rekeys, keepalives, handshake retries.
     pub fn tick(&mut self, out: &mut dyn FnMut(Output<'_>)) {
         let now = Instant::now();
+        self.now = now;
         if now.duration_since(self.last_limiter_reset) >= Duration::from_secs(1) {
             self.rate_limiter.reset_count();
             self.last_limiter_reset = now;

@@ -26,8 +26,11 @@ struct Pair {
 /// Two cores that know each other: a routes 10.0.0.2/32, b routes 10.0.0.1/32 and only b
 /// has a's endpoint (like a corp peer that dials the appliance).
 fn pair() -> Pair {
-    let ka = PrivateKey::generate();
-    let kb = PrivateKey::generate();
+    pair_with(PrivateKey::generate(), PrivateKey::generate())
+}
+
+/// [`pair`] with the keys given (a test that "restarts" a builds it again from its key).
+fn pair_with(ka: PrivateKey, kb: PrivateKey) -> Pair {
     let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
     let b_addr: SocketAddr = "198.51.100.2:40000".parse().unwrap();
     let a = WgCore::new(
@@ -335,3 +338,5 @@ fn longest_prefix_wins() {
     assert_eq!(core.route("10.21.0.5".parse().unwrap()), Some(0));
     assert_eq!(core.route("192.168.0.1".parse().unwrap()), None);
 }
+
+mod restart;

@@ -126,6 +126,9 @@ impl Env {
         };
         options.patience = Duration::from_secs(30);
         let gw = Stack::start(options, move |s| bridge(s, model_addr)).await;
+        // Static routes answer at once: without this a request could meet the tunnel still
+        // coming up (503; seen once under load).
+        gw.wait_tunnel().await;
         let cert = dir.path().join("gateway.pem");
         std::fs::write(&cert, &gw.tls.cert_pem).unwrap();
         Env {

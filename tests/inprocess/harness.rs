@@ -157,6 +157,35 @@ impl Stack {
         }
     }
 
+    /// Waits (bounded: 5 s) until the corp peer's handshake is done and confirmed, so a
+    /// request is not refused with 503 for a tunnel still coming up.
+    pub async fn wait_tunnel(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let up = self._corp.stats().await.is_ok_and(|s| {
+                s.peers
+                    .iter()
+                    .all(|p| p.health == modelgate::tunnel::PeerHealth::Up)
+            });
+            if up {
+                // The appliance is up once the corp side's confirming keepalive arrived.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tunnel did not come up within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the gateway as SIGTERM does: the listener closes, open requests get the drain
+    /// timeout, then what is still open is cut.
+    pub fn stop(&self) {
+        let _ = self._stop.send(true);
+    }
+
     /// A fresh HTTPS/1.1 connection.
     pub async fn connect(&self) -> Connection {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();

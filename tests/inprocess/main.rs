@@ -8,6 +8,8 @@
 //! - [`tls`]: the public listener's certificates over real sockets (files, self-signed, ACME
 //!   placeholder, reloads).
 //! - [`demo`]: `modelgate demo --check`, the README's first command, through the binary.
+//! - [`restart`]: the appliance's netstack restarted with the corp side untouched (endpoint
+//!   store), and answers cut short (dead model connection, end of the drain period).
 //!
 //! [`harness`] builds the gateway stack (the way the daemon builds it) and its client.
 
@@ -15,5 +17,6 @@ mod cursor_compat;
 mod demo;
 mod gateway;
 mod harness;
+mod restart;
 mod tls;
 mod tunnel;

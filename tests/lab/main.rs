@@ -26,6 +26,7 @@ mod doctor;
 mod firewall;
 mod gateway;
 mod peer_file;
+mod restart;
 mod tunnel;
 
 /// Not a test: the entry point of the in-namespace helper (`harness::helper`). Does nothing

@@ -13,6 +13,10 @@ COMMAND
   error --model M [--op chat|models]  the call must fail → {"class","status","code","type",
                                       "retry_after","elapsed_ms"}
   disconnect --model M --after N      stream, read N content chunks, close → {"closed_at": UNIX_S}
+  cut --model M [--max-tokens N] [--delay-ms D]
+                                      a stream the gateway cuts: read it until it raises →
+                                      {"class","code","type","message","chunks","elapsed_ms"}
+                                      ("class": null when it ended normally)
   raw-post --path P --body-file F     POST F's bytes as they are (stdlib http.client, not the SDK:
                                       the exact Cursor body) → {"status","events","times_ms",
                                       "done","usage","content_type","peer_cert_sha256"}
@@ -128,6 +132,32 @@ def cmd_disconnect(args):
     return {"closed_at": time.time(), "content_chunks": got}
 
 
+def cmd_cut(args):
+    import openai
+
+    client = sdk(args)
+    t0 = time.perf_counter()
+    chunks = 0
+    try:
+        stream = client.chat.completions.create(
+            model=args.model, messages=[{"role": "user", "content": "Write a long story."}],
+            max_tokens=args.max_tokens, stream=True, extra_body=extra(args))
+        for _ in stream:
+            chunks += 1
+            if chunks == 1:
+                print(json.dumps({"first_chunk_at": time.time()}), flush=True)
+    except openai.APIError as e:
+        # APIError itself is what an error event raises; APIConnectionError (a broken body)
+        # and the others are its subclasses: the class name tells them apart.
+        body = e.body if isinstance(e.body, dict) else {}
+        return {"class": type(e).__name__, "code": body.get("code"), "type": body.get("type"),
+                "message": e.message, "chunks": chunks, "elapsed_ms": ms_since(t0)}
+    except Exception as e:  # a parse failure of a truncated body, say
+        return {"class": type(e).__name__, "code": None, "type": None, "message": str(e),
+                "chunks": chunks, "elapsed_ms": ms_since(t0)}
+    return {"class": None, "chunks": chunks, "elapsed_ms": ms_since(t0)}
+
+
 def cmd_raw_post(args):
     url = urlparse(args.base)
     ctx = ssl.create_default_context(cafile=args.cert)
@@ -210,7 +240,7 @@ def main():
     p.add_argument("--timeout", type=float, default=TIMEOUT_S)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("models")
-    for name in ("chat", "error", "disconnect"):
+    for name in ("chat", "error", "disconnect", "cut"):
         s = sub.add_parser(name)
         s.add_argument("--model", required=True)
         s.add_argument("--max-tokens", type=int, default=8)
@@ -230,7 +260,7 @@ def main():
     s.add_argument("--typed", action="store_true")
     args = p.parse_args()
     out = {"models": cmd_models, "chat": cmd_chat, "error": cmd_error,
-           "disconnect": cmd_disconnect, "raw-post": cmd_raw_post,
+           "disconnect": cmd_disconnect, "cut": cmd_cut, "raw-post": cmd_raw_post,
            "replay": cmd_replay}[args.cmd](args)
     print(json.dumps(out), flush=True)
 

@@ -47,6 +47,7 @@ fn install_sh_into_a_staging_tree() {
     );
     for f in [
         "usr/lib/systemd/system/modelgate.service",
+        "usr/lib/systemd/system/modelgate.socket",
         "usr/lib/systemd/system/modelgate-firewall.service",
         "usr/share/man/man1/modelgate.1.gz",
         "usr/share/man/man1/modelgate-firewall.1.gz",
@@ -108,6 +109,9 @@ fn install_sh_into_a_staging_tree() {
     assert!(!installed.exists());
     assert!(!dest
         .join("usr/lib/systemd/system/modelgate.service")
+        .exists());
+    assert!(!dest
+        .join("usr/lib/systemd/system/modelgate.socket")
         .exists());
     assert!(!dest.join("usr/share/man/man1/modelgate.1.gz").exists());
     assert!(!dest
@@ -236,6 +240,7 @@ fn deb_installs_a_working_modelgate_and_removes_cleanly() {
     for f in [
         "/usr/bin/modelgate",
         "/lib/systemd/system/modelgate.service",
+        "/lib/systemd/system/modelgate.socket",
         "/lib/systemd/system/modelgate-firewall.service",
         "/usr/share/bash-completion/completions/modelgate",
     ] {
@@ -254,6 +259,7 @@ fn deb_installs_a_working_modelgate_and_removes_cleanly() {
         run_ok(Command::new("systemd-analyze").args([
             "verify",
             "/lib/systemd/system/modelgate.service",
+            "/lib/systemd/system/modelgate.socket",
             "/lib/systemd/system/modelgate-firewall.service",
         ]));
     }
@@ -291,6 +297,7 @@ fn deb_installs_a_working_modelgate_and_removes_cleanly() {
     for f in [
         "/usr/bin/modelgate",
         "/lib/systemd/system/modelgate.service",
+        "/lib/systemd/system/modelgate.socket",
         "/lib/systemd/system/modelgate-firewall.service",
         "/usr/share/man/man1/modelgate.1.gz",
         "/usr/share/bash-completion/completions/modelgate",

@@ -1,7 +1,8 @@
 //! The systemd units in `systemd/`: `systemd-analyze security --offline=yes` rates
-//! `modelgate.service` at most 1.5, `systemd-analyze verify` is clean for both units, the
-//! directives the daemon relies on are there, and every Exec line is a command line the real
-//! binary accepts.
+//! `modelgate.service` at most 1.5, `systemd-analyze verify` is clean for the three units
+//! (`modelgate.service`, its listening socket `modelgate.socket`, `modelgate-firewall.service`),
+//! the directives the daemon relies on are there (the socket on the default `server.listen`,
+//! handed to the service), and every Exec line is a command line the real binary accepts.
 //!
 //! `verify` needs what the units point at to exist: the ExecStart binary and the man pages of
 //! `Documentation=`. The test copies the units to a temp dir with `/usr/bin/modelgate` replaced by
@@ -13,7 +14,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::harness::{bin, build_deb, deb_test_runs, repo, run};
+use crate::harness::{bin, build_deb, deb_test_runs, repo, run, run_ok};
 
 fn unit_path(name: &str) -> PathBuf {
     repo("systemd").join(name)
@@ -105,7 +106,11 @@ fn units_verify_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut paths = Vec::new();
-    for name in ["modelgate.service", "modelgate-firewall.service"] {
+    for name in [
+        "modelgate.service",
+        "modelgate.socket",
+        "modelgate-firewall.service",
+    ] {
         let text = unit(name).replace("/usr/bin/modelgate", bin());
         let p = tmp.path().join(name);
         fs::write(&p, text).unwrap();
@@ -162,6 +167,26 @@ fn service_declares_what_the_daemon_relies_on() {
     );
     assert_eq!(modelgate::config::DEFAULT_STATE_DIR, "/var/lib/modelgate");
 
+    // Socket activation: the service takes its HTTPS socket from modelgate.socket, which
+    // listens on the default [server] listen (the daemon refuses any other address).
+    assert_eq!(one("Sockets"), "modelgate.socket");
+    assert_eq!(one("Requires"), "modelgate.socket");
+    assert!(one("After")
+        .split_whitespace()
+        .any(|u| u == "modelgate.socket"));
+    assert_eq!(one("Also"), "modelgate.socket");
+    let sock = unit("modelgate.socket");
+    assert_eq!(
+        directives(&sock, "ListenStream"),
+        [modelgate::config::DEFAULT_LISTEN]
+    );
+    assert_eq!(directives(&sock, "FileDescriptorName"), ["https"]);
+    assert!(
+        directives(&sock, "Accept").is_empty(),
+        "one daemon for all connections (Accept=no, the default)"
+    );
+    assert_eq!(directives(&sock, "WantedBy"), ["sockets.target"]);
+
     let f = unit("modelgate-firewall.service");
     assert_eq!(directives(&f, "Type"), ["oneshot"]);
     assert_eq!(directives(&f, "RemainAfterExit"), ["yes"]);
@@ -207,9 +232,12 @@ fn exec_lines_parse_with_the_real_binary() {
 
 /// Boots the units for real (root): `scripts/systemd-boot-test.sh` debootstraps a Debian 12
 /// root (cached after the first run), installs the .deb made from the debug binary, enables
-/// both units and boots it with `systemd-nspawn --boot --private-network`; inside, the daemon
-/// must run as `modelgate` with only CAP_NET_BIND_SERVICE, seccomp on, 443/tcp and 51820/udp
-/// bound, the firewall table loaded, survive `systemctl reload` and stop cleanly.
+/// the units and boots it with `systemd-nspawn --boot --private-network`; inside, the daemon
+/// must run as `modelgate` with only CAP_NET_BIND_SERVICE, seccomp on, 443/tcp (systemd's
+/// socket, handed over) and 51820/udp bound, the firewall table loaded, survive `systemctl
+/// reload`, be restarted three times and upgraded (`dpkg -i`, whose postinst try-restarts it)
+/// under a looping HTTPS client with no connection refused or failed (the longest wait is
+/// printed), and stop cleanly.
 /// `MODELGATE_SKIP_BOOT=1` skips it (it needs Debian's archive on the first run).
 #[test]
 fn units_boot_under_systemd_nspawn() {
@@ -235,8 +263,158 @@ fn units_boot_under_systemd_nspawn() {
         "systemd-boot-test.sh:\n{text}"
     );
     for line in text.lines().filter(|l| {
-        l.starts_with("timings:") || l.starts_with("security=") || l.starts_with("note:")
+        l.starts_with("timings:")
+            || l.starts_with("security=")
+            || l.starts_with("note:")
+            || l.starts_with("restart under load:")
     }) {
         eprintln!("{line}");
     }
+}
+
+/// A free loopback TCP port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `modelgate run` under `systemd-socket-activate -l 127.0.0.1:PORT --fdname=https` (the way
+/// modelgate.socket starts it): the first connection starts it, it serves on the socket it was
+/// handed (the log says so, `status` shows that address), and it exits 0 on SIGTERM. With
+/// `[server] listen` elsewhere it refuses to start (exit 1), naming both addresses and the fix.
+/// Needs `systemd-socket-activate` (Debian package `systemd`), not root.
+#[test]
+fn run_takes_the_socket_it_is_handed_and_refuses_another_address() {
+    use std::io::Read as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = d.join("modelgate.toml");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    run_ok(Command::new(bin()).arg("--config").arg(&cfg).args([
+        "init",
+        "--public-endpoint",
+        "127.0.0.1:51820",
+        "--wg-listen",
+        "127.0.0.1:0",
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--self-signed",
+        "localhost",
+        "--state-dir",
+        d.join("state").to_str().unwrap(),
+        "--control-socket",
+        d.join("control.sock").to_str().unwrap(),
+    ]));
+    let activate = |log: &Path| {
+        let out = fs::File::create(log).unwrap();
+        Command::new("systemd-socket-activate")
+            .args(["-l", &listen, "--fdname=https", bin(), "--config"])
+            .arg(&cfg)
+            .arg("run")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "systemd-socket-activate: {e}; apt-get install systemd (scripts/test.sh does)"
+                )
+            })
+    };
+    let connect_when_listening = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::net::TcpStream::connect(&listen) {
+                Ok(s) => return s,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "nothing listens on {listen}: {e}"
+                ),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // Handed the socket on server.listen: serves on it.
+    let log = d.join("activated.log");
+    let mut child = activate(&log);
+    let _first = connect_when_listening();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("socket_from_systemd=Some(\"https\")")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not take the socket:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited:\n{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = run_ok(
+        Command::new(bin())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["status", "--json"]),
+    );
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(s["https"]["listen"], listen.as_str(), "{s}");
+    assert_eq!(
+        s["pid"].as_u64(),
+        Some(u64::from(child.id())),
+        "exec'd in place: {s}"
+    );
+    // The connection that started it never sent a TLS handshake: the stop waits 1 s for it,
+    // not the whole handshake timeout.
+    let t = std::time::Instant::now();
+    run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let exit = child.wait().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        exit.success(),
+        "{exit}: {}",
+        fs::read_to_string(&log).unwrap()
+    );
+
+    // server.listen elsewhere: refused with the fix.
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    let text = fs::read_to_string(&cfg).unwrap();
+    let moved = text.replacen(
+        &format!("listen = \"{listen}\""),
+        &format!("listen = \"{elsewhere}\""),
+        1,
+    );
+    assert_ne!(text, moved, "no listen = {listen:?} in\n{text}");
+    fs::write(&cfg, moved).unwrap();
+    let log = d.join("refused.log");
+    let mut child = activate(&log);
+    let mut first = connect_when_listening();
+    let exit = child.wait().unwrap();
+    let out = fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "systemd passed a listening socket on {listen} but [server] listen is {elsewhere}"
+        )) && out.contains("systemctl edit modelgate.socket"),
+        "{out}"
+    );
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(first.read(&mut b), Ok(0) | Err(_)),
+        "nobody serves the refused socket"
+    );
 }
