@@ -8,12 +8,20 @@
 //! - [`tls`]: the public listener's certificates over real sockets (files, self-signed, ACME
 //!   placeholder, reloads).
 //! - [`demo`]: `modelgate demo --check`, the README's first command, through the binary.
+//! - [`adversarial`]: tables of hostile requests (HTTP/1.1 bytes, HTTP/2 frames), none reaching
+//!   the model.
+//! - [`hardening`]: one test per fix for hostile or broken clients (stalled bodies and floods
+//!   of them, HTTP/2 without requests, ambiguous auth, deep JSON, unknown paths, early errors).
 //!
-//! [`harness`] builds the gateway stack (the way the daemon builds it) and its client.
+//! [`harness`] builds the gateway stack (the way the daemon builds it) and its client; [`raw`]
+//! writes requests as bytes and HTTP/2 frame by frame.
 
+mod adversarial;
 mod cursor_compat;
 mod demo;
 mod gateway;
+mod hardening;
 mod harness;
+mod raw;
 mod tls;
 mod tunnel;
