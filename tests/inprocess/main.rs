@@ -23,5 +23,7 @@ mod gateway;
 mod hardening;
 mod harness;
 mod raw;
+#[path = "../support/skip.rs"]
+mod skip;
 mod tls;
 mod tunnel;
