@@ -23,6 +23,7 @@ mod harness;
 
 mod acme;
 mod control;
+mod curl_errors;
 mod doctor;
 mod firewall;
 mod gateway;
