@@ -251,7 +251,7 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
     } else {
         print!("{file}");
         eprintln!(
-            "peer {:?} added: tunnel address {}, allowed IPs {}{}. Restart modelgate to apply.",
+            "peer {:?} added: tunnel address {}, allowed IPs {}{}. Apply it with `modelgate reload` (a running daemon keeps its streams).",
             peer.name,
             peer.tunnel_address,
             join(&peer.allowed_ips),
@@ -498,7 +498,7 @@ fn remove(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
     Config::from_toml_str(&new_text, config_path)?;
     write_config(config_path, &new_text)?;
     remove_stale_key(&peer_key_path(&config, name))?;
-    println!("removed peer {name:?}; restart modelgate to apply");
+    println!("removed peer {name:?}; apply it with `modelgate reload`");
     Ok(())
 }
 

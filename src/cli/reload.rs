@@ -1,7 +1,8 @@
 //! `modelgate reload`: asks the running daemon to re-read its config, waits for the result and
 //! prints it. Exit 0 when the new config runs (changes, restart-only settings and warnings are
 //! listed), 64 when the daemon refused it (the reasons are printed; the old config keeps
-//! running), 1 when no daemon answers. SIGHUP does the same without the answer.
+//! running; also when the config file is not TOML, so its control socket is unknown), 1 when no
+//! daemon answers. SIGHUP does the same without the answer.
 
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ pub fn execute(config_path: &Path, a: ReloadArgs) -> Result<(), CliError> {
     let socket = a
         .socket
         .clone()
-        .unwrap_or_else(|| control_socket_of(config_path));
+        .map_or_else(|| control_socket_of(config_path), Ok)?;
     let report =
         block_on(client::reload(&socket))?.map_err(|e| CliError::runtime(e.to_string()))?;
     if a.json {

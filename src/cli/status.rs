@@ -25,7 +25,7 @@ pub fn execute(config_path: &Path, a: StatusArgs) -> Result<(), CliError> {
     let socket = a
         .socket
         .clone()
-        .unwrap_or_else(|| control_socket_of(config_path));
+        .map_or_else(|| control_socket_of(config_path), Ok)?;
     let report =
         block_on(client::status(&socket))?.map_err(|e| CliError::runtime(e.to_string()))?;
     if a.json {
@@ -51,21 +51,37 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, CliErr
 
 /// The control socket the daemon of `config_path` uses. A config that does not validate (say,
 /// one being edited before `reload`) still names its socket: `[server] control_socket` is
-/// read from the raw TOML then, and the default applies when even that fails.
-pub fn control_socket_of(config_path: &Path) -> PathBuf {
+/// read from the raw TOML then. A file that cannot be read names none, so the default
+/// applies; a file that is not TOML at all is an invalid config (exit 64 with the parse
+/// error), never a silent fallback to the default socket (which would say "no daemon answers"
+/// about a daemon that runs elsewhere).
+pub fn control_socket_of(config_path: &Path) -> Result<PathBuf, CliError> {
     if let Ok(c) = Config::load(config_path) {
-        return c.server.control_socket;
+        return Ok(c.server.control_socket);
     }
-    let raw = std::fs::read_to_string(config_path)
-        .ok()
-        .and_then(|t| t.parse::<toml_edit::DocumentMut>().ok())
-        .and_then(|t| {
-            t.get("server")?
-                .get("control_socket")?
-                .as_str()
+    let Ok(text) = std::fs::read_to_string(config_path) else {
+        return Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    };
+    let unknown = |why: String| {
+        CliError::config(format!(
+            "{}: {why}, so the daemon's control socket (server.control_socket) is unknown; \
+             fix: correct the file (a running daemon keeps its current config until a \
+             reload succeeds), or pass --socket PATH",
+            config_path.display()
+        ))
+    };
+    let doc = text
+        .parse::<toml_edit::DocumentMut>()
+        .map_err(|e| unknown(format!("not valid TOML ({})", e.to_string().trim())))?;
+    let raw = match doc.get("server").and_then(|t| t.get("control_socket")) {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
                 .map(PathBuf::from)
-        });
-    match raw {
+                .ok_or_else(|| unknown("server.control_socket is not a string".into()))?,
+        ),
+    };
+    Ok(match raw {
         Some(p) if p.is_absolute() => p,
         Some(p) => config_path
             .parent()
@@ -73,7 +89,7 @@ pub fn control_socket_of(config_path: &Path) -> PathBuf {
             .unwrap_or(Path::new("."))
             .join(p),
         None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
-    }
+    })
 }
 
 /// `1.23 KiB`, like `wg show`.
@@ -386,10 +402,24 @@ mod tests {
             "[server]\ncontrol_socket = \"run/c.sock\"\nbogus = 1\n",
         )
         .unwrap();
-        assert_eq!(control_socket_of(&cfg), dir.path().join("run/c.sock"));
-        std::fs::write(&cfg, "not toml [").unwrap();
         assert_eq!(
-            control_socket_of(&cfg),
+            control_socket_of(&cfg).unwrap(),
+            dir.path().join("run/c.sock")
+        );
+        // Not TOML: exit 64 with the parse error, never the default socket.
+        std::fs::write(&cfg, "not toml [").unwrap();
+        let e = control_socket_of(&cfg).unwrap_err();
+        assert_eq!(e.code, super::super::EXIT_CONFIG);
+        assert!(e.message.contains("not valid TOML"), "{}", e.message);
+        assert!(e.message.contains("--socket"), "{}", e.message);
+        std::fs::write(&cfg, "[server]\ncontrol_socket = 7\n").unwrap();
+        assert_eq!(
+            control_socket_of(&cfg).unwrap_err().code,
+            super::super::EXIT_CONFIG
+        );
+        // No file at all: nothing names a socket, the default applies.
+        assert_eq!(
+            control_socket_of(&dir.path().join("missing.toml")).unwrap(),
             PathBuf::from(DEFAULT_CONTROL_SOCKET)
         );
     }

@@ -160,7 +160,7 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
         print_json(&upstream_json(u));
     } else {
         println!(
-            "upstream {:?} added: {}, models {}, API key {}. Restart modelgate to apply.",
+            "upstream {:?} added: {}, models {}, API key {}. Apply it with `modelgate reload` (a running daemon keeps its streams).",
             u.name,
             u.url(),
             models_cell(u),
@@ -264,6 +264,6 @@ fn remove(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
         .map_err(|e| CliError::config(format!("--config {}: {e}", config_path.display())))?;
     Config::from_toml_str(&new_text, config_path)?;
     write_config(config_path, &new_text)?;
-    println!("removed upstream {name:?}; restart modelgate to apply");
+    println!("removed upstream {name:?}; apply it with `modelgate reload`");
     Ok(())
 }

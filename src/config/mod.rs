@@ -25,6 +25,7 @@ pub use model::{
     UpstreamConfig, WireguardConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN,
     DEFAULT_METRICS_LISTEN, DEFAULT_MTU, DEFAULT_PEER_KEEPALIVE, DEFAULT_PRIVATE_KEY_FILE,
     DEFAULT_STATE_DIR, DEFAULT_TUNNEL_ADDRESS, DEFAULT_UPSTREAM_BASE_PATH, DEFAULT_WG_LISTEN,
+    MAX_JSON_DEPTH,
 };
 pub(crate) use secrets::check_secret_file;
 pub use secrets::{load_private_key, read_api_key_file, read_key_file};

@@ -54,6 +54,12 @@ pub struct Config {
     pub policies: crate::policy::Policies,
 }
 
+/// The deepest `gateway.max_json_depth` (and its default). serde_json, which parses every value
+/// the gateway reads or rewrites, refuses values nested 128 deep; 100 leaves room for the
+/// levels a Cursor translation adds, so a body the gateway forwards is always one it could
+/// parse itself.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 /// Capacities and timeouts of the public HTTPS gateway (`[gateway]`). Every one is bounded so a
 /// slow or hostile client cannot hold resources forever.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +98,16 @@ pub struct GatewayConfig {
     /// Completion tokens reserved for a request that sets no `max_tokens` (admission estimate
     /// against TPM and budgets; settled to the real count afterwards).
     pub default_max_tokens: u32,
+    /// Time a client has to send a request body, extended by one second for every
+    /// `body_min_rate` bytes received: a stalled or trickling body gets 408 and its connection
+    /// is closed, instead of holding it (and its permit) until `idle_timeout`.
+    pub body_read_timeout: Duration,
+    /// Bytes per second of request body that earn one more second of `body_read_timeout`
+    /// (0: the body must be complete within `body_read_timeout`).
+    pub body_min_rate: usize,
+    /// Deepest nesting of arrays and objects a request body may have (400 beyond): every byte
+    /// that goes to a model server has been parsed by the gateway within this depth.
+    pub max_json_depth: usize,
     /// Cursor compatibility switches (`compat_*`), all on by default.
     pub compat: CompatConfig,
 }
@@ -140,6 +156,9 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(30),
             max_queued: 1024,
             default_max_tokens: 4096,
+            body_read_timeout: Duration::from_secs(20),
+            body_min_rate: 16 * 1024,
+            max_json_depth: MAX_JSON_DEPTH,
             compat: CompatConfig::default(),
         }
     }

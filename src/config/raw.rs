@@ -160,6 +160,13 @@ pub struct RawGateway {
     pub max_queued: Option<i64>,
     /// Completion tokens reserved when a request sets no max_tokens (default 4096).
     pub default_max_tokens: Option<i64>,
+    /// Time a client has to send a request body, extended by one second for every
+    /// `body_min_rate` bytes that arrive (default "20s").
+    pub body_read_timeout: Option<String>,
+    /// Bytes per second that extend `body_read_timeout` (default 16384; 0: no extension).
+    pub body_min_rate: Option<i64>,
+    /// Deepest nesting of arrays and objects in a request body (default 100).
+    pub max_json_depth: Option<i64>,
     /// Translate Responses-API bodies sent to /chat/completions (default true).
     pub compat_responses_translation: Option<bool>,
     /// Normalise `content: []` in assistant and tool turns (default true).

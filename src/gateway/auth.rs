@@ -10,13 +10,20 @@ use super::error::ApiError;
 use super::GatewayState;
 use crate::policy::Principal;
 
-/// The `Authorization: Bearer` key, or why there is none.
+/// The `Authorization: Bearer` key, or why there is none. More than one `Authorization`
+/// header is refused (400) rather than guessed at: a proxy in front and the gateway could pick
+/// different ones, and the request would run as a client that did not send it.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let v = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ApiError::MissingKey)?
-        .to_str()
-        .map_err(|_| ApiError::MissingKey)?;
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let v = all.next().ok_or(ApiError::MissingKey)?;
+    if all.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "The request has more than one Authorization header; send exactly one \
+             ('Authorization: Bearer mg_…')."
+                .into(),
+        ));
+    }
+    let v = v.to_str().map_err(|_| ApiError::MissingKey)?;
     let (scheme, key) = v.split_once(' ').ok_or(ApiError::MissingKey)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::MissingKey);
@@ -58,5 +65,14 @@ mod tests {
             HeaderValue::from_static("Basic Zm9v"),
         );
         assert_eq!(bearer(&h), Err(ApiError::MissingKey));
+        // Two headers, even with the first one valid: ambiguous, 400.
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mg_abc"),
+        );
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        let e = bearer(&h).unwrap_err();
+        assert!(matches!(e, ApiError::BadRequest(ref m) if m.contains("more than one")));
+        assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST);
     }
 }

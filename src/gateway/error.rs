@@ -1,6 +1,8 @@
 //! OpenAI-shaped errors: one enum for everything a client can be told, one mapping to status,
 //! type and code. Messages are short and safe; causes go to the operator's log, not the client.
 
+use std::time::Duration;
+
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -27,8 +29,15 @@ pub enum ApiError {
     /// The model server said the prompt does not fit its context window (its message kept).
     ContextLengthExceeded(String),
     PayloadTooLarge(u64),
-    NotFound,
-    MethodNotAllowed,
+    /// The request head is larger than `max_header_bytes` (HTTP/2; hyper answers HTTP/1.1).
+    HeadersTooLarge(usize),
+    /// The request body did not arrive in time: `body_read_timeout`, extended by one second per
+    /// `body_min_rate` bytes.
+    RequestTimeout(Duration, usize),
+    /// No such path (`METHOD /path`).
+    NotFound(String),
+    /// The path exists, the method does not (`METHOD /path`).
+    MethodNotAllowed(String),
     /// The tunnel to the upstream's peer is down or never came up.
     TunnelDown,
     /// The model list is not known yet (no upstream that discovers models has answered).
@@ -90,10 +99,12 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::MissingKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(Deny::Expired) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) | ApiError::ContextLengthExceeded(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(..) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TunnelDown
             | ApiError::ModelsUnavailable
             | ApiError::Overloaded
@@ -139,11 +150,32 @@ impl ApiError {
                 "invalid_request_error",
                 Some("request_too_large"),
             ),
-            ApiError::NotFound => ("Unknown URL.".into(), "invalid_request_error", Some("unknown_url")),
-            ApiError::MethodNotAllowed => (
-                "Method not allowed for this URL.".into(),
+            ApiError::HeadersTooLarge(limit) => (
+                format!("Request header fields too large: the limit is {limit} bytes."),
                 "invalid_request_error",
-                None,
+                Some("request_header_fields_too_large"),
+            ),
+            ApiError::RequestTimeout(timeout, rate) => (
+                format!(
+                    "The request body did not arrive in time (the gateway allows {}{}). Send the whole body without pauses.",
+                    humantime::format_duration(*timeout),
+                    match rate {
+                        0 => String::new(),
+                        r => format!(", plus one second per {r} bytes received"),
+                    }
+                ),
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
+            ApiError::NotFound(line) => (
+                format!("Invalid URL ({line})."),
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            ApiError::MethodNotAllowed(line) => (
+                format!("Invalid method for URL ({line})."),
+                "invalid_request_error",
+                Some("method_not_allowed"),
             ),
             ApiError::TunnelDown => (
                 "The model is unreachable right now: the tunnel to the model network is down. Try again shortly.".into(),

@@ -12,11 +12,14 @@ mod audit;
 mod auth;
 mod body;
 pub mod compat;
+mod conn;
+mod conns;
 mod drain;
 pub mod error;
 pub mod fair;
 mod forward;
 mod idle;
+mod inbound;
 pub mod meter;
 pub mod proxy;
 mod request;
@@ -28,11 +31,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::extract::FromRef;
-use axum::routing::{get, options, post};
+use axum::routing::{get, post};
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -48,6 +50,11 @@ use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
 /// How often upstreams without static routes are asked for their models.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Most concurrent streams a client may open on one HTTP/2 connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Most streams an HTTP/2 client may reset before the gateway accepted them (beyond: GOAWAY).
+pub const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// The client's TCP address (never a forwarded header), set per connection.
 #[derive(Debug, Clone, Copy)]
@@ -290,13 +297,20 @@ impl FromRef<GatewayHandle> for Arc<GatewayState> {
 /// `/chat/completions` to whatever base URL the user typed, so the paths are served with and
 /// without the `/v1` prefix.
 fn router(state: GatewayHandle) -> Router {
-    // CORS preflight (OPTIONS) is answered on every path without auth.
+    // CORS preflight (OPTIONS) is answered on every path without auth; another method on a
+    // known path is 405, any method but OPTIONS on an unknown path 404 (`proxy::fallback`),
+    // both OpenAI-shaped.
     let post_ep = |ep: Endpoint| {
         post(proxy::forward)
             .layer(Extension(ep))
             .options(proxy::preflight)
+            .fallback(proxy::method_not_allowed)
     };
-    let models = || get(proxy::list_models).options(proxy::preflight);
+    let models = || {
+        get(proxy::list_models)
+            .options(proxy::preflight)
+            .fallback(proxy::method_not_allowed)
+    };
     let mut r = Router::new()
         .route("/healthz", get(proxy::healthz))
         .route("/v1/models", models())
@@ -311,10 +325,7 @@ fn router(state: GatewayHandle) -> Router {
             .route(&format!("/v1/{path}"), post_ep(ep))
             .route(&format!("/{path}"), post_ep(ep));
     }
-    r.route("/{*rest}", options(proxy::preflight))
-        .route("/", options(proxy::preflight))
-        .fallback(proxy::not_found)
-        .with_state(state)
+    r.fallback(proxy::fallback).with_state(state)
 }
 
 /// Serves HTTPS on `listener` until `stop` changes, then closes it at once and drains for
@@ -342,61 +353,42 @@ async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32)
+        // Decoded up to a multiple of the limit, so a head over it gets a 431 on its stream
+        // (`conn`) instead of h2 ending the whole connection.
+        .max_header_list_size((settings.max_header_bytes * conn::H2_HEADER_LIST_FACTOR) as u32)
+        // Explicit, not hyper's changeable defaults: streams per connection, and the rapid
+        // reset bound (streams reset by the client before we saw them).
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    // Every open connection, for the limits per-byte timeouts cannot give (`conns`).
+    let conns = conns::Conns::new(settings.max_connections);
+    let relief = tokio::spawn(conns.clone().relieve(stop.clone()));
     let conn_stop = stop.clone();
+    let server = conn::Server {
+        acceptor,
+        builder: Arc::new(builder),
+        conns,
+    };
     let connection = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone().layer(Extension(ClientAddr(peer)));
-        let builder = builder.clone();
         let live = handle.load();
-        let hs_timeout = live.settings.tls_handshake_timeout;
-        let idle_timeout = live.settings.idle_timeout;
-        let watcher = graceful.watcher();
-        let stop = conn_stop.clone();
-        async move {
-            // After a stop a handshake gets FIRST_REQUEST_GRACE at most (the drain waits for it).
-            let handshake = tokio::time::timeout(hs_timeout, acceptor.accept(tcp));
-            let tls = tokio::select! {
-                r = handshake => r,
-                () = stopped_then(stop.clone(), FIRST_REQUEST_GRACE) => {
-                    tracing::debug!(%peer, "TLS handshake unfinished at the stop");
-                    return;
-                }
-            };
-            let tls = match tls {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            // An ACME TLS-ALPN-01 validation (RFC 8737 §3): done once the handshake is; never HTTP.
-            if crate::tls::acme::is_acme_alpn(tls.get_ref().1.alpn_protocol()) {
-                tracing::info!(%peer, "ACME tls-alpn-01 validation handshake served");
-                return;
-            }
-            let svc = TowerToHyperService::new(app);
-            let activity = Arc::new(idle::Activity::new());
-            let io = idle::IdleIo::new(tls, activity.clone());
-            let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-            tokio::select! {
-                r = graceful_after_first_request(conn, &activity, stop, watcher) => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
-                    }
-                }
-                _ = activity.idle_for(idle_timeout) => {
-                    tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
-                }
-            }
-        }
+        let limits = conn::Limits {
+            tls_handshake_timeout: live.settings.tls_handshake_timeout,
+            idle_timeout: live.settings.idle_timeout,
+            header_read_timeout: settings.header_read_timeout,
+            max_header_bytes: settings.max_header_bytes,
+            body: inbound::BodyLimits::of(&live.settings),
+        };
+        conn::serve(
+            server.clone(),
+            tcp,
+            peer,
+            app.clone().layer(Extension(ClientAddr(peer))),
+            limits,
+            graceful.watcher(),
+            conn_stop.clone(),
+        )
     };
     crate::accept::run(
         &listener,
@@ -407,59 +399,13 @@ async fn serve(
     )
     .await;
     drop(listener);
+    relief.abort();
     let live = handle.load();
     tracing::info!(
         timeout = ?live.settings.drain_timeout,
         "HTTPS listener closed (new connections wait in a socket-activated backlog or are refused); draining open requests"
     );
     drain(graceful, live.settings.drain_timeout, &live.drain).await;
-}
-
-/// How long a connection accepted just before a stop gets to send its first request.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
-
-/// Serves `conn` to its end; once the gateway stops, asks it to finish gracefully (the request
-/// in flight is answered, then it closes). A connection accepted before the stop that has not
-/// sent its first request yet (still in the TLS handshake, or its request in flight) first gets
-/// [`FIRST_REQUEST_GRACE`] to send it: asked at once, hyper would close it unanswered, which
-/// a client sees as a reset (seen in the boot test's restart under load). `_watcher` keeps the
-/// drain waiting for this connection.
-async fn graceful_after_first_request<C>(
-    conn: C,
-    activity: &idle::Activity,
-    stop: watch::Receiver<bool>,
-    _watcher: hyper_util::server::graceful::Watcher,
-) -> Result<(), C::Error>
-where
-    C: hyper_util::server::graceful::GracefulConnection,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        () = stopped_then(stop, Duration::ZERO) => {}
-    }
-    let first_request = async {
-        let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
-        while !activity.has_read() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        () = first_request => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    conn.await
-}
-
-/// Resolves `grace` after `stop` turned true (or its sender went away).
-async fn stopped_then(mut stop: watch::Receiver<bool>, grace: Duration) {
-    while !*stop.borrow_and_update() {
-        if stop.changed().await.is_err() {
-            break;
-        }
-    }
-    tokio::time::sleep(grace).await;
 }
 
 /// How long cut connections get to send their last bytes (the error event) once the drain

@@ -13,14 +13,15 @@ use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Extension, State};
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::AuditRecord;
 use super::body::{respond, Answer};
 use super::error::ApiError;
+use super::inbound::{self, BodyLimits};
 use super::request::ClientRequest;
-use super::{admission, auth, forward, ClientAddr, GatewayState};
+use super::{admission, auth, conn, forward, ClientAddr, GatewayState};
 use crate::policy::{self, Endpoint};
 
 /// The POST endpoints: chat/completions, completions, embeddings, responses.
@@ -53,11 +54,24 @@ async fn handle(
     endpoint: Endpoint,
     req: Request<Body>,
 ) -> Result<Answer, ApiError> {
-    let principal = auth::authenticate(state, req.headers())?;
-    record.authenticated(&principal);
     let settings = &state.settings;
-    let request =
-        ClientRequest::read(req, endpoint, settings.max_body_bytes, &settings.compat).await?;
+    let principal = match auth::authenticate(state, req.headers()) {
+        Ok(p) => p,
+        Err(e) => {
+            // Answered before the body was read: let the client finish sending it.
+            let (parts, body) = req.into_parts();
+            inbound::drain_in_background(&parts.headers, body, BodyLimits::of(settings));
+            return Err(e);
+        }
+    };
+    record.authenticated(&principal);
+    let phase = req.extensions().get::<conn::Phase>().cloned();
+    let request = ClientRequest::read(req, endpoint, settings).await?;
+    // Read: from now on the request is being answered (its connection is not closed to make
+    // room for others).
+    if let Some(p) = phase {
+        p.busy();
+    }
     record.read(request.len(), &request.model);
     let settlement = admission::admit(state, &principal, &request, record.client())?;
     let (upstream, upstream_model) = forward::route(&state.routes, &request.model)?;
@@ -140,6 +154,30 @@ pub async fn preflight(headers: HeaderMap) -> Response {
     resp
 }
 
-pub async fn not_found() -> ApiError {
-    ApiError::NotFound
+/// Any path the router does not know: CORS preflight for OPTIONS, else OpenAI's 404.
+pub async fn fallback(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    if method == Method::OPTIONS {
+        return preflight(headers).await;
+    }
+    ApiError::NotFound(request_line(&method, &uri)).into_response()
 }
+
+/// A method a known path does not serve: OpenAI's 405.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(request_line(&method, &uri))
+}
+
+/// `METHOD /path` for an error message, the path cut at [`MAX_PATH_IN_MESSAGE`] characters
+/// (the query string is left out: it may hold a key someone pasted there).
+fn request_line(method: &Method, uri: &Uri) -> String {
+    let path = uri.path();
+    let cut = path
+        .char_indices()
+        .nth(MAX_PATH_IN_MESSAGE)
+        .map_or(path, |(i, _)| &path[..i]);
+    let more = if cut.len() < path.len() { "…" } else { "" };
+    format!("{method} {cut}{more}")
+}
+
+/// Longest path quoted back in a 404 or 405 message.
+const MAX_PATH_IN_MESSAGE: usize = 200;

@@ -9,14 +9,15 @@
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::compat::{self, CompatConfig, Fields};
 use super::error::ApiError;
+use super::inbound::{self, BodyLimits};
 use super::meter::StreamKind;
+use crate::config::GatewayConfig;
 use crate::policy::Endpoint;
 
 /// The endpoint's path under the API base (`chat/completions`, …): the audit line's endpoint
@@ -50,17 +51,24 @@ pub struct ClientRequest {
 }
 
 impl ClientRequest {
-    /// Reads and parses the body of `req`: 413 over `limit` bytes, 400 when it is not a JSON
-    /// object with a model.
+    /// Reads and parses the body of `req`: 413 over `max_body_bytes`, 408 when it does not
+    /// arrive in time (`inbound`), 400 when it is not a JSON object with a model or nests
+    /// deeper than `max_json_depth`.
     pub async fn read(
         req: Request<Body>,
         endpoint: Endpoint,
-        limit: usize,
-        compat: &CompatConfig,
+        settings: &GatewayConfig,
     ) -> Result<ClientRequest, ApiError> {
-        let accept = req.headers().get(header::ACCEPT).cloned();
-        let body = read_body(req, limit).await?;
-        ClientRequest::parse(endpoint, body, accept, compat)
+        let (parts, body) = req.into_parts();
+        let accept = parts.headers.get(header::ACCEPT).cloned();
+        let body = inbound::read(&parts.headers, body, BodyLimits::of(settings)).await?;
+        ClientRequest::parse(
+            endpoint,
+            body,
+            accept,
+            &settings.compat,
+            settings.max_json_depth,
+        )
     }
 
     fn parse(
@@ -68,8 +76,16 @@ impl ClientRequest {
         body: Bytes,
         accept: Option<HeaderValue>,
         compat: &CompatConfig,
+        max_depth: usize,
     ) -> Result<ClientRequest, ApiError> {
-        let mut fields: Fields = serde_json::from_slice(&body).map_err(|e| {
+        // The top level is parsed into raw values, which serde_json checks for syntax but not
+        // for depth; this pass bounds the depth of every byte that may go upstream as it came.
+        if !nesting_within(&body, max_depth) {
+            return Err(ApiError::BadRequest(format!(
+                "The request body nests arrays and objects more than {max_depth} levels deep."
+            )));
+        }
+        let UniqueFields(mut fields) = serde_json::from_slice(&body).map_err(|e| {
             ApiError::BadRequest(format!("The request body is not a JSON object: {e}"))
         })?;
         // Cursor compatibility (Responses-shaped bodies, empty content lists), in place.
@@ -149,33 +165,72 @@ impl ClientRequest {
     }
 }
 
-/// The body of `req`, at most `limit` bytes (a `Content-Length` over it is refused unread).
-async fn read_body(req: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = ApiError::PayloadTooLarge(limit as u64);
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit as u64 {
-            return Err(too_large);
+/// Whether the arrays and objects of `json` nest at most `max` deep (`{}` is 1 deep). Only
+/// brackets outside strings count; everything else about the syntax is the parser's to check.
+/// One pass over the bytes, no allocation: a string is skipped to its closing quote with
+/// `memchr` (a quote after an odd run of backslashes is escaped).
+pub fn nesting_within(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                let mut from = i + 1;
+                loop {
+                    let Some(k) = memchr::memchr(b'"', &json[from..]) else {
+                        return true; // unterminated: the parser refuses it
+                    };
+                    let q = from + k;
+                    let slashes = json[..q].iter().rev().take_while(|&&b| b == b'\\').count();
+                    from = q + 1;
+                    if slashes % 2 == 0 {
+                        break;
+                    }
+                }
+                i = from;
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
+        i += 1;
     }
-    match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large)
+    true
+}
+
+/// The top-level fields of a body, refusing a field given twice: the gateway decides on
+/// `model`, `stream` and the token limits, and a model server whose parser picked the other
+/// copy would run a request the gateway did not check.
+struct UniqueFields(Fields);
+
+impl<'de> serde::Deserialize<'de> for UniqueFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Fields, A::Error> {
+                let mut out = Fields::with_capacity(m.size_hint().unwrap_or(8));
+                while let Some((k, v)) = m.next_entry::<String, Box<RawValue>>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "the field `{k}` is given more than once"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
         }
-        Err(_) => Err(ApiError::BadRequest(
-            "could not read the request body".into(),
-        )),
+        d.deserialize_map(Visit).map(UniqueFields)
     }
 }
 
@@ -229,7 +284,7 @@ mod tests {
 
     fn parse(endpoint: Endpoint, body: &str) -> ClientRequest {
         let cfg = CompatConfig::default();
-        ClientRequest::parse(endpoint, Bytes::from(body.to_string()), None, &cfg).unwrap()
+        ClientRequest::parse(endpoint, Bytes::from(body.to_string()), None, &cfg, 128).unwrap()
     }
 
     #[test]
@@ -285,10 +340,113 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_bounded_and_brackets_in_strings_do_not_count() {
+        assert!(nesting_within(b"{}", 1));
+        assert!(!nesting_within(br#"{"a":[]}"#, 1));
+        assert!(nesting_within(br#"{"a":[]}"#, 2));
+        assert!(nesting_within(br#"{"a":"[[[{{\"[[\\"}"#, 1));
+        assert!(!nesting_within(br#"{"a":"\\",  "b":[[]]}"#, 2));
+        // Unterminated strings and stray closers are the parser's to refuse.
+        assert!(nesting_within(br#"{"a":"[[[["#, 1));
+        assert!(nesting_within(b"]]]]{}", 1));
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        assert!(nesting_within(deep(100_000).as_bytes(), 100_000));
+        assert!(!nesting_within(deep(100_000).as_bytes(), 128));
+    }
+
+    /// The depth pass costs a fraction of the top-level parse it precedes, on a Cursor-sized
+    /// body (400 KB of history, strings with escapes and brackets in them): best of 5 rounds
+    /// of each, in the same build, so the comparison holds in debug and release alike.
+    #[test]
+    fn the_depth_pass_is_cheap_next_to_the_parse() {
+        // Like Cursor's: long texts (code, with the odd escaped quote, newline and bracket)
+        // in a few levels of messages and tool calls.
+        let text = "let v = vec![1, 2]; // the [x] and {y} of it ".repeat(20) + "\\\"q\\\" \\n";
+        let turn = format!(
+            r#"{{"role":"assistant","content":null,"tool_calls":[{{"id":"c","type":"function","function":{{"name":"edit","arguments":"{text}"}}}}]}},{{"role":"tool","tool_call_id":"c","content":"{text}"}},"#
+        );
+        let mut body = String::from(r#"{"model":"m","stream":true,"messages":["#);
+        while body.len() < 400_000 {
+            body.push_str(&turn);
+        }
+        body.push_str(r#"{"role":"user","content":"end"}]}"#);
+        let best = |f: &dyn Fn()| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let depth = best(&|| assert!(nesting_within(body.as_bytes(), 100)));
+        // The real fixture, when a run points at it (scripts and the README's figure).
+        if let Some(path) = std::env::var_os("MODELGATE_DEPTH_BODY") {
+            let real = std::fs::read(path).unwrap();
+            let d = best(&|| assert!(nesting_within(&real, 100)));
+            let p = best(&|| {
+                serde_json::from_slice::<UniqueFields>(&real).unwrap();
+            });
+            eprintln!(
+                "{} bytes: depth pass {d:?}, top-level parse {p:?}",
+                real.len()
+            );
+        }
+        let parse = best(&|| {
+            serde_json::from_slice::<UniqueFields>(body.as_bytes()).unwrap();
+        });
+        eprintln!("400 KB body: depth pass {depth:?}, top-level parse {parse:?}");
+        assert!(depth < parse, "depth pass {depth:?} vs parse {parse:?}");
+    }
+
+    #[test]
+    fn a_body_at_the_depth_limit_is_one_the_gateway_can_parse_and_rewrite() {
+        let cfg = CompatConfig::default();
+        // model object (1) + messages (2) + message (3) + content nested to depth `max`.
+        let body = |levels: usize| {
+            let inner = "[".repeat(levels) + &"]".repeat(levels);
+            format!(
+                r#"{{"model":"m","stream":true,"messages":[{{"role":"assistant","content":[],"x":{inner}}}]}}"#
+            )
+        };
+        let max = crate::config::MAX_JSON_DEPTH;
+        let ok = body(max - 3);
+        let r = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(ok), None, &cfg, max)
+            .expect("at the limit");
+        // The empty content was normalised (the messages parsed as values) and the usage
+        // request added: the re-encoded body is valid JSON of the same depth.
+        assert!(r.translated);
+        let out = r.encode("m2").unwrap();
+        assert!(nesting_within(&out, max) && !nesting_within(&out, max - 1));
+        serde_json::from_slice::<Fields>(&out).unwrap();
+        let over = body(max - 2);
+        let e = ClientRequest::parse(
+            Endpoint::ChatCompletions,
+            Bytes::from(over),
+            None,
+            &cfg,
+            max,
+        );
+        assert!(matches!(e, Err(ApiError::BadRequest(ref m)) if m.contains("levels deep")));
+    }
+
+    #[test]
     fn a_body_without_a_model_or_not_an_object_is_400() {
         let cfg = CompatConfig::default();
-        for body in ["[1]", "{\"messages\":[]}", "{\"model\":7}"] {
-            let e = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(body), None, &cfg);
+        for body in [
+            "[1]",
+            "{\"messages\":[]}",
+            "{\"model\":7}",
+            "{\"model\":\"m\",\"model\":\"other\"}",
+        ] {
+            let e = ClientRequest::parse(
+                Endpoint::ChatCompletions,
+                Bytes::from(body),
+                None,
+                &cfg,
+                128,
+            );
             assert!(matches!(e, Err(ApiError::BadRequest(_))), "{body}");
         }
     }

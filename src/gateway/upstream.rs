@@ -233,7 +233,9 @@ impl tower_service::Service<Uri> for TunnelConnector {
                 .ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidInput, "upstream must be IP:PORT")
                 })?;
-            let stream = ns.dial(addr).await?;
+            let stream = ns
+                .dial_with_receive_buffer(addr, UPSTREAM_RX_BUFFER)
+                .await?;
             Ok(TunnelIo(TokioIo::new(stream)))
         })
     }
@@ -275,6 +277,14 @@ impl hyper::rt::Write for TunnelIo {
 }
 
 pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
+
+/// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours
+/// and smoltcp's receive ring never rewinds, so each one ends up resident at its full buffer:
+/// with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing by every byte
+/// a model sent (the soak's steady 3 KB per request). Model answers are streams of small
+/// events and JSON of a few KB, far below what a 64 KiB window carries (64 KiB per round trip:
+/// 500 Mbit/s at 1 ms, 17 Mbit/s at 30 ms).
+pub const UPSTREAM_RX_BUFFER: usize = 64 << 10;
 
 /// Pooled keep-alive HTTP/1.1 connections to the model servers, through the tunnel.
 pub fn client(ns: Netstack) -> UpstreamClient {

@@ -284,9 +284,10 @@ impl Driver {
             Command::Connect {
                 shared,
                 remote,
+                rx_buffer,
                 reply,
             } => {
-                let r = self.connect(shared, remote);
+                let r = self.connect(shared, remote, rx_buffer);
                 let _ = reply.send(r);
             }
             Command::Listen { port, reply } => {
@@ -312,7 +313,12 @@ impl Driver {
 
     /// A dial: fails fast when no peer routes `remote`, or that peer never shook hands or fell
     /// silent.
-    fn connect(&mut self, shared: Arc<Shared>, remote: SocketAddr) -> Result<SocketAddr, NetError> {
+    fn connect(
+        &mut self,
+        shared: Arc<Shared>,
+        remote: SocketAddr,
+        rx_buffer: usize,
+    ) -> Result<SocketAddr, NetError> {
         self.core.set_now(Instant::now());
         match self.core.check_route(remote.ip()) {
             Err(RouteError::NoRoute) => return Err(NetError::NoRoute),
@@ -321,7 +327,8 @@ impl Driver {
             Ok(()) => {}
         }
         let cx = self.iface.context();
-        self.conns.connect(cx, &self.local_addrs, shared, remote)
+        self.conns
+            .connect(cx, &self.local_addrs, shared, remote, rx_buffer)
     }
 
     fn stats(&self, detail: bool) -> NetstackStats {

@@ -118,6 +118,7 @@ enum Command {
     Connect {
         shared: Arc<Shared>,
         remote: SocketAddr,
+        rx_buffer: usize,
         reply: oneshot::Sender<Result<SocketAddr, NetError>>,
     },
     Listen {
@@ -201,12 +202,27 @@ impl Netstack {
     /// routes `addr`, that peer has never completed a handshake, or it has fallen silent;
     /// otherwise waits up to the connect timeout.
     pub async fn dial(&self, addr: SocketAddr) -> Result<TunnelStream, NetError> {
+        self.dial_with_receive_buffer(addr, self.tcp.rx_buffer)
+            .await
+    }
+
+    /// [`Netstack::dial`] with a smoltcp receive buffer of `rx_buffer` bytes instead of
+    /// `TcpTuning::rx_buffer`. smoltcp's receive ring does not rewind when it empties, so a
+    /// long-lived connection ends up touching (making resident) its whole receive buffer; a
+    /// caller that keeps many connections open for long, like the gateway's pool of upstream
+    /// connections, bounds its memory with a smaller one.
+    pub async fn dial_with_receive_buffer(
+        &self,
+        addr: SocketAddr,
+        rx_buffer: usize,
+    ) -> Result<TunnelStream, NetError> {
         let shared = Shared::new(self.wake.clone(), self.tcp.app_buffer, self.tcp.app_buffer);
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Command::Connect {
                 shared: shared.clone(),
                 remote: addr,
+                rx_buffer,
                 reply,
             })
             .await

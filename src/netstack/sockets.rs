@@ -120,6 +120,7 @@ impl ConnTable {
         local_addrs: &[IpAddr],
         shared: Arc<Shared>,
         remote: SocketAddr,
+        rx_buffer: usize,
     ) -> Result<SocketAddr, NetError> {
         if self.live >= self.tcp.max_connections {
             return Err(NetError::TooManyConnections);
@@ -130,7 +131,7 @@ impl ConnTable {
             .find(|a| a.is_ipv4() == remote.is_ipv4())
             .ok_or(NetError::NoRoute)?;
         let port = self.ephemeral_port().ok_or(NetError::TooManyConnections)?;
-        let mut sock = self.new_socket();
+        let mut sock = self.new_socket(rx_buffer);
         sock.connect(cx, IpEndpoint::new(remote.ip().into(), remote.port()), port)
             .map_err(|_| NetError::NoRoute)?;
         let handle = self.set.add(sock);
@@ -173,7 +174,7 @@ impl ConnTable {
             {
                 return;
             }
-            let mut sock = self.new_socket();
+            let mut sock = self.new_socket(self.tcp.rx_buffer);
             if sock.listen(port).is_err() {
                 return;
             }
@@ -211,9 +212,9 @@ impl ConnTable {
         id
     }
 
-    fn new_socket(&self) -> tcp::Socket<'static> {
+    fn new_socket(&self, rx_buffer: usize) -> tcp::Socket<'static> {
         let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.tcp.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0u8; rx_buffer]),
             tcp::SocketBuffer::new(vec![0u8; self.tcp.tx_buffer]),
         );
         s.set_nagle_enabled(false);

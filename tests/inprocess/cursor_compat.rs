@@ -7,7 +7,8 @@
 //! a `content: []` tool-call history; the Responses-API body Cursor sends to `/chat/completions`
 //! for `gpt-*` names). Each reply is checked as raw SSE, and, when a Python with the `openai`
 //! package is available (`MODELGATE_PYTHON`, default `.venv/bin/python`), parsed by the openai
-//! SDK, tool calls included. Without python3 or the fixture the tests print SKIPPED and pass.
+//! SDK, tool calls included. Without python3 or the SDK a test fails under the test command
+//! (root, CI) and is a recorded skip elsewhere (`tests/support/skip.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use modelgate::netstack::TunnelStream;
 use serde_json::{json, Value};
 
 use crate::harness::{corp_upstream, key, manifest_path, sdk_python, Reply, Stack, StackOptions};
+use crate::skip;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -29,16 +31,16 @@ const GPT_MODEL: &str = "gpt-5-acme";
 /// The fake's context window in tokens (it counts body bytes / 4).
 const MAX_MODEL_LEN: usize = 60_000;
 
+/// python3 is a prerequisite (the rule of `tests/support/skip.rs`: it fails under the test
+/// command, a recorded skip elsewhere); the fixture is part of the repository, so its absence
+/// is always a failure.
 fn have_python_and_fixture(test: &str) -> bool {
+    assert!(Path::new(FIXTURE).exists(), "{test}: {FIXTURE} is missing");
     let py = Command::new("python3")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !py || !Path::new(FIXTURE).exists() {
-        eprintln!("SKIPPED {test}: needs python3 and {FIXTURE}");
-        return false;
-    }
-    true
+    py || skip::missing(test, "needs python3 (apt-get install python3)")
 }
 
 /// `cursor_requests.py SHAPE --history-kb KB [--model M]` → the body.
@@ -167,9 +169,17 @@ impl Env {
             .collect()
     }
 
-    /// `openai_client.py replay` with the SDK, against `base`; None without the SDK.
-    fn sdk_replay(&self, base: &str, body: &[u8], extra: &[&str]) -> Option<Value> {
-        let py = sdk_python()?;
+    /// `openai_client.py replay` with the SDK, against `base`; None without the SDK (a missing
+    /// prerequisite of the SDK half of `test`, see `tests/support/skip.rs`).
+    fn sdk_replay(&self, test: &str, base: &str, body: &[u8], extra: &[&str]) -> Option<Value> {
+        let Some(py) = sdk_python() else {
+            skip::missing(
+                &format!("{test} (openai SDK part)"),
+                "no Python with the openai SDK (set MODELGATE_PYTHON, or run scripts/test.sh, \
+                 which creates .venv with `pip install openai`)",
+            );
+            return None;
+        };
         let file = self.dir.path().join(format!("body-{}.json", body.len()));
         std::fs::write(&file, body).unwrap();
         let out = Command::new(py)
@@ -268,7 +278,12 @@ async fn chat_with_tools_and_empty_content_history() {
     assert_eq!(post["roles"].as_array().unwrap().len() % 4, 2, "{post}");
 
     // The openai SDK (typed API, base URL with /v1 as Cursor users type it) parses it.
-    if let Some(r) = env.sdk_replay("/v1", &body, &["--typed"]) {
+    if let Some(r) = env.sdk_replay(
+        "chat_with_tools_and_empty_content_history",
+        "/v1",
+        &body,
+        &["--typed"],
+    ) {
         eprintln!("SDK, Cursor chat body: {r}");
         assert_eq!(r["finish_reason"], "tool_calls", "{r}");
         assert_eq!(r["tool_calls"][0]["name"], "read_file", "{r}");
@@ -363,7 +378,12 @@ async fn responses_shaped_body_at_chat_completions() {
     assert_eq!(&roles[1..4], ["user", "assistant", "tool"]);
     assert_eq!((roles.len() - 2) % 3, 0, "{roles:?}");
 
-    if let Some(r) = env.sdk_replay("/v1", &body, &[]) {
+    if let Some(r) = env.sdk_replay(
+        "responses_shaped_body_at_chat_completions",
+        "/v1",
+        &body,
+        &[],
+    ) {
         eprintln!("SDK, Responses-shaped body: {r}");
         assert_eq!(r["finish_reason"], "tool_calls", "{r}");
         assert_eq!(r["tool_calls"][0]["name"], "read_file", "{r}");
@@ -410,7 +430,12 @@ async fn context_overflow_is_context_length_exceeded() {
     );
     // The same for the Responses-shaped body, through the SDK.
     let gpt = fixture("responses", 400, Some(GPT_MODEL));
-    if let Some(r) = env.sdk_replay("/v1", &gpt, &[]) {
+    if let Some(r) = env.sdk_replay(
+        "context_overflow_is_context_length_exceeded",
+        "/v1",
+        &gpt,
+        &[],
+    ) {
         eprintln!("SDK, oversized Responses-shaped body: {r}");
         assert_eq!(r["class"], "BadRequestError", "{r}");
         assert_eq!(r["status"], 400, "{r}");

@@ -10,13 +10,23 @@
 //! - [`demo`]: `modelgate demo --check`, the README's first command, through the binary.
 //! - [`restart`]: the appliance's netstack restarted with the corp side untouched (endpoint
 //!   store), and answers cut short (dead model connection, end of the drain period).
+//! - [`adversarial`]: tables of hostile requests (HTTP/1.1 bytes, HTTP/2 frames), none reaching
+//!   the model.
+//! - [`hardening`]: one test per fix for hostile or broken clients (stalled bodies and floods
+//!   of them, HTTP/2 without requests, ambiguous auth, deep JSON, unknown paths, early errors).
 //!
-//! [`harness`] builds the gateway stack (the way the daemon builds it) and its client.
+//! [`harness`] builds the gateway stack (the way the daemon builds it) and its client; [`raw`]
+//! writes requests as bytes and HTTP/2 frame by frame.
 
+mod adversarial;
 mod cursor_compat;
 mod demo;
 mod gateway;
+mod hardening;
 mod harness;
+mod raw;
 mod restart;
+#[path = "../support/skip.rs"]
+mod skip;
 mod tls;
 mod tunnel;

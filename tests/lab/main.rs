@@ -12,9 +12,10 @@
 //!                        10.20.0.5 [model]     tests/python/model_server.py or fake_vllm.py :8000
 //! ```
 //!
-//! Run: `cargo test --test lab` as root (CI is root). Without root every root test prints
-//! SKIPPED and passes (`harness::prereq` decides) and only the few checks of the same verbs
-//! that need no namespace run; as root a missing tool fails the test. Each test builds its own
+//! Run: `cargo test --test lab` as root (CI is root). Without root (and without `CI` set) every
+//! root test is skipped, visibly (`SKIPPED …`, listed by scripts/test.sh; `harness::prereq`
+//! decides), and only the few checks of the same verbs that need no namespace run; as root or
+//! under CI a missing prerequisite fails the test. Each test builds its own
 //! namespaces (names carry the PID and a counter), so they run in parallel; everything is torn
 //! down by `Drop` (processes by PID, then the namespaces).
 
@@ -22,6 +23,7 @@ mod harness;
 
 mod acme;
 mod control;
+mod curl_errors;
 mod doctor;
 mod firewall;
 mod gateway;

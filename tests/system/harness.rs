@@ -1,12 +1,17 @@
 //! The system tests' one harness: the binary cargo built, the repository's scripts, commands run
-//! to completion, the decision whether a root-only test runs here (`SKIPPED …` and a pass
-//! otherwise, printed in one place), and the `.deb` built from the debug binary. It changes
+//! to completion, the decision whether a root-only test runs here (by the rule of every test
+//! binary, `tests/support/skip.rs`: a missing prerequisite fails under the test command and is
+//! a recorded skip elsewhere; a skip the operator asked for is recorded), and the `.deb` built
+//! from the debug binary. It changes
 //! nothing on the machine itself; the tests that install a package say so.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
+
+#[path = "../support/skip.rs"]
+mod skip;
+pub use skip::{is_root, missing, skipped as skip};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_modelgate")
@@ -35,18 +40,6 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// True when the effective UID is 0 (read from `/proc`: no `unsafe`/libc).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -54,30 +47,23 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The one place a skip is reported. Written to the stderr handle, not with eprintln!, so
-/// libtest's capture does not hide it.
-pub fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
-/// Whether a root test that builds the `.deb` runs: `false` (after printing why) without
-/// root, with `skip_var=1`, or off Debian; as root on Debian a missing cargo-deb fails the test
-/// unless `MODELGATE_SKIP_DEB=1` says to go without it.
+/// Whether a root test that builds the `.deb` runs: `false` (recorded) with `skip_var=1` or
+/// `MODELGATE_SKIP_DEB=1`; without root or off Debian a missing prerequisite (see
+/// `tests/support/skip.rs`); as root a missing cargo-deb fails the test unless
+/// `MODELGATE_SKIP_DEB=1` says to go without it.
 pub fn deb_test_runs(test: &str, skip_var: Option<&str>) -> bool {
     if !is_root() {
-        skip(
+        return missing(
             test,
             "it needs root (dpkg, systemd-nspawn); CI runs it as root",
         );
-        return false;
     }
     if let Some(var) = skip_var.filter(|v| std::env::var(v).as_deref() == Ok("1")) {
         skip(test, &format!("{var}=1"));
         return false;
     }
     if !have("dpkg") {
-        skip(test, "not a Debian system (no dpkg)");
-        return false;
+        return missing(test, "not a Debian system (no dpkg)");
     }
     if !have("cargo-deb") {
         if std::env::var("MODELGATE_SKIP_DEB").as_deref() == Ok("1") {

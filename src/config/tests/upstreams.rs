@@ -19,6 +19,8 @@ fn gateway_defaults_and_overrides() {
     assert_eq!(d.max_body_bytes, 33_554_432);
     assert_eq!(d.idle_timeout, Duration::from_secs(600));
     assert_eq!(d.sse_keepalive, Duration::from_secs(15));
+    assert_eq!(d.body_read_timeout, Duration::from_secs(20));
+    assert_eq!((d.body_min_rate, d.max_json_depth), (16384, 100));
 
     let c = parse(&with(
         "[gateway]\nmax_body_bytes = 1048576\nidle_timeout = \"1h 30m\"\nsse_keepalive = \"500ms\"\n",
@@ -34,7 +36,8 @@ fn gateway_defaults_and_overrides() {
 fn gateway_errors_are_all_reported() {
     let errs = errors(&with(
         "[gateway]\nmax_body_bytes = 0\nmax_connections = -1\ntls_handshake_timeout = \"10\"\n\
-         idle_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_headers = 100000\ndrain_timeout = \"soon\"\n",
+         idle_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_headers = 100000\ndrain_timeout = \"soon\"\n\
+         body_read_timeout = \"0s\"\nbody_min_rate = -5\nmax_json_depth = 500\n",
     ));
     assert_errors(
         &errs,
@@ -46,6 +49,9 @@ fn gateway_errors_are_all_reported() {
             ("gateway.max_header_bytes", "at least 8192"),
             ("gateway.max_headers", "1..=10000"),
             ("gateway.drain_timeout", "not a duration"),
+            ("gateway.body_read_timeout", "longer than zero"),
+            ("gateway.body_min_rate", "0..="),
+            ("gateway.max_json_depth", "8..=100"),
             (
                 "gateway.tls_handshake_timeout",
                 "fix: write a number with a unit, e.g. \"10s\"",

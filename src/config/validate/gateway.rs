@@ -5,7 +5,7 @@
 
 use super::fields::{bounded, duration};
 use crate::config::raw::RawGateway;
-use crate::config::{CompatConfig, ConfigErrors, GatewayConfig};
+use crate::config::{CompatConfig, ConfigErrors, GatewayConfig, MAX_JSON_DEPTH};
 
 /// Validates `[gateway]`: each bad value is reported and replaced by its default, so the
 /// result is always complete (it is only used when there are no errors).
@@ -115,6 +115,30 @@ pub(super) fn validate(errs: &mut ConfigErrors, g: &RawGateway) -> GatewayConfig
             10_000_000,
             " tokens",
         ) as u32,
+        body_read_timeout: duration(
+            errs,
+            "gateway.body_read_timeout",
+            g.body_read_timeout.as_deref(),
+            d.body_read_timeout,
+        ),
+        body_min_rate: bounded(
+            errs,
+            "gateway.body_min_rate",
+            g.body_min_rate,
+            d.body_min_rate,
+            0,
+            1 << 30,
+            " bytes per second (0 means no extension)",
+        ),
+        max_json_depth: bounded(
+            errs,
+            "gateway.max_json_depth",
+            g.max_json_depth,
+            d.max_json_depth,
+            8,
+            MAX_JSON_DEPTH,
+            " levels (deeper values are refused by the gateway's own JSON parser)",
+        ),
         // Booleans need no range check: TOML's types already refused anything else.
         compat: CompatConfig {
             responses_translation: g

@@ -1,11 +1,14 @@
 //! Whether a lab test can run here: the one place that decides between running, skipping and
-//! failing. Without root a test prints `SKIPPED …` and passes (namespaces need root); as root a
-//! missing tool is a broken CI image, so the test fails loudly and names the package. A test
-//! that also needs the openai SDK or a file outside the repository skips when they are absent.
+//! failing, by the rule of every test binary (`tests/support/skip.rs`): a missing prerequisite
+//! (root, a tool, the openai SDK, a file) fails the test under the test command (root, or CI
+//! set) and is a visible skip elsewhere (listed by scripts/test.sh).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+#[path = "../../support/skip.rs"]
+mod skip;
+pub use skip::is_root;
 
 /// What the topology of `scripts/lab.sh` and its clients need.
 const LAB_TOOLS: &[&str] = &[
@@ -58,7 +61,7 @@ impl Needs {
         Needs { sdk: true, ..self }
     }
 
-    /// Also the file `path` (outside the repository: skipped when absent).
+    /// Also the file `path` (a missing prerequisite when absent).
     pub const fn and_file(self, path: &'static str) -> Needs {
         Needs {
             file: Some(path),
@@ -81,8 +84,8 @@ impl Ready {
     }
 }
 
-/// Decides whether `test` runs: `None` (after printing why) when it is skipped; panics, as
-/// root, when a tool is missing.
+/// Decides whether `test` runs: `None` (recorded) when it is skipped; panics when a
+/// prerequisite is missing under the test command (root or CI), and as root when a tool is.
 pub fn check(test: &str, needs: Needs) -> Option<Ready> {
     if !is_root() {
         return skip(
@@ -120,23 +123,10 @@ pub fn check(test: &str, needs: Needs) -> Option<Ready> {
     Some(Ready { python })
 }
 
-/// The one place a skip is reported. Written to the stderr handle, not with eprintln!, so
-/// libtest's capture does not hide it.
+/// A missing prerequisite: fails under the test command, a recorded skip elsewhere.
 fn skip(test: &str, why: &str) -> Option<Ready> {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    skip::missing(test, why);
     None
-}
-
-/// True when the effective UID is 0. Read from `/proc` to keep the tests free of `unsafe`/libc.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn have(tool: &str) -> bool {
