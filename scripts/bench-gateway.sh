@@ -27,9 +27,14 @@
 #      --budget, so each request runs the whole limiter and settles into the usage ledger),
 #      alternating off/on/off/on in one run; prints on/off (target >= 0.95). With --limits the
 #      nginx path, the SSE and the hold phases are skipped.
+#   5. --baseline BIN: requests/s of the same wrk load through BIN (e.g. an earlier release from
+#      /work/bin) and through MODELGATE_BIN, each with one upstream (one model server),
+#      alternating baseline/new/baseline/new in one run (each daemon started fresh with its own
+#      config, the other stopped); prints new/baseline (target >= 0.97: the one-replica path of a
+#      build with replicas is not slower). Skips the other phases like --limits.
 #
 # Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
-#               [--streams N] [--hold S] [--skip-hold] [--limits]
+#               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
 # Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
 # namespaces. Everything started is stopped by PID; BENCH_KEEP=1 keeps the work directory.
@@ -48,6 +53,7 @@ STREAMS=2000
 HOLD_S=60
 SKIP_HOLD=0
 LIMITS=0
+BASELINE_BIN=""
 DEFAULT_BIN=$ROOT/target/release/modelgate
 if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
     DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
@@ -63,6 +69,7 @@ while (($#)); do
         --hold) HOLD_S=$2; shift 2 ;;
         --skip-hold) SKIP_HOLD=1; shift ;;
         --limits) LIMITS=1; SKIP_HOLD=1; shift ;;
+        --baseline) BASELINE_BIN=$2; SKIP_HOLD=1; shift 2 ;;
         -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -72,6 +79,7 @@ done
 source "$HERE/lib/bench-common.sh"
 bench_init g
 [[ -x $MODELGATE_BIN ]] || die "$MODELGATE_BIN not found (cargo build --release, or set MODELGATE_BIN)"
+[[ -z $BASELINE_BIN || -x $BASELINE_BIN ]] || die "--baseline $BASELINE_BIN is not an executable"
 
 GW_LISTEN=$EDGE_PUBLIC:443
 MODEL=acme-coder
@@ -231,29 +239,67 @@ EOF
 }
 
 # --- path M: modelgate ---------------------------------------------------------------------------
-run_modelgate() {
-    local cfg=$WORK/mg/modelgate.toml mg=$WORK/mg
+# mg_configure BIN DIR: a config in DIR (init, peer corp, upstream vllm, key bench → DIR/key)
+mg_configure() {
+    local bin=$1 mg=$2 cfg=$2/modelgate.toml
     mkdir -p "$mg/state"
-    "$MODELGATE_BIN" --config "$cfg" init --public-endpoint "$EDGE_PUBLIC:$LAB_WG_PORT" \
+    "$bin" --config "$cfg" init --public-endpoint "$EDGE_PUBLIC:$LAB_WG_PORT" \
         --wg-listen "$EDGE_PUBLIC:$LAB_WG_PORT" --tunnel-address 10.99.0.1/24 \
         --state-dir "$mg/state" --listen "$GW_LISTEN" --self-signed gw.test \
         --control-socket "$mg/control.sock" >"$mg/init.log" 2>&1 ||
         die "modelgate init failed: $(tail -3 "$mg/init.log")"
-    "$MODELGATE_BIN" --config "$cfg" peer add corp --allowed-ips "$LAN_NET" >"$mg/corp.conf" ||
+    "$bin" --config "$cfg" peer add corp --allowed-ips "$LAN_NET" >"$mg/corp.conf" ||
         die "modelgate peer add failed"
-    "$MODELGATE_BIN" --config "$cfg" upstream add vllm --url "http://$MODEL_ADDR:8000" >/dev/null ||
+    "$bin" --config "$cfg" upstream add vllm --url "http://$MODEL_ADDR:8000" >/dev/null ||
         die "modelgate upstream add failed"
-    local key
-    key=$("$MODELGATE_BIN" --config "$cfg" key create bench --json | jq -r .secret)
-    ip netns exec "$NS_EDGE" env RUST_LOG=warn "$MODELGATE_BIN" --config "$cfg" run \
-        >"$mg/run.log" 2>&1 &
+    "$bin" --config "$cfg" key create bench --json | jq -r .secret >"$mg/key"
+}
+
+# mg_start BIN DIR: runs BIN on DIR's config with its corp peer until a chat POST answers 200;
+# sets MG_PID and CORP_PID.
+mg_start() {
+    local bin=$1 mg=$2
+    ip netns exec "$NS_EDGE" env RUST_LOG=warn "$bin" --config "$mg/modelgate.toml" run \
+        >>"$mg/run.log" 2>&1 &
     MG_PID=$!
     PIDS+=("$MG_PID")
     start_wg "$NS_CORP" "$WG_CORP"
-    local corp_pid=$WG_PID
+    CORP_PID=$WG_PID
     lab_wg_conf "$NS_CORP" "$WG_CORP" "$mg/corp.conf"
     wait_handshake "$NS_CORP" "$WG_CORP"
-    wait_https "$key" "$mg/state/self-signed.crt"
+    wait_https "$(cat "$mg/key")" "$mg/state/self-signed.crt"
+}
+
+# --baseline: the same wrk load through BASELINE_BIN (b) and MODELGATE_BIN (n), alternating.
+run_baseline_ab() {
+    mg_configure "$BASELINE_BIN" "$WORK/base"
+    mg_configure "$MODELGATE_BIN" "$WORK/new"
+    local b=() n=() i which bin dir
+    for i in 1 2; do
+        for which in base new; do
+            if [[ $which == base ]]; then bin=$BASELINE_BIN; else bin=$MODELGATE_BIN; fi
+            dir=$WORK/$which
+            mg_start "$bin" "$dir"
+            log "$which (round $i): wrk -t$THREADS -c8 -d${DURATION}s"
+            read -r _ _ R_RPS R_BAD < <(measure_wrk "$(cat "$dir/key")")
+            if [[ $which == base ]]; then b+=("$R_RPS"); else n+=("$R_RPS"); fi
+            log "$which (round $i): $R_RPS req/s ($R_BAD non-2xx)"
+            stop_pids "$MG_PID" "$CORP_PID"
+            rm -f "/var/run/wireguard/$WG_CORP.sock"
+        done
+    done
+    B_RPS=$(awk -v a="${b[0]}" -v c="${b[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
+    N_RPS=$(awk -v a="${n[0]}" -v c="${n[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
+    B_ROUNDS="baseline ${b[*]} / new ${n[*]}"
+}
+
+run_modelgate() {
+    local mg=$WORK/mg
+    mg_configure "$MODELGATE_BIN" "$mg"
+    local key cfg=$mg/modelgate.toml
+    key=$(cat "$mg/key")
+    mg_start "$MODELGATE_BIN" "$mg"
+    local corp_pid=$CORP_PID
 
     if ((LIMITS)); then
         local limited
@@ -348,6 +394,25 @@ log "lab $TAG: building namespaces"
 LAB_OWNER_PID=$$ lab_up "$TAG"
 lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
 start_model
+if [[ -n $BASELINE_BIN ]]; then
+    log "one upstream: $BASELINE_BIN (baseline) vs $MODELGATE_BIN (new), alternating"
+    run_baseline_ab
+    R=$(ratio "$N_RPS" "$B_RPS")
+    table=$(
+        cat <<EOF
+## One-replica path: new vs baseline ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))
+
+Small non-streaming chat POSTs through modelgate with one upstream, wrk -t$THREADS -c8 -d${DURATION}s, alternating the baseline binary ($BASELINE_BIN) and the new one ($MODELGATE_BIN), two rounds each (req/s per round: $B_ROUNDS).
+
+| metric | baseline | new | new/baseline | target | verdict |
+|---|---|---|---|---|---|
+| requests/s (mean of 2 rounds) | $B_RPS | $N_RPS | $R | ≥ 0.97 | $(verdict "$R" ">=" 0.97) |
+EOF
+    )
+    echo "$table"
+    [[ -z $OUT ]] || { echo "$table" >"$OUT"; log "wrote $OUT"; }
+    exit 0
+fi
 if ((LIMITS)); then
     log "path M: modelgate ($MODELGATE_BIN), limits off vs on"
     run_modelgate

@@ -16,6 +16,10 @@
 # Usage (root):
 #   scripts/lab.sh up TAG            build namespaces mg-TAG-{client,edge,corp,model}
 #   scripts/lab.sh down TAG          delete them (idempotent) and stale wireguard-go sockets
+#   scripts/lab.sh site2 TAG         add a second corp site to lab TAG (replicas at two sites):
+#                                    mg-TAG-{corp2,model2}; corp2 198.51.101.2 on a second edge
+#                                    link (edge 198.51.101.1), the same corp router rules, LAN
+#                                    10.30.0.0/24 with the model host 10.30.0.5
 #   scripts/lab.sh names TAG         print the names as shell assignments
 #   scripts/lab.sh gc                take down every lab whose owner process is gone (a test run that
 #                                    was SIGKILLed cannot run its Drop guards)
@@ -57,6 +61,14 @@ lab_names() {
     WG_CORP="mg${tag}c"
     WG_EDGE="mg${tag}e"
     WG_ROGUE="mg${tag}r"
+    # The second site (`site2`), absent unless added.
+    NS_CORP2="mg-$tag-corp2"
+    NS_MODEL2="mg-$tag-model2"
+    WG_CORP2="mg${tag}d"
+    EDGE_WAN2=198.51.101.1
+    CORP2_WAN=198.51.101.2
+    CORP2_LAN=10.30.0.1
+    MODEL2_ADDR=10.30.0.5
     EDGE_PUBLIC=192.0.2.1
     CLIENT_ADDR=192.0.2.10
     EDGE_WAN=198.51.100.1
@@ -78,7 +90,7 @@ lab_print_names() {
 lab_down() {
     lab_names "$1"
     local ns ifn
-    for ns in "$NS_CLIENT" "$NS_EDGE" "$NS_CORP" "$NS_MODEL"; do
+    for ns in "$NS_CLIENT" "$NS_EDGE" "$NS_CORP" "$NS_MODEL" "$NS_CORP2" "$NS_MODEL2"; do
         if [[ -e /var/run/netns/$ns ]]; then
             ip netns del "$ns" 2>/dev/null || true
         fi
@@ -86,7 +98,7 @@ lab_down() {
         rm -rf "/etc/netns/$ns"
     done
     # A killed wireguard-go leaves its socket behind; a later one with the same name would fail.
-    for ifn in "$WG_CORP" "$WG_EDGE" "$WG_ROGUE"; do
+    for ifn in "$WG_CORP" "$WG_EDGE" "$WG_ROGUE" "$WG_CORP2"; do
         rm -f "/var/run/wireguard/$ifn.sock"
     done
     rm -f "$LAB_STATE_DIR/$1.owner"
@@ -142,9 +154,29 @@ lab_up() {
     ip netns exec "$NS_EDGE" sysctl -qw net.ipv4.ip_forward=0
     ip netns exec "$NS_CORP" sysctl -qw net.ipv4.ip_forward=1
 
-    # Corp router: stateful WAN firewall, NAT with random source ports on the WAN (so a restarted
-    # peer shows up from a new port), tunnel → LAN forwarding with masquerade and MSS clamping.
-    ip netns exec "$NS_CORP" nft -f - <<'EOF'
+    lab_corp_router "$NS_CORP"
+
+    # Edge: remember every (source address, port) WireGuard traffic arrives from, so tests can
+    # see the NAT mapping change; `nft list set inet lab wgsrc`.
+    ip netns exec "$NS_EDGE" nft -f - <<EOF
+table inet lab {
+    set wgsrc {
+        type ipv4_addr . inet_service
+        flags dynamic
+        size 1024
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        udp dport $LAB_WG_PORT add @wgsrc { ip saddr . udp sport }
+    }
+}
+EOF
+}
+
+# Corp router NS: stateful WAN firewall, NAT with random source ports on the WAN (so a restarted
+# peer shows up from a new port), tunnel → LAN forwarding with masquerade and MSS clamping.
+lab_corp_router() {
+    ip netns exec "$1" nft -f - <<'EOF'
 table inet lab {
     chain input {
         type filter hook input priority filter; policy accept;
@@ -166,22 +198,34 @@ table ip labnat {
     }
 }
 EOF
-
-    # Edge: remember every (source address, port) WireGuard traffic arrives from, so tests can
-    # see the NAT mapping change; `nft list set inet lab wgsrc`.
-    ip netns exec "$NS_EDGE" nft -f - <<EOF
-table inet lab {
-    set wgsrc {
-        type ipv4_addr . inet_service
-        flags dynamic
-        size 1024
-    }
-    chain input {
-        type filter hook input priority filter; policy accept;
-        udp dport $LAB_WG_PORT add @wgsrc { ip saddr . udp sport }
-    }
 }
-EOF
+
+# A second corp site on lab TAG (which must be up): its own router namespace with a WAN link to
+# the edge, the corp router rules, and a LAN with one model host. `down` removes it.
+lab_site2() {
+    lab_names "$1"
+    [[ -e /var/run/netns/$NS_EDGE ]] || { echo "lab: site2: lab $1 is not up" >&2; return 2; }
+    local ns
+    for ns in "$NS_CORP2" "$NS_MODEL2"; do
+        if [[ -e /var/run/netns/$ns ]]; then ip netns del "$ns"; fi
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$NS_EDGE" link del to-corp2 2>/dev/null || true
+    ip -n "$NS_EDGE" link add to-corp2 type veth peer name wan netns "$NS_CORP2"
+    ip -n "$NS_CORP2" link add lan type veth peer name to-corp netns "$NS_MODEL2"
+    ip -n "$NS_EDGE" addr add "$EDGE_WAN2/24" dev to-corp2
+    ip -n "$NS_CORP2" addr add "$CORP2_WAN/24" dev wan
+    ip -n "$NS_CORP2" addr add "$CORP2_LAN/24" dev lan
+    ip -n "$NS_MODEL2" addr add "$MODEL2_ADDR/24" dev to-corp
+    ip -n "$NS_EDGE" link set to-corp2 up
+    ip -n "$NS_CORP2" link set wan up
+    ip -n "$NS_CORP2" link set lan up
+    ip -n "$NS_MODEL2" link set to-corp up
+    ip -n "$NS_CORP2" route add default via "$EDGE_WAN2"
+    ip -n "$NS_MODEL2" route add default via "$CORP2_LAN"
+    ip netns exec "$NS_CORP2" sysctl -qw net.ipv4.ip_forward=1
+    lab_corp_router "$NS_CORP2"
 }
 
 # Writes /etc/netns/NS/hosts: localhost plus each 'IP NAME' argument. Only for the lab's own
@@ -277,6 +321,7 @@ lab_main() {
     case $cmd in
         up) lab_up "$@" ;;
         down) lab_down "$@" ;;
+        site2) lab_site2 "$@" ;;
         names) lab_print_names "$@" ;;
         wg-conf) lab_wg_conf "$@" ;;
         wg-wait-sock) lab_wg_wait_sock "$@" ;;

@@ -12,6 +12,7 @@ pub mod firewall;
 pub mod generate;
 pub mod init;
 pub mod key;
+pub mod model;
 pub mod peer;
 pub mod reload;
 pub mod run;
@@ -63,6 +64,9 @@ pub enum Command {
     /// Manage the model servers inside the tunnel and their model routes.
     #[command(subcommand)]
     Upstream(upstream::UpstreamCommand),
+    /// Per-model settings: how a model's requests are balanced over its replicas.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
     Run(run::RunArgs),
     /// Show the running daemon's interface, peers, upstreams, listener and streams (like wg show).
@@ -165,6 +169,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
         Command::Key(cmd) => key::execute(&cli.config, cmd),
         Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
+        Command::Model(cmd) => model::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),
         Command::Status(args) => status::execute(&cli.config, args),
         Command::Reload(args) => reload::execute(&cli.config, args),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::CliError;
 use crate::config::{Config, DEFAULT_CONTROL_SOCKET};
-use crate::control::{client, HttpsStatus, PeerStatus, StatusReport, UpstreamStatus};
+use crate::control::{client, HttpsStatus, ModelStatus, PeerStatus, StatusReport, UpstreamStatus};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -125,6 +125,9 @@ pub fn render(s: &StatusReport) -> String {
     for u in &s.upstreams {
         render_upstream(&mut o, u);
     }
+    for m in &s.models {
+        render_model(&mut o, m);
+    }
     o.push('\n');
     render_https(&mut o, s.https.as_ref());
     if let Some(m) = &s.metrics_listen {
@@ -238,6 +241,46 @@ fn render_upstream(o: &mut String, u: &UpstreamStatus) {
             let _ = writeln!(o, "  in flight: {}", u.in_flight);
         }
     }
+    render_health(o, u);
+}
+
+/// The health lines of an `upstream:` block.
+fn render_health(o: &mut String, u: &UpstreamStatus) {
+    let error = u.last_error.as_deref().map(|e| format!(": {e}"));
+    match (u.health.as_str(), u.ejected_seconds_left) {
+        ("healthy", _) => {
+            let _ = writeln!(o, "  health: healthy");
+            if let Some(e) = &error {
+                let _ = writeln!(o, "  last error{e}");
+            }
+        }
+        (h, left) => {
+            let left = left.map_or(String::new(), |s| format!(" for {s} s more"));
+            let _ = writeln!(o, "  health: {h}{left}{}", error.unwrap_or_default());
+        }
+    }
+    if u.retries_total > 0 || u.ejections_total > 0 {
+        let _ = writeln!(
+            o,
+            "  retried elsewhere: {}, ejections: {}",
+            u.retries_total, u.ejections_total
+        );
+    }
+}
+
+/// One `model:` block: its balancing, replicas and queue.
+fn render_model(o: &mut String, m: &ModelStatus) {
+    let _ = writeln!(o, "\nmodel: {} ({})", m.name, m.balance);
+    let _ = writeln!(
+        o,
+        "  replicas: {} ({} of {} healthy)",
+        m.replicas.join(", "),
+        m.healthy_replicas,
+        m.replicas.len()
+    );
+    if m.queued > 0 {
+        let _ = writeln!(o, "  waiting: {}", m.queued);
+    }
 }
 
 /// The `https:` lines: listener, certificate expiry, ACME state.
@@ -311,13 +354,45 @@ mod tests {
                 silent_since_unix: None,
                 silent_after_seconds: 55,
             }],
-            upstreams: vec![UpstreamStatus {
-                name: "vllm".into(),
-                url: "http://10.20.0.5:8000/v1".into(),
-                reachable: true,
-                models: vec!["a".into(), "b".into()],
-                in_flight: 3,
-                max_concurrent: Some(8),
+            upstreams: vec![
+                UpstreamStatus {
+                    name: "vllm".into(),
+                    url: "http://10.20.0.5:8000/v1".into(),
+                    reachable: true,
+                    models: vec!["a".into(), "b".into()],
+                    in_flight: 3,
+                    max_concurrent: Some(8),
+                    queued: 2,
+                    health: "healthy".into(),
+                    ejected_until_unix: None,
+                    ejected_seconds_left: None,
+                    last_error: None,
+                    last_error_unix: None,
+                    retries_total: 0,
+                    ejections_total: 0,
+                },
+                UpstreamStatus {
+                    name: "vllm2".into(),
+                    url: "http://10.30.0.5:8000/v1".into(),
+                    reachable: false,
+                    models: vec!["a".into()],
+                    in_flight: 0,
+                    max_concurrent: None,
+                    queued: 0,
+                    health: "ejected".into(),
+                    ejected_until_unix: Some(1),
+                    ejected_seconds_left: Some(4),
+                    last_error: Some("the model server refused the connection".into()),
+                    last_error_unix: Some(1),
+                    retries_total: 6,
+                    ejections_total: 3,
+                },
+            ],
+            models: vec![ModelStatus {
+                name: "a".into(),
+                balance: "affinity".into(),
+                replicas: vec!["vllm".into(), "vllm2".into()],
+                healthy_replicas: 1,
                 queued: 2,
             }],
             https: Some(HttpsStatus {
@@ -348,7 +423,9 @@ mod tests {
         for want in [
             "interface: modelgate (pid 42, up 7 s)\n  public key: APPKEY=\n  listening port: 51820\n",
             "peer: PEERKEY= (corp)\n  endpoint: 192.0.2.10:40000\n  allowed ips: 10.99.0.2/32, 10.20.0.0/24\n  latest handshake: 12 seconds ago\n  transfer: 2.00 KiB received, 10 B sent\n  persistent keepalive: every 25 seconds\n",
-            "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3 of 8 (2 waiting)\n",
+            "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3 of 8 (2 waiting)\n  health: healthy\n\n",
+            "upstream: vllm2\n  url: http://10.30.0.5:8000/v1\n  reachable: no\n  models: a\n  in flight: 0\n  health: ejected for 4 s more: the model server refused the connection\n  retried elsewhere: 6, ejections: 3\n",
+            "model: a (affinity)\n  replicas: vllm, vllm2 (1 of 2 healthy)\n  waiting: 2\n",
             "https: 0.0.0.0:443\n  certificate expires: 2027-01-01T00:00:00Z (33 days left)\n  acme: gw.example.com — issued by https://acme.example/dir\n  next renewal: 2026-12-02T00:00:00Z\n  last error (2 in a row): connection refused\n",
             "active streams:\n  abc (alice): 3\n",
         ] {

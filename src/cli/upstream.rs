@@ -2,8 +2,10 @@
 //!
 //! Owns editing `[[upstream]]` tables (through `toml_edit`, keeping the operator's comments).
 //! Every edit takes the same update lock as `peer`, validates the whole resulting config (so an
-//! upstream outside every peer's networks, a public model name routed twice or an insecure API
-//! key file is refused with exit 2), and writes atomically; nothing is written on error.
+//! upstream outside every peer's networks, a public model name routed twice by the same server
+//! or an insecure API key file is refused with exit 2), and writes atomically; nothing is
+//! written on error. Another server routing a public model that is already routed becomes a
+//! replica of it.
 //! Never reads an API key file's content: only its path goes into the config.
 
 use clap::{Args, Subcommand};

@@ -1,7 +1,8 @@
 //! Text-level edits of `modelgate.toml` made by the CLI.
 //!
-//! Owns the initial file `modelgate init` writes and the `[[peer]]` / `[[upstream]]` additions
-//! and removals of `modelgate peer add/remove` and `modelgate upstream add/remove`. Edits go
+//! Owns the initial file `modelgate init` writes, the `[[peer]]` / `[[upstream]]` additions
+//! and removals of `modelgate peer add/remove` and `modelgate upstream add/remove`, and the
+//! `[[model]]` settings of `modelgate model set/remove`. Edits go
 //! through `toml_edit` so the operator's comments, key order and formatting survive; these
 //! functions only transform text. Never writes files and never decides validity: callers
 //! validate the result with [`super::Config::from_toml_str`] before writing it with
@@ -22,6 +23,10 @@ pub enum EditError {
     UpstreamNotTables,
     #[error("no upstream named {0:?}; fix: see `modelgate upstream list`")]
     NoSuchUpstream(String),
+    #[error("`model` is not a list of [[model]] tables; fix: write each model's settings as a [[model]] table")]
+    ModelNotTables,
+    #[error("no [[model]] table for {0:?}; fix: see `modelgate model list`")]
+    NoSuchModel(String),
 }
 
 fn parse(text: &str) -> Result<DocumentMut, EditError> {
@@ -160,6 +165,47 @@ pub fn remove_upstream(text: &str, name: &str) -> Result<String, EditError> {
         Some(true) => Ok(doc.to_string()),
         Some(false) => Err(EditError::NoSuchUpstream(name.to_string())),
         None => Err(EditError::UpstreamNotTables),
+    }
+}
+
+/// Sets `balance` in the `[[model]]` table of `name`, appending the table (preceded by the
+/// one-line `comment`) when there is none. Everything else in `text` is kept byte for byte.
+pub fn set_model(
+    text: &str,
+    name: &str,
+    balance: &str,
+    comment: &str,
+) -> Result<String, EditError> {
+    let mut doc = parse(text)?;
+    let existing = match doc.get_mut("model") {
+        None => None,
+        Some(item) => item
+            .as_array_of_tables_mut()
+            .ok_or(EditError::ModelNotTables)?
+            .iter_mut()
+            .find(|t| t.get("name").and_then(Item::as_str) == Some(name)),
+    };
+    match existing {
+        Some(t) => {
+            t.insert("balance", value(balance));
+        }
+        None => {
+            let mut t = Table::new();
+            t.insert("name", value(name));
+            t.insert("balance", value(balance));
+            append_table(&mut doc, "model", t, comment).ok_or(EditError::ModelNotTables)?;
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// Removes the `[[model]]` table of `name` (its model goes back to the defaults).
+pub fn remove_model(text: &str, name: &str) -> Result<String, EditError> {
+    let mut doc = parse(text)?;
+    match remove_named(&mut doc, "model", name) {
+        Some(true) => Ok(doc.to_string()),
+        Some(false) => Err(EditError::NoSuchModel(name.to_string())),
+        None => Err(EditError::ModelNotTables),
     }
 }
 

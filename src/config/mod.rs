@@ -21,18 +21,18 @@ use crate::wgkey::{PrivateKey, PublicKey};
 
 pub use error::{ConfigError, ConfigErrors, FieldError};
 pub use model::{
-    CompatConfig, Config, GatewayConfig, ModelRoute, PeerConfig, ServerConfig, TlsConfig,
-    UpstreamConfig, WireguardConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN,
-    DEFAULT_METRICS_LISTEN, DEFAULT_MTU, DEFAULT_PEER_KEEPALIVE, DEFAULT_PRIVATE_KEY_FILE,
-    DEFAULT_STATE_DIR, DEFAULT_TUNNEL_ADDRESS, DEFAULT_UPSTREAM_BASE_PATH, DEFAULT_WG_LISTEN,
-    MAX_JSON_DEPTH,
+    Balance, CompatConfig, Config, GatewayConfig, ModelConfig, ModelRoute, PeerConfig,
+    ServerConfig, TlsConfig, UpstreamConfig, WireguardConfig, DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_MTU,
+    DEFAULT_PEER_KEEPALIVE, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STATE_DIR, DEFAULT_TUNNEL_ADDRESS,
+    DEFAULT_UPSTREAM_BASE_PATH, DEFAULT_WG_LISTEN, MAX_JSON_DEPTH,
 };
 pub(crate) use secrets::check_secret_file;
 pub use secrets::{load_private_key, read_api_key_file, read_key_file};
 pub use validate::{
-    allocate_tunnel_address, check_dns_name, check_peer_name, check_tunnel_address,
-    check_upstream_name, parse_endpoint, parse_model_route, parse_upstream_url, validate,
-    SecretFileCheck,
+    allocate_tunnel_address, check_dns_name, check_peer_name, check_public_model_name,
+    check_tunnel_address, check_upstream_name, parse_endpoint, parse_model_route,
+    parse_upstream_url, validate, SecretFileCheck,
 };
 
 impl Config {

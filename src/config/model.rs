@@ -52,6 +52,46 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Named key policies (`[[policy]]`), by name.
     pub policies: crate::policy::Policies,
+    /// Per-model settings (`[[model]]`), in file order; a model without one is balanced
+    /// [`Balance::LeastLoaded`].
+    pub models: Vec<ModelConfig>,
+}
+
+/// How requests for one public model are spread over the upstreams that serve it (`[[model]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The public model name (what clients ask for).
+    pub name: String,
+    pub balance: Balance,
+}
+
+/// The balancing rule of a model's replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Balance {
+    /// The healthy replica with the fewest requests outstanding (ties in turn).
+    #[default]
+    LeastLoaded,
+    /// One conversation (same key, same leading messages) on one replica while it is healthy
+    /// and has a free slot, so its prefix cache serves the growing history; else least loaded.
+    Affinity,
+}
+
+impl Balance {
+    /// Every value, as written in the config.
+    pub const ALL: [Balance; 2] = [Balance::LeastLoaded, Balance::Affinity];
+
+    /// The config spelling: `least_loaded`, `affinity`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastLoaded => "least_loaded",
+            Balance::Affinity => "affinity",
+        }
+    }
+
+    /// Parses the config spelling.
+    pub fn parse(s: &str) -> Option<Balance> {
+        Balance::ALL.into_iter().find(|b| b.as_str() == s)
+    }
 }
 
 /// The deepest `gateway.max_json_depth` (and its default). serde_json, which parses every value
@@ -275,12 +315,29 @@ impl Config {
         self.upstreams.iter().find(|u| u.name == name)
     }
 
-    /// The upstream and static route serving the public model name `public` (exact match).
-    /// Validation guarantees at most one. Models of upstreams that discover theirs are not
-    /// known here; the gateway consults those after the static routes.
-    pub fn upstream_for_model(&self, public: &str) -> Option<(&UpstreamConfig, &ModelRoute)> {
+    /// The first upstream (in file order) with a static route for the public model name
+    /// `public` (exact match), and that route. Models of upstreams that discover theirs are not
+    /// known here; the gateway adds those at run time.
+    pub fn upstream_for_model<'a>(
+        &'a self,
+        public: &'a str,
+    ) -> Option<(&'a UpstreamConfig, &'a ModelRoute)> {
+        self.upstreams_for_model(public).next()
+    }
+
+    /// Every upstream with a static route for `public` (its statically known replicas), in
+    /// file order.
+    pub fn upstreams_for_model<'a>(
+        &'a self,
+        public: &'a str,
+    ) -> impl Iterator<Item = (&'a UpstreamConfig, &'a ModelRoute)> + 'a {
         self.upstreams
             .iter()
-            .find_map(|u| u.models.iter().find(|m| m.public == public).map(|m| (u, m)))
+            .filter_map(move |u| u.models.iter().find(|m| m.public == public).map(|m| (u, m)))
+    }
+
+    /// The `[[model]]` settings of `public`, if the config has a table for it.
+    pub fn model(&self, public: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == public)
     }
 }

@@ -30,6 +30,20 @@ pub struct RawConfig {
     /// Named key policies, `[[policy]]` tables.
     #[serde(default, rename = "policy")]
     pub policies: Vec<RawPolicy>,
+    /// Per-model settings (balancing across replicas), `[[model]]` tables.
+    #[serde(default, rename = "model")]
+    pub models: Vec<RawModel>,
+}
+
+/// One `[[model]]`: how requests for one public model name are spread over the upstreams that
+/// serve it (its replicas). Every field but `name` is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// The public model name clients ask for (as routed by `[[upstream]] models` or discovered).
+    pub name: Option<String>,
+    /// `"least_loaded"` (default) or `"affinity"`.
+    pub balance: Option<String>,
 }
 
 /// One `[[policy]]`: limits that keys created with `--policy NAME` share. Every field is

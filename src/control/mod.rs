@@ -36,6 +36,9 @@ pub struct StatusReport {
     pub interface: InterfaceStatus,
     pub peers: Vec<PeerStatus>,
     pub upstreams: Vec<UpstreamStatus>,
+    /// Every public model served now, with its balancing and replicas.
+    #[serde(default)]
+    pub models: Vec<ModelStatus>,
     /// The HTTPS listener; `null` when the config has no `[tls]` (gateway off).
     pub https: Option<HttpsStatus>,
     /// Address of the Prometheus listener.
@@ -106,6 +109,44 @@ pub struct UpstreamStatus {
     pub max_concurrent: Option<u32>,
     /// Requests waiting for one of its slots (round-robin across keys).
     #[serde(default)]
+    pub queued: u64,
+    /// `healthy`, or `ejected` after a failure (passive health; see `last_error`).
+    #[serde(default = "healthy")]
+    pub health: String,
+    /// While ejected: when it is tried again (UNIX seconds; the probe may re-admit it sooner).
+    #[serde(default)]
+    pub ejected_until_unix: Option<u64>,
+    /// While ejected: seconds until then.
+    #[serde(default)]
+    pub ejected_seconds_left: Option<u64>,
+    /// The last failure of a request or probe there (kept after recovery), and when.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_unix: Option<u64>,
+    /// Requests that failed there before their answer began and were retried on another replica.
+    #[serde(default)]
+    pub retries_total: u64,
+    /// Times it was ejected.
+    #[serde(default)]
+    pub ejections_total: u64,
+}
+
+fn healthy() -> String {
+    "healthy".into()
+}
+
+/// One public model and its replicas (the upstreams serving it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub name: String,
+    /// `least_loaded` or `affinity` (`[[model]] balance`).
+    pub balance: String,
+    /// Upstream names, static routes first, then discovering upstreams.
+    pub replicas: Vec<String>,
+    /// How many of them are not ejected now.
+    pub healthy_replicas: u64,
+    /// Requests waiting for a slot at any of its replicas (the model-wide fair-share queue).
     pub queued: u64,
 }
 

@@ -252,6 +252,7 @@ mod tests {
                     },
                     peers: Vec::new(),
                     upstreams: Vec::new(),
+                    models: Vec::new(),
                     https: None,
                     metrics_listen: None,
                     streams: Vec::new(),

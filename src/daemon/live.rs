@@ -17,7 +17,6 @@ use crate::config::{self, Config, GatewayConfig};
 use crate::control::server::ControlApi;
 use crate::control::{
     HttpsStatus, InterfaceStatus, PeerStatus, ReloadReport, StatusReport, StreamStatus,
-    UpstreamStatus,
 };
 use crate::gateway::upstream::UpstreamSpec;
 use crate::gateway::{GatewayHandle, GatewayState};
@@ -27,7 +26,7 @@ use crate::telemetry::{self, Metrics, Scrape};
 use crate::tls::TlsState;
 use crate::tunnel::{PeerChanges, PeerHealth};
 
-use super::{check_forwards, notify, peer_specs, upstream_specs, Forward};
+use super::{check_forwards, notify, peer_specs, replicas, upstream_specs, Forward};
 
 /// One peer of `status`, from the tunnel's stats at `now`.
 fn peer_status(p: &crate::tunnel::PeerStats, now: SystemTime) -> PeerStatus {
@@ -108,28 +107,12 @@ impl Live {
             .map(|s| s.peers.iter().map(|p| peer_status(p, now)).collect())
             .unwrap_or_default();
         let udp = self.netstack.udp_addr();
-        let (upstreams, https) = match &self.gateway {
-            None => (Vec::new(), None),
+        let (upstreams, models, https) = match &self.gateway {
+            None => (Vec::new(), Vec::new(), None),
             Some(g) => {
                 let state = g.handle.load();
-                let ups = state
-                    .routes
-                    .upstreams()
-                    .iter()
-                    .map(|u| UpstreamStatus {
-                        name: u.spec.name.clone(),
-                        url: format!("http://{}{}", u.spec.addr, u.spec.base_path),
-                        reachable: u.reachable(),
-                        models: if u.spec.models.is_empty() {
-                            u.discovered()
-                        } else {
-                            u.spec.models.iter().map(|(p, _)| p.clone()).collect()
-                        },
-                        in_flight: u.in_flight(),
-                        max_concurrent: u.spec.max_concurrent,
-                        queued: u.queue.as_ref().map_or(0, |q| q.load().1 as u64),
-                    })
-                    .collect();
+                let ups = replicas::upstreams(&state);
+                let models = replicas::models(&state);
                 let not_after = g.tls.not_after();
                 let https = HttpsStatus {
                     listen: g.https.to_string(),
@@ -151,7 +134,7 @@ impl Live {
                             failures: a.failures,
                         }),
                 };
-                (ups, Some(https))
+                (ups, models, Some(https))
             }
         };
         StatusReport {
@@ -170,6 +153,7 @@ impl Live {
             },
             peers,
             upstreams,
+            models,
             https,
             metrics_listen: self
                 .metrics_addr
@@ -198,21 +182,21 @@ impl Live {
             .await
             .map(|s| s.peers)
             .unwrap_or_default();
-        let (upstreams, certificate_not_after) = match &self.gateway {
-            None => (Vec::new(), None),
-            Some(g) => (
-                g.handle
-                    .load()
+        let (upstreams, certificate_not_after, (replicas, models_queued)) = match &self.gateway {
+            None => (Vec::new(), None, Default::default()),
+            Some(g) => {
+                let state = g.handle.load();
+                let upstreams = state
                     .routes
                     .upstreams()
                     .iter()
                     .map(|u| {
-                        let queued = u.queue.as_ref().map_or(0, |q| q.load().1 as u64);
+                        let queued = state.scheduler.waiting_for(u) as u64;
                         (u.spec.name.clone(), u.reachable(), u.in_flight(), queued)
                     })
-                    .collect(),
-                g.tls.not_after(),
-            ),
+                    .collect();
+                (upstreams, g.tls.not_after(), replicas::gauges(&state))
+            }
         };
         telemetry::render(
             &self.metrics,
@@ -220,6 +204,8 @@ impl Live {
                 peers,
                 upstreams,
                 certificate_not_after,
+                replicas,
+                models_queued,
             },
         )
     }
@@ -330,6 +316,9 @@ impl Live {
                     }
                 }
 
+                if old.models != new.models {
+                    report.changes.push("[[model]] balancing updated".into());
+                }
                 if old.policies != new.policies {
                     report
                         .changes

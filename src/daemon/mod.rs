@@ -16,6 +16,7 @@ mod listen;
 mod live;
 pub mod notify;
 mod ready;
+mod replicas;
 
 pub use listen::{Inherited, InheritedSocket};
 
@@ -402,6 +403,7 @@ async fn start_gateway(
     )
     .limiter(limiter)
     .ledger(ledger)
+    .models(config.models.clone())
     .start(listener, tls.server_config(), stop.clone());
     tasks.push(running.discovery);
     Ok(StartedGateway {

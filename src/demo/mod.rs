@@ -157,7 +157,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     });
     // Wait (bounded) until the model is known through the tunnel.
     for _ in 0..100 {
-        if gateway.handle.load().routes.route("echo").is_some() {
+        if gateway.handle.load().routes.serves("echo") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -3,16 +3,17 @@
 //! one [`Metrics::record`] call, whether the request was refused or answered.
 //!
 //! Every line has the same fields, in the same order (README, "HTTP surface"): key id and name,
-//! client IP, endpoint, model, upstream, status, bytes in and out, prompt and completion tokens,
-//! TTFB, duration, outcome. What a refusal does not know yet is `-`. Never a prompt, a
-//! completion or a secret.
+//! client IP, endpoint, model, upstream (the replica that answered, or the last one tried),
+//! retries (tries that failed over to another replica), status, bytes in and out, prompt and
+//! completion tokens, TTFB, duration, outcome. What a refusal does not know yet is `-`. Never a
+//! prompt, a completion or a secret.
 //!
-//! Also owns the [`Flight`] of a routed request (an active stream of its key and a request in
-//! flight at its upstream), which ends when the record is emitted.
+//! Also owns the [`Flight`] of a routed request (an active stream of its key, naming the
+//! replica it is at), which ends when the record is emitted. The request's place at the
+//! replica (its in-flight count and slot) is the `fair::Slot`, which the response body holds.
 
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,8 @@ pub struct AuditRecord {
     model: Option<String>,
     /// Set once routed; names the upstream.
     flight: Option<Flight>,
+    /// Tries that failed before their answer began and were retried on another replica.
+    retries: u32,
     /// The upstream's status (an answered request).
     status: u16,
     bytes_in: Option<usize>,
@@ -95,6 +98,7 @@ impl AuditRecord {
             principal: None,
             model: None,
             flight: None,
+            retries: 0,
             status: 0,
             bytes_in: None,
             bytes_out: 0,
@@ -116,11 +120,22 @@ impl AuditRecord {
         self.model = Some(model.to_string());
     }
 
-    /// Routed to `upstream`: from now on an active stream of the key and in flight there.
+    /// Routed to `upstream` (a try): from now on an active stream of the key, at that replica.
+    /// A retry routes again, to another replica; the stream goes on.
     pub fn routed(&mut self, upstream: &Arc<Upstream>) {
-        if let Some(p) = &self.principal {
-            self.flight = Some(Flight::start(&self.metrics, p, upstream));
+        match &mut self.flight {
+            Some(f) => f.upstream = upstream.clone(),
+            None => {
+                if let Some(p) = &self.principal {
+                    self.flight = Some(Flight::start(&self.metrics, p, upstream));
+                }
+            }
         }
+    }
+
+    /// The try at the current replica failed before its answer began; another one follows.
+    pub fn retried(&mut self) {
+        self.retries += 1;
     }
 
     /// The upstream answered with `status`.
@@ -154,11 +169,8 @@ impl AuditRecord {
     /// Emits a refused request. Its model is a metric label only when a route serves it, so
     /// made-up model names cannot grow the series without bound.
     pub fn refused(self, error: &ApiError, routes: &Routes) {
-        let served = self.flight.is_some()
-            || self
-                .model
-                .as_deref()
-                .is_some_and(|m| routes.route(m).is_some());
+        let served =
+            self.flight.is_some() || self.model.as_deref().is_some_and(|m| routes.serves(m));
         self.emit(
             Outcome::Refused(error),
             error.status().as_u16(),
@@ -188,6 +200,7 @@ impl AuditRecord {
             endpoint = %api_path(self.endpoint),
             model = %OrDash(model),
             upstream = %OrDash(self.flight.as_ref().map(|f| &f.upstream.spec.name)),
+            retries = self.retries,
             status,
             bytes_in = %OrDash(self.bytes_in),
             bytes_out = self.bytes_out,
@@ -201,8 +214,8 @@ impl AuditRecord {
     }
 }
 
-/// One request between routing and the end of its response: an active stream of its key and
-/// a request in flight at its upstream until dropped.
+/// One request between routing and the end of its response: an active stream of its key,
+/// at the replica it was routed to, until dropped.
 pub struct Flight {
     metrics: Arc<Metrics>,
     key_id: Arc<str>,
@@ -217,7 +230,6 @@ impl Flight {
     ) -> Flight {
         let key_id: Arc<str> = Arc::from(principal.id.as_str());
         metrics.stream_started(&key_id, &principal.name);
-        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
         Flight {
             metrics: metrics.clone(),
             key_id,
@@ -229,7 +241,6 @@ impl Flight {
 impl Drop for Flight {
     fn drop(&mut self) {
         self.metrics.stream_ended(&self.key_id);
-        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1,85 +1,133 @@
-//! Fair share of one model server: at most `capacity` requests in flight to it, and when it is
-//! saturated the waiting requests are served round-robin across keys, not first come first
-//! served, so one key's agent loop cannot starve everyone else.
+//! Fair share of a model's servers: the concurrency slots of every upstream (at most its
+//! `max_concurrent` requests in flight) and one wait queue per model spanning all the model's
+//! replicas. When every replica a request may use is saturated, it waits, and waiting
+//! requests are served **round-robin across keys**, not first come first served, so one key's
+//! agent loop cannot starve everyone else; a waiter takes the first slot freed on any of its
+//! replicas.
 //!
-//! Owns the upstream's concurrency slots and its wait queue. Bounded: at most `max_queued`
-//! requests wait (more are refused at once) and each waits at most `timeout`; both refusals
-//! become 503 with `Retry-After` in the gateway. Never decides per-key limits (those are
-//! [`crate::policy::limits`], checked before a request queues here).
+//! Owns the slots and the queue. Bounded: at most `max_queued` requests wait per model (more
+//! are refused at once) and each waits at most `timeout`; both refusals become 503
+//! `model_overloaded` with `Retry-After` in the gateway. Never decides per-key limits (those are
+//! [`crate::policy::limits`], checked before a request queues here), never judges a server's
+//! health ([`super::health`]: it only asks whether a server is available) and never chooses by
+//! rule ([`super::balance`] does: least loaded, ties in turn, or the affinity replica).
 //!
-//! Round-robin: keys with waiters form a ring; each freed slot goes to the oldest waiter of the
-//! key at the ring's head, and that key moves to the back if it still has waiters. With the
-//! server saturated, every waiting key therefore gets one slot per round, whatever the number
-//! of requests it has queued. A waiter that gave up (timeout, client gone) is skipped.
+//! One scheduler per gateway, shared by every config snapshot (a reload keeps the waiters; an
+//! upstream carried over keeps its slots). Its lock is held for O(replicas) work (and a scan
+//! of the waiters when a slot is handed on), never across an `.await`. A pool of servers
+//! without `max_concurrent` never queues and never takes the lock: one atomic per request.
+//!
+//! Round-robin: keys with waiters form a ring; a freed slot at server U goes to the oldest
+//! waiter that may use U of the first key in ring order that has one, and that key moves to the
+//! back if it still has waiters. With the model saturated every waiting key therefore gets one
+//! slot per round, whatever the number of requests it queued. A waiter that gave up (timeout,
+//! client gone) is skipped.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+
+use super::balance::{self, Load};
+use super::upstream::Upstream;
 
 /// Why a request could not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueError {
-    /// `max_queued` requests already wait.
+    /// `max_queued` requests already wait for this model.
     Full,
     /// No slot came free within the queue timeout.
     TimedOut,
 }
 
-/// Settings of one upstream's queue.
+/// The queue settings a request waits under (`[gateway] max_queued`, `queue_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FairConfig {
-    /// Requests in flight to the server at once.
-    pub capacity: usize,
-    /// Requests waiting at once.
+pub struct QueueLimits {
+    /// Requests waiting at once for one model.
     pub max_queued: usize,
     /// Longest wait for a slot.
     pub timeout: Duration,
 }
 
-/// One upstream's slots and queue.
+/// What one request asks for: a slot at one of `candidates` (the model's replicas it has not
+/// tried yet), for `key`, waiting in `model`'s queue if they are all saturated.
+pub struct Want<'a> {
+    pub key: &'a str,
+    pub model: &'a str,
+    pub candidates: &'a [Arc<Upstream>],
+    /// The replica to take when it is usable and has a free slot (affinity); else least loaded.
+    pub preferred: Option<usize>,
+    /// Use candidates even while they are ejected (the last resort when none is healthy).
+    pub any_health: bool,
+    pub now: Instant,
+}
+
+/// A slot at a server; dropping it hands the slot to the next waiter (round-robin) or frees it.
 #[derive(Debug)]
-pub struct FairQueue {
-    config: FairConfig,
+pub struct Slot {
+    upstream: Arc<Upstream>,
+    scheduler: Arc<Scheduler>,
+}
+
+impl Slot {
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.scheduler.release(&self.upstream);
+    }
+}
+
+/// Every server's slots and every model's wait queue.
+#[derive(Debug, Default)]
+pub struct Scheduler {
     inner: Mutex<Inner>,
+    /// Waiters of all models (read without the lock: a release with nobody waiting skips it).
+    waiting: AtomicUsize,
+    /// Picks so far: each granted slot stamps its server with the count, so ties go to the
+    /// server picked longest ago (round-robin).
+    picks: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    in_flight: usize,
     /// Keys with at least one waiter, in service order.
     ring: VecDeque<Arc<str>>,
     waiters: HashMap<Arc<str>, VecDeque<Waiter>>,
-    queued: usize,
+    /// Waiters per model.
+    queued: HashMap<Arc<str>, usize>,
     next_ticket: u64,
 }
 
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
-    tx: oneshot::Sender<()>,
+    model: Arc<str>,
+    candidates: Vec<Arc<Upstream>>,
+    any_health: bool,
+    /// The server whose slot it got.
+    tx: oneshot::Sender<Arc<Upstream>>,
 }
 
-/// A slot; dropping it hands the slot to the next waiter (round-robin) or frees it.
-#[derive(Debug)]
-pub struct Slot {
-    queue: Arc<FairQueue>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.queue.release();
+impl Waiter {
+    fn may_use(&self, u: &Arc<Upstream>, now: Instant) -> bool {
+        self.candidates.iter().any(|c| Arc::ptr_eq(c, u))
+            && (self.any_health || u.health.available(now))
     }
 }
 
 /// Removes a waiter that stops waiting (timeout or a dropped request future); a slot granted
 /// in the meantime is passed on.
 struct WaitGuard<'a> {
-    queue: &'a Arc<FairQueue>,
+    scheduler: &'a Arc<Scheduler>,
     key: Arc<str>,
     ticket: u64,
-    rx: Option<oneshot::Receiver<()>>,
+    rx: Option<oneshot::Receiver<Arc<Upstream>>>,
 }
 
 impl Drop for WaitGuard<'_> {
@@ -87,114 +135,187 @@ impl Drop for WaitGuard<'_> {
         let Some(mut rx) = self.rx.take() else {
             return;
         };
-        let removed = self.queue.remove_waiter(&self.key, self.ticket);
-        if !removed && rx.try_recv().is_ok() {
-            // The slot was handed to us as we gave up: pass it on.
-            self.queue.release();
+        let removed = self.scheduler.remove_waiter(&self.key, self.ticket);
+        if !removed {
+            if let Ok(u) = rx.try_recv() {
+                // The slot was handed to us as we gave up: pass it on.
+                self.scheduler.release(&u);
+            }
         }
     }
 }
 
-impl FairQueue {
-    pub fn new(config: FairConfig) -> Arc<FairQueue> {
-        Arc::new(FairQueue {
-            config: FairConfig {
-                capacity: config.capacity.max(1),
-                ..config
-            },
-            inner: Mutex::new(Inner::default()),
-        })
-    }
+/// True when `u` can take one more request.
+fn has_free_slot(u: &Upstream) -> bool {
+    u.spec
+        .max_concurrent
+        .is_none_or(|cap| u.in_flight.load(Ordering::Relaxed) < u64::from(cap))
+}
 
-    pub fn config(&self) -> FairConfig {
-        self.config
+impl Scheduler {
+    pub fn new() -> Arc<Scheduler> {
+        Arc::new(Scheduler::default())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `(in flight, waiting)`, for status and tests.
-    pub fn load(&self) -> (usize, usize) {
-        let g = self.lock();
-        (g.in_flight, g.queued)
+    fn slot(self: &Arc<Self>, upstream: &Arc<Upstream>) -> Slot {
+        Slot {
+            upstream: upstream.clone(),
+            scheduler: self.clone(),
+        }
     }
 
-    /// Waits for a slot for `key`, round-robin with the other keys' waiters.
-    pub async fn acquire(self: &Arc<Self>, key: &str) -> Result<Slot, QueueError> {
+    /// The candidate `want` takes now, if one is usable with a free slot (see [`balance::pick`]).
+    fn choose(want: &Want<'_>, free: impl Fn(&Upstream) -> bool) -> Option<usize> {
+        let load = |i: usize| {
+            let u: &Upstream = &want.candidates[i];
+            Load {
+                usable: free(u) && (want.any_health || u.health.available(want.now)),
+                outstanding: u.in_flight.load(Ordering::Relaxed),
+                last_pick: u.last_pick.load(Ordering::Relaxed),
+            }
+        };
+        balance::pick(want.candidates.len(), load, want.preferred)
+    }
+
+    /// Stamps a pick of `u`.
+    fn stamp(&self, u: &Upstream) {
+        let n = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
+        u.last_pick.store(n, Ordering::Relaxed);
+    }
+
+    /// Takes a slot at one of `want.candidates`, or waits for one (round-robin across keys
+    /// with the model's other waiters) under `limits`. Returns the candidate's index and its
+    /// slot.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        want: &Want<'_>,
+        limits: QueueLimits,
+    ) -> Result<(usize, Slot), QueueError> {
+        // Servers without a limit never saturate: no queue, no lock.
+        if want
+            .candidates
+            .iter()
+            .all(|u| u.spec.max_concurrent.is_none())
+        {
+            // One server (the common case): nothing to choose.
+            let i = match want.candidates.len() {
+                1 => 0,
+                _ => Scheduler::choose(want, |_| true).unwrap_or(0),
+            };
+            let u = &want.candidates[i];
+            u.in_flight.fetch_add(1, Ordering::Relaxed);
+            // Stamped even when it was the only candidate (a retry): ties later go in turn.
+            self.stamp(u);
+            return Ok((i, self.slot(u)));
+        }
         let (ticket, rx, key) = {
             let mut g = self.lock();
-            if g.in_flight < self.config.capacity && g.queued == 0 {
-                g.in_flight += 1;
-                return Ok(Slot {
-                    queue: self.clone(),
-                });
+            let model_waits = g.queued.get(want.model).copied().unwrap_or(0);
+            if model_waits == 0 {
+                if let Some(i) = Scheduler::choose(want, has_free_slot) {
+                    let u = &want.candidates[i];
+                    u.in_flight.fetch_add(1, Ordering::Relaxed);
+                    self.stamp(u);
+                    return Ok((i, self.slot(u)));
+                }
             }
-            if g.queued >= self.config.max_queued {
+            if model_waits >= limits.max_queued {
                 return Err(QueueError::Full);
             }
-            let key: Arc<str> = Arc::from(key);
+            let key: Arc<str> = Arc::from(want.key);
+            let model: Arc<str> = Arc::from(want.model);
             let (tx, rx) = oneshot::channel();
             let ticket = g.next_ticket;
             g.next_ticket += 1;
-            g.queued += 1;
-            let q = g.waiters.entry(key.clone()).or_default();
-            if q.is_empty() {
+            *g.queued.entry(model.clone()).or_default() += 1;
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            if !g.waiters.contains_key(&key) {
                 g.ring.push_back(key.clone());
             }
-            g.waiters
-                .get_mut(&key)
-                .expect("just inserted")
-                .push_back(Waiter { ticket, tx });
+            g.waiters.entry(key.clone()).or_default().push_back(Waiter {
+                ticket,
+                model,
+                candidates: want.candidates.to_vec(),
+                any_health: want.any_health,
+                tx,
+            });
+            // Others were waiting before us: free slots (a server back from ejection, or one
+            // the earlier waiters may not use) go to the queue in its order, us included.
+            if model_waits > 0 {
+                for u in want.candidates {
+                    self.dispatch(&mut g, u, want.now);
+                }
+            }
             (ticket, rx, key)
         };
         let mut guard = WaitGuard {
-            queue: self,
+            scheduler: self,
             key,
             ticket,
             rx: Some(rx),
         };
         let rx = guard.rx.as_mut().expect("set above");
-        match tokio::time::timeout(self.config.timeout, rx).await {
-            Ok(Ok(())) => {
-                guard.rx = None;
-                Ok(Slot {
-                    queue: self.clone(),
-                })
-            }
-            // The sender is dropped only if the queue itself goes away.
+        let granted = match tokio::time::timeout(limits.timeout, rx).await {
+            Ok(Ok(u)) => u,
+            // The sender is dropped only if the scheduler itself goes away.
             Ok(Err(_)) => {
                 guard.rx = None;
-                Err(QueueError::TimedOut)
+                return Err(QueueError::TimedOut);
             }
             // The guard removes the waiter, or passes on a slot granted just now.
-            Err(_) => Err(QueueError::TimedOut),
+            Err(_) => return Err(QueueError::TimedOut),
+        };
+        guard.rx = None;
+        let slot = self.slot(&granted);
+        match want
+            .candidates
+            .iter()
+            .position(|c| Arc::ptr_eq(c, &granted))
+        {
+            Some(i) => Ok((i, slot)),
+            // Cannot happen (waiters are only granted their candidates); the slot goes back.
+            None => Err(QueueError::TimedOut),
         }
     }
 
-    /// Hands a finished request's slot to the next waiter in round-robin order, or frees it.
-    fn release(&self) {
+    /// A request at `u` ended: its slot goes to the next waiter that may use `u`, or is freed.
+    fn release(&self, u: &Arc<Upstream>) {
+        if u.spec.max_concurrent.is_none() && self.waiting.load(Ordering::Relaxed) == 0 {
+            u.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         let mut g = self.lock();
-        while let Some(key) = g.ring.pop_front() {
-            let Some(q) = g.waiters.get_mut(&key) else {
-                continue;
+        u.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.dispatch(&mut g, u, Instant::now());
+    }
+
+    /// `u` was re-admitted (probe or success): its free slots go to whoever waits for it.
+    pub fn readmitted(&self, u: &Arc<Upstream>) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut g = self.lock();
+        self.dispatch(&mut g, u, Instant::now());
+    }
+
+    /// Hands `u`'s free slots to waiters in round-robin order, as long as one may use it.
+    fn dispatch(&self, g: &mut Inner, u: &Arc<Upstream>, now: Instant) {
+        while has_free_slot(u) {
+            let Some(w) = g.next_waiter_for(u, now) else {
+                return;
             };
-            let next = q.pop_front();
-            let more = !q.is_empty();
-            if more {
-                g.ring.push_back(key.clone());
-            } else {
-                g.waiters.remove(&key);
-            }
-            if let Some(w) = next {
-                g.queued -= 1;
-                if w.tx.send(()).is_ok() {
-                    // The slot moves to the waiter; in_flight is unchanged.
-                    return;
-                }
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            u.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.stamp(u);
+            if w.tx.send(u.clone()).is_err() {
+                // It gave up just now and its guard has not run yet: the slot stays free.
+                u.in_flight.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        g.in_flight = g.in_flight.saturating_sub(1);
     }
 
     /// Removes the waiter `ticket` of `key`; false if it was already served.
@@ -206,115 +327,70 @@ impl FairQueue {
         let Some(pos) = q.iter().position(|w| w.ticket == ticket) else {
             return false;
         };
-        q.remove(pos);
+        let w = q.remove(pos).expect("position is in range");
         let empty = q.is_empty();
-        g.queued -= 1;
+        g.unqueue(&w.model);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
         if empty {
             g.waiters.remove(key);
             g.ring.retain(|k| k != key);
         }
         true
     }
+
+    /// Requests waiting for a slot of `model`.
+    pub fn queued(&self, model: &str) -> usize {
+        self.lock().queued.get(model).copied().unwrap_or(0)
+    }
+
+    /// Requests waiting that may take a slot at `u` (status: its queue).
+    pub fn waiting_for(&self, u: &Arc<Upstream>) -> usize {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let g = self.lock();
+        g.waiters
+            .values()
+            .flatten()
+            .filter(|w| w.candidates.iter().any(|c| Arc::ptr_eq(c, u)))
+            .count()
+    }
+
+    /// Waiters of every model.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    fn unqueue(&mut self, model: &Arc<str>) {
+        if let Some(n) = self.queued.get_mut(model) {
+            *n -= 1;
+            if *n == 0 {
+                self.queued.remove(model);
+            }
+        }
+    }
+
+    /// Takes the waiter that gets a slot at `u`: the oldest one that may use `u` of the first
+    /// key in ring order that has one; that key moves to the back if it still waits.
+    fn next_waiter_for(&mut self, u: &Arc<Upstream>, now: Instant) -> Option<Waiter> {
+        let (ring_pos, pos) = self.ring.iter().enumerate().find_map(|(r, key)| {
+            let q = self.waiters.get(key)?;
+            q.iter().position(|w| w.may_use(u, now)).map(|p| (r, p))
+        })?;
+        let key = self.ring.remove(ring_pos)?;
+        let q = self.waiters.get_mut(&key)?;
+        let w = q.remove(pos)?;
+        if q.is_empty() {
+            self.waiters.remove(&key);
+        } else {
+            self.ring.push_back(key);
+        }
+        self.unqueue(&w.model);
+        Some(w)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn queue(capacity: usize, max_queued: usize, timeout_ms: u64) -> Arc<FairQueue> {
-        FairQueue::new(FairConfig {
-            capacity,
-            max_queued,
-            timeout: Duration::from_millis(timeout_ms),
-        })
-    }
-
-    /// Queues `n` waiters for `key`, each pushing `key` into `order` when served and holding its
-    /// slot until `release` fires.
-    fn spawn_waiters(
-        q: &Arc<FairQueue>,
-        key: &'static str,
-        n: usize,
-        order: &Arc<Mutex<Vec<&'static str>>>,
-        release: &tokio::sync::watch::Receiver<u32>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..n)
-            .map(|_| {
-                let (q, order, mut release) = (q.clone(), order.clone(), release.clone());
-                tokio::spawn(async move {
-                    let slot = q.acquire(key).await.unwrap();
-                    let mine = {
-                        let mut o = order.lock().unwrap();
-                        o.push(key);
-                        o.len() as u32
-                    };
-                    // Hold the slot until the test releases this position.
-                    while *release.borrow() < mine {
-                        if release.changed().await.is_err() {
-                            break;
-                        }
-                    }
-                    drop(slot);
-                })
-            })
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn saturated_slots_go_round_robin_across_keys() {
-        let q = queue(1, 100, 10_000);
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = tokio::sync::watch::channel(0u32);
-        let blocker = q.acquire("x").await.unwrap();
-        // "a" queues 6 before "b" and "c" queue 2 each: FIFO would serve a×6 first.
-        let mut tasks = spawn_waiters(&q, "a", 6, &order, &rx);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        tasks.extend(spawn_waiters(&q, "b", 2, &order, &rx));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        tasks.extend(spawn_waiters(&q, "c", 2, &order, &rx));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(q.load(), (1, 10));
-        drop(blocker);
-        for i in 1..=10u32 {
-            // Let the i-th served request finish; the next one is then served.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            tx.send(i).unwrap();
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let order = order.lock().unwrap().clone();
-        assert_eq!(order, ["a", "b", "c", "a", "b", "c", "a", "a", "a", "a"]);
-        assert_eq!(q.load(), (0, 0));
-    }
-
-    #[tokio::test]
-    async fn full_queue_and_timeout_refuse_and_leak_nothing() {
-        let q = queue(1, 2, 50);
-        let held = q.acquire("a").await.unwrap();
-        let q1 = q.clone();
-        let w1 = tokio::spawn(async move { q1.acquire("b").await.map(|_| ()) });
-        let q2 = q.clone();
-        let w2 = tokio::spawn(async move { q2.acquire("c").await.map(|_| ()) });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(q.acquire("d").await.unwrap_err(), QueueError::Full);
-        assert_eq!(w1.await.unwrap(), Err(QueueError::TimedOut));
-        assert_eq!(w2.await.unwrap(), Err(QueueError::TimedOut));
-        assert_eq!(q.load(), (1, 0));
-        drop(held);
-        assert_eq!(q.load(), (0, 0));
-        // A waiter whose request goes away (future dropped) leaves no trace either.
-        let held = q.acquire("a").await.unwrap();
-        let q3 = q.clone();
-        let w = tokio::spawn(async move { q3.acquire("b").await.map(|_| ()) });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        w.abort();
-        let _ = w.await;
-        assert_eq!(q.load(), (1, 0));
-        drop(held);
-        assert_eq!(q.load(), (0, 0));
-        // Below capacity nobody waits.
-        let _a = q.acquire("a").await.unwrap();
-        assert_eq!(q.load(), (1, 0));
-    }
-}
+mod tests;

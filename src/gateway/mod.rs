@@ -8,8 +8,10 @@
 //! accept loop. It never binds its own listener: it is handed one, already bound.
 
 mod admission;
+mod affinity;
 mod audit;
 mod auth;
+pub mod balance;
 mod body;
 pub mod compat;
 mod conn;
@@ -18,6 +20,7 @@ mod drain;
 pub mod error;
 pub mod fair;
 mod forward;
+pub mod health;
 mod idle;
 mod inbound;
 pub mod meter;
@@ -39,13 +42,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, ModelConfig};
 use crate::keys::ledger::LedgerWriter;
 use crate::keys::Keys;
 use crate::netstack::Netstack;
 use crate::policy::limits::{Limiter, LimiterConfig};
 use crate::policy::Endpoint;
 use crate::telemetry::Metrics;
+use fair::Scheduler;
 use upstream::{Routes, UpstreamClient, UpstreamSpec};
 
 /// How often upstreams without static routes are asked for their models.
@@ -69,6 +73,8 @@ pub struct Gateway {
     config: GatewayConfig,
     limiter: Limiter,
     ledger: Option<LedgerWriter>,
+    /// `[[model]]` settings (balancing of each model's replicas).
+    models: Vec<ModelConfig>,
 }
 
 /// A started gateway.
@@ -97,7 +103,14 @@ impl Gateway {
             config,
             limiter: Limiter::new(),
             ledger: None,
+            models: Vec::new(),
         }
+    }
+
+    /// Balances each model's replicas as `models` (`[[model]]`) says; others least-loaded.
+    pub fn models(mut self, models: Vec<ModelConfig>) -> Gateway {
+        self.models = models;
+        self
     }
 
     /// Starts from `limiter` (e.g. seeded with the ledger's usage, so budgets survive restarts).
@@ -150,6 +163,8 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     /// The end of a shutdown's drain period: open bodies are cut (shared across reloads).
     pub drain: drain::DrainCut,
+    /// Every replica's slots and every model's fair-share queue, shared across reloads.
+    pub scheduler: Arc<Scheduler>,
 }
 
 impl GatewayState {
@@ -162,23 +177,21 @@ impl GatewayState {
             config,
             mut limiter,
             ledger,
+            models,
         } = g;
         limiter.configure(LimiterConfig {
             default_max_tokens: config.default_max_tokens,
         });
         GatewayState {
             keys,
-            routes: Arc::new(Routes::with_queues(
-                upstreams,
-                config.max_queued,
-                config.queue_timeout,
-            )),
+            routes: Arc::new(Routes::with_models(upstreams, models)),
             client: upstream::client(netstack),
             settings: config,
             limiter: Arc::new(Mutex::new(limiter)),
             ledger,
             metrics: Arc::new(Metrics::new()),
             drain: drain::DrainCut::default(),
+            scheduler: Scheduler::new(),
         }
     }
 
@@ -199,17 +212,14 @@ impl GatewayState {
             });
         GatewayState {
             keys: self.keys.clone(),
-            routes: Arc::new(self.routes.reconfigured(
-                upstreams,
-                config.gateway.max_queued,
-                config.gateway.queue_timeout,
-            )),
+            routes: Arc::new(self.routes.reconfigured(upstreams, config.models.clone())),
             client: self.client.clone(),
             settings: config.gateway.clone(),
             limiter: self.limiter.clone(),
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
             drain: self.drain.clone(),
+            scheduler: self.scheduler.clone(),
         }
     }
 }
@@ -246,21 +256,24 @@ impl GatewayHandle {
         self.changed.notify_one();
     }
 
-    /// Model discovery over the current routes, a round at once after every swap and every
-    /// time a tunnel peer comes up (`peer_events`), so no probe result from before the
-    /// tunnel was up outlives its first handshake (a restart, a corp peer back from silence).
+    /// Model discovery and health probes over the current routes, a round at once after every
+    /// swap and every time a tunnel peer comes up (`peer_events`), so no probe result from
+    /// before the tunnel was up outlives its first handshake (a restart, a corp peer back from
+    /// silence); a replica that answers while ejected gets its waiters at once.
     fn spawn_discovery(
         &self,
         peer_events: watch::Receiver<u64>,
         stop: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         let me = self.clone();
-        let client = self.load().client.clone();
+        let state = self.load();
+        let scheduler = state.scheduler.clone();
         let discover = upstream::discover_live(
             move || me.load().routes.clone(),
-            client,
+            state.client.clone(),
             DISCOVERY_INTERVAL,
             self.changed.clone(),
+            move |u| scheduler.readmitted(u),
             stop.clone(),
         );
         let reprobe = probe_when_peers_come_up(peer_events, self.changed.clone(), stop);

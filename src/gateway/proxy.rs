@@ -1,6 +1,6 @@
 //! The HTTP handlers. A POST to a model endpoint goes through named steps, each in its own
 //! file: authenticate (`auth`) → read (`request`) → admit (`admission`: access policy, then the
-//! key's limiter) → route and forward (`forward`: the upstream, its fair-share queue) → respond
+//! key's limiter) → route and forward (`forward`: a replica, the fair-share queue, failover) → respond
 //! (`body`: the answer streamed back, settled and audited when it ends). One [`AuditRecord`] per
 //! request collects what the steps learn and is emitted once, refused or answered.
 //!
@@ -74,10 +74,8 @@ async fn handle(
     }
     record.read(request.len(), &request.model);
     let settlement = admission::admit(state, &principal, &request, record.client())?;
-    let (upstream, upstream_model) = forward::route(&state.routes, &request.model)?;
-    record.routed(&upstream);
-    let forwarded =
-        forward::forward(state, &principal.id, &request, &upstream, &upstream_model).await?;
+    let replicas = forward::route(&state.routes, &request.model)?;
+    let forwarded = forward::forward(state, &principal.id, &request, replicas, record).await?;
     Ok(respond(
         forwarded,
         &request,

@@ -120,6 +120,11 @@ impl ClientRequest {
         self.body.len()
     }
 
+    /// The raw value of the top-level field `name` (after any compat translation).
+    pub fn field(&self, name: &str) -> Option<&RawValue> {
+        self.fields.get(name).map(|v| &**v)
+    }
+
     /// The request's `max_tokens`, `max_completion_tokens` (chat) or `max_output_tokens`
     /// (responses).
     pub fn max_tokens(&self) -> Option<u64> {

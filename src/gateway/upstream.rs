@@ -1,9 +1,14 @@
 //! Upstream model servers inside the tunnel: a pooled HTTP/1.1 client whose connections are
-//! [`TunnelStream`]s, the model → upstream route table, and model discovery.
+//! [`TunnelStream`]s, the model → replicas route table, model discovery and the health probe.
 //!
 //! Owns every byte that goes to a model server. It never forwards the client's credentials:
 //! requests are built from scratch with only the headers the model needs, plus the upstream's
 //! own API key when one is configured.
+//!
+//! A public model name may be served by several upstreams, its **replicas**: every upstream
+//! with a static route for it, then every upstream that discovers its models and listed it.
+//! Each upstream keeps its own passive health ([`Health`]), in-flight count and slots; which
+//! replica a request takes is decided per request (`forward`, `fair`, `balance`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,7 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -23,8 +28,10 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::balance::name_hash;
 use super::error::ApiError;
-use super::fair::{FairConfig, FairQueue};
+use super::health::Health;
+use crate::config::{Balance, ModelConfig};
 use crate::netstack::{NetError, Netstack, TunnelStream};
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
@@ -46,40 +53,31 @@ pub struct UpstreamSpec {
 #[derive(Debug)]
 pub struct Upstream {
     pub spec: UpstreamSpec,
-    /// Concurrency slots and the round-robin wait queue, when `max_concurrent` is set.
-    pub queue: Option<Arc<FairQueue>>,
     discovered: RwLock<Vec<String>>,
     reachable: AtomicBool,
-    /// Requests routed here whose response has not ended (the audit record's `Flight`).
+    /// Requests holding one of its slots (`fair::Slot`): routed here, response not ended.
     pub(crate) in_flight: AtomicU64,
+    /// When it was last picked (`fair`'s counter), for ties in turn.
+    pub(crate) last_pick: AtomicU64,
+    /// Passive health: ejected after failures, re-admitted by the probe or a success.
+    pub health: Health,
+    /// Requests that failed here before their answer began and were retried elsewhere.
+    retries: AtomicU64,
+    /// [`name_hash`] of its name: its identity for affinity (rendezvous hashing).
+    pub(crate) name_hash: u64,
 }
 
 impl Upstream {
-    /// An upstream with the default `[gateway]` queue settings.
     pub fn new(spec: UpstreamSpec) -> Arc<Upstream> {
-        let d = crate::config::GatewayConfig::default();
-        Upstream::with_queue(spec, d.max_queued, d.queue_timeout)
-    }
-
-    /// An upstream whose queue (if `max_concurrent` is set) holds at most `max_queued`
-    /// waiters for at most `queue_timeout` each.
-    pub fn with_queue(
-        spec: UpstreamSpec,
-        max_queued: usize,
-        queue_timeout: Duration,
-    ) -> Arc<Upstream> {
         Arc::new(Upstream {
-            queue: spec.max_concurrent.map(|n| {
-                FairQueue::new(FairConfig {
-                    capacity: n as usize,
-                    max_queued,
-                    timeout: queue_timeout,
-                })
-            }),
+            name_hash: name_hash(&spec.name),
             spec,
             discovered: RwLock::new(Vec::new()),
             reachable: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            last_pick: AtomicU64::new(0),
+            health: Health::default(),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -99,6 +97,43 @@ impl Upstream {
             .clone()
     }
 
+    /// Public model names it serves now: its static routes, or what it discovered.
+    pub fn serves(&self) -> Vec<String> {
+        if self.spec.models.is_empty() {
+            self.discovered()
+        } else {
+            self.spec.models.iter().map(|(p, _)| p.clone()).collect()
+        }
+    }
+
+    /// The id this server knows the public model `public` by, if it serves it.
+    fn model_id(&self, public: &str) -> Option<String> {
+        if self.spec.models.is_empty() {
+            self.discovered
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|m| m == public)
+                .then(|| public.to_string())
+        } else {
+            self.spec
+                .models
+                .iter()
+                .find(|(p, _)| p == public)
+                .map(|(_, id)| id.clone())
+        }
+    }
+
+    /// A request failed here and was retried on another replica.
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that failed here before their answer began and were retried elsewhere.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
     /// `http://IP:PORT/v1/<suffix>`.
     pub fn uri(&self, suffix: &str) -> Result<Uri, ApiError> {
         format!(
@@ -112,55 +147,51 @@ impl Upstream {
     }
 }
 
-/// Routes public model names to upstreams. Static routes win over discovered ones.
+/// One server of a model, and the model's id there.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub upstream: Arc<Upstream>,
+    pub model_id: String,
+}
+
+/// Routes public model names to their replicas. Static routes come first (file order), then
+/// discovering upstreams that listed the model.
 pub struct Routes {
     upstreams: Vec<Arc<Upstream>>,
+    models: Vec<ModelConfig>,
 }
 
 impl Routes {
-    /// Routes with the default `[gateway]` queue settings.
+    /// Routes over `specs` with every model balanced least-loaded.
     pub fn new(specs: Vec<UpstreamSpec>) -> Routes {
-        let d = crate::config::GatewayConfig::default();
-        Routes::with_queues(specs, d.max_queued, d.queue_timeout)
+        Routes::with_models(specs, Vec::new())
     }
 
-    /// Routes whose upstream queues use the gateway's queue settings.
-    pub fn with_queues(specs: Vec<UpstreamSpec>, max_queued: usize, timeout: Duration) -> Routes {
+    /// Routes over `specs` with the per-model settings `models` (`[[model]]`).
+    pub fn with_models(specs: Vec<UpstreamSpec>, models: Vec<ModelConfig>) -> Routes {
         Routes {
-            upstreams: specs
-                .into_iter()
-                .map(|s| Upstream::with_queue(s, max_queued, timeout))
-                .collect(),
+            upstreams: specs.into_iter().map(Upstream::new).collect(),
+            models,
         }
     }
 
-    /// The routes of a reloaded config: an upstream whose spec and queue settings did not
-    /// change is carried over (the same `Arc`, so its discovered models, health, in-flight count
-    /// and fair-share queue go on); the others start fresh. In-flight requests keep the
-    /// `Arc<Upstream>` they were routed to either way (a replaced queue drains on its own).
-    pub fn reconfigured(
-        &self,
-        specs: Vec<UpstreamSpec>,
-        max_queued: usize,
-        timeout: Duration,
-    ) -> Routes {
+    /// The routes of a reloaded config: an upstream whose spec did not change is carried over
+    /// (the same `Arc`, so its discovered models, health, in-flight count, slots and place in
+    /// the waiters' lists go on); the others start fresh. In-flight requests keep the
+    /// `Arc<Upstream>` they were routed to either way.
+    pub fn reconfigured(&self, specs: Vec<UpstreamSpec>, models: Vec<ModelConfig>) -> Routes {
         Routes {
             upstreams: specs
                 .into_iter()
                 .map(|spec| {
                     self.upstreams
                         .iter()
-                        .find(|u| {
-                            u.spec == spec
-                                && u.queue.as_ref().is_none_or(|q| {
-                                    let c = q.config();
-                                    c.max_queued == max_queued && c.timeout == timeout
-                                })
-                        })
+                        .find(|u| u.spec == spec)
                         .cloned()
-                        .unwrap_or_else(|| Upstream::with_queue(spec, max_queued, timeout))
+                        .unwrap_or_else(|| Upstream::new(spec))
                 })
                 .collect(),
+            models,
         }
     }
 
@@ -168,19 +199,37 @@ impl Routes {
         &self.upstreams
     }
 
-    /// The upstream serving `model` and the model id to send it.
-    pub fn route(&self, model: &str) -> Option<(Arc<Upstream>, String)> {
-        for u in &self.upstreams {
-            if let Some((_, id)) = u.spec.models.iter().find(|(public, _)| public == model) {
-                return Some((u.clone(), id.clone()));
-            }
-        }
-        for u in &self.upstreams {
-            if u.spec.models.is_empty() && u.discovered().iter().any(|m| m == model) {
-                return Some((u.clone(), model.to_string()));
-            }
-        }
-        None
+    /// How `model`'s replicas are balanced.
+    pub fn balance(&self, model: &str) -> Balance {
+        self.models
+            .iter()
+            .find(|m| m.name == model)
+            .map_or(Balance::default(), |m| m.balance)
+    }
+
+    /// The `[[model]]` settings these routes run with.
+    pub fn model_settings(&self) -> &[ModelConfig] {
+        &self.models
+    }
+
+    /// Every server of `model` with the model's id there; empty when none serves it.
+    pub fn replicas(&self, model: &str) -> Vec<Replica> {
+        let fixed = self.upstreams.iter().filter(|u| !u.spec.models.is_empty());
+        let found = self.upstreams.iter().filter(|u| u.spec.models.is_empty());
+        fixed
+            .chain(found)
+            .filter_map(|u| {
+                u.model_id(model).map(|model_id| Replica {
+                    upstream: u.clone(),
+                    model_id,
+                })
+            })
+            .collect()
+    }
+
+    /// True when some upstream serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.upstreams.iter().any(|u| u.model_id(model).is_some())
     }
 
     /// True while some upstream that discovers its models has never answered `GET /models`:
@@ -191,17 +240,19 @@ impl Routes {
             .any(|u| u.spec.models.is_empty() && u.discovered().is_empty() && !u.reachable())
     }
 
-    /// Every public model name with its upstream's name, sorted.
-    pub fn models(&self) -> Vec<(String, String)> {
-        let mut out = BTreeMap::new();
-        for u in &self.upstreams {
-            if u.spec.models.is_empty() {
-                for m in u.discovered() {
-                    out.entry(m).or_insert_with(|| u.spec.name.clone());
-                }
-            } else {
-                for (public, _) in &u.spec.models {
-                    out.insert(public.clone(), u.spec.name.clone());
+    /// Every public model name with the names of its replicas, sorted.
+    pub fn models(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for u in self
+            .upstreams
+            .iter()
+            .filter(|u| !u.spec.models.is_empty())
+            .chain(self.upstreams.iter().filter(|u| u.spec.models.is_empty()))
+        {
+            for m in u.serves() {
+                let names = out.entry(m).or_default();
+                if !names.contains(&u.spec.name) {
+                    names.push(u.spec.name.clone());
                 }
             }
         }
@@ -236,17 +287,22 @@ impl tower_service::Service<Uri> for TunnelConnector {
             let stream = ns
                 .dial_with_receive_buffer(addr, UPSTREAM_RX_BUFFER)
                 .await?;
-            Ok(TunnelIo(TokioIo::new(stream)))
+            Ok(TunnelIo(TokioIo::new(stream), Uses::default()))
         })
     }
 }
 
 /// A tunnel stream as hyper's client wants it.
-pub struct TunnelIo(TokioIo<TunnelStream>);
+pub struct TunnelIo(TokioIo<TunnelStream>, Uses);
+
+/// Requests one pooled connection has carried (shared by the pool's copies of its
+/// [`Connected`]), so a failure can tell a reused keep-alive connection from a fresh one.
+#[derive(Debug, Clone, Default)]
+struct Uses(Arc<std::sync::atomic::AtomicU32>);
 
 impl Connection for TunnelIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.1.clone())
     }
 }
 
@@ -321,15 +377,53 @@ pub async fn send(
     req: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, ApiError> {
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(ApiError::GatewayTimeout),
-        Ok(Err(e)) => Err(classify(&e)),
+    send_counted(client, req, timeout)
+        .await
+        .map_err(|f| f.error)
+}
+
+/// Why [`send_counted`] got no response head.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: ApiError,
+    /// It went over a pooled keep-alive connection that had carried requests before: a server
+    /// that closed it just as it was reused (llama.cpp closes after every stream although it
+    /// says keep-alive) says nothing about the server's health.
+    pub reused: bool,
+}
+
+/// [`send`], telling whether a failed request went over a reused connection.
+pub async fn send_counted(
+    client: &UpstreamClient,
+    mut req: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendFailure> {
+    let conn = hyper_util::client::legacy::connect::capture_connection(&mut req);
+    let r = tokio::time::timeout(timeout, client.request(req)).await;
+    // One more request on the connection it used; its count before says whether it was reused.
+    let before = conn.connection_metadata().as_ref().map_or(0, |c| {
+        let mut ext = hyper::http::Extensions::new();
+        c.get_extras(&mut ext);
+        ext.get::<Uses>()
+            .map_or(0, |u| u.0.fetch_add(1, Ordering::Relaxed))
+    });
+    let fail = |error| SendFailure {
+        error,
+        reused: before > 0,
+    };
+    match r {
+        Err(_) => Err(fail(ApiError::GatewayTimeout)),
+        Ok(Err(e)) => Err(fail(classify(&e))),
         Ok(Ok(r)) => Ok(r),
     }
 }
 
-/// Refreshes the model lists of upstreams without static routes, forever: quickly until the
-/// first answer, then every `every`.
+/// How often an ejected upstream is probed, so a server that is back is re-admitted within
+/// about this long (and not only when its backoff ends).
+pub const EJECTED_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Refreshes the model lists of upstreams without static routes and probes every upstream's
+/// health, forever: quickly until the first answer, then every `every`.
 pub async fn discover_loop(
     routes: Arc<Routes>,
     client: UpstreamClient,
@@ -337,42 +431,97 @@ pub async fn discover_loop(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let never = Arc::new(tokio::sync::Notify::new());
-    discover_live(move || routes.clone(), client, every, never, stop).await
+    discover_live(move || routes.clone(), client, every, never, |_| {}, stop).await
 }
 
 /// [`discover_loop`] over whatever routes `current` returns at the start of each round (they
-/// change on a config reload); `changed` starts a round at once.
+/// change on a config reload); `changed` starts a full round at once. Every upstream is
+/// probed each `every` (each 2 s while a discovering one has not answered yet); an ejected
+/// one each [`EJECTED_PROBE_INTERVAL`] in between, and `readmitted` is called for each that
+/// answered while ejected. The probes of one round run concurrently.
 pub async fn discover_live(
     current: impl Fn() -> Arc<Routes>,
     client: UpstreamClient,
     every: Duration,
     changed: Arc<tokio::sync::Notify>,
+    readmitted: impl Fn(&Arc<Upstream>),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut full_due = Instant::now();
     loop {
         let routes = current();
-        let mut all_known = true;
+        let now = Instant::now();
+        let full = full_due <= now;
+        let mut probes = tokio::task::JoinSet::new();
         for u in routes.upstreams() {
-            let ok = refresh(u, &client).await;
-            u.reachable.store(ok, Ordering::Relaxed);
-            if !ok && u.spec.models.is_empty() {
-                all_known = false;
+            if full || u.health.ejected_until(now).is_some() {
+                let (u, client) = (u.clone(), client.clone());
+                probes.spawn(async move {
+                    let back = probe(&u, &client).await;
+                    (u, back)
+                });
             }
         }
-        let wait = if all_known {
-            every
+        while let Some(done) = probes.join_next().await {
+            if let Ok((u, true)) = done {
+                readmitted(&u);
+            }
+        }
+        let all_known = routes
+            .upstreams()
+            .iter()
+            .all(|u| !u.spec.models.is_empty() || u.reachable());
+        let now = Instant::now();
+        if full {
+            full_due = now
+                + if all_known {
+                    every
+                } else {
+                    Duration::from_secs(2)
+                };
+        }
+        let ejected = routes
+            .upstreams()
+            .iter()
+            .any(|u| u.health.ejected_until(now).is_some());
+        let wait = if ejected {
+            EJECTED_PROBE_INTERVAL.min(full_due.saturating_duration_since(now))
         } else {
-            Duration::from_secs(2)
+            full_due.saturating_duration_since(now)
         };
         drop(routes);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = changed.notified() => {}
+            _ = changed.notified() => full_due = Instant::now(),
             _ = stop.changed() => return,
         }
     }
 }
 
+/// One probe of `u` (`GET /models`): sets `reachable` and the discovered models; an answer
+/// re-admits an ejected server. Health is passive: a failed probe ejects nothing (requests
+/// do). True when it was ejected and is re-admitted now.
+async fn probe(u: &Upstream, client: &UpstreamClient) -> bool {
+    let answered = refresh(u, client).await;
+    u.reachable.store(answered, Ordering::Relaxed);
+    let back = answered && u.health.probe_answered(Instant::now());
+    if back {
+        tracing::info!(upstream = %u.spec.name, "upstream answered its probe: re-admitted");
+    }
+    back
+}
+
+/// A failure as `status` shows it (`last_error`): what went wrong, without the error's type.
+pub fn failure_reason(e: &ApiError) -> String {
+    match e {
+        ApiError::BadGateway(m) => m.clone(),
+        ApiError::TunnelDown => "the tunnel to its peer is down (no fresh handshake)".into(),
+        ApiError::GatewayTimeout => "no answer in time".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `GET /models` of `u`: true when it answered with a model list (kept when it discovers).
 async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
     let Ok(uri) = u.uri("models") else {
         return false;
@@ -431,65 +580,4 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(name: &str, port: u16, models: &[&str]) -> UpstreamSpec {
-        UpstreamSpec {
-            name: name.into(),
-            addr: SocketAddr::from(([10, 20, 0, 5], port)),
-            base_path: "/v1".into(),
-            api_key: None,
-            models: models
-                .iter()
-                .map(|m| (m.to_string(), m.to_string()))
-                .collect(),
-            max_concurrent: None,
-        }
-    }
-
-    /// A reload keeps the `Arc` (and with it discovery state and in-flight count) of an
-    /// unchanged upstream, starts a changed one fresh, and drops a removed one from the table
-    /// while requests that hold it keep it.
-    #[test]
-    fn reconfigured_routes_carry_unchanged_upstreams_over() {
-        let old = Routes::new(vec![spec("a", 8000, &[]), spec("b", 8001, &["m"])]);
-        let a = old.upstreams()[0].clone();
-        *a.discovered.write().unwrap() = vec!["disc".into()];
-        a.reachable.store(true, Ordering::Relaxed);
-        let held_b = old.route("m").unwrap().0;
-
-        let q = (1024, Duration::from_secs(30));
-        let new = old.reconfigured(
-            vec![spec("a", 8000, &[]), spec("c", 8002, &["m2"])],
-            q.0,
-            q.1,
-        );
-        assert!(
-            Arc::ptr_eq(&new.upstreams()[0], &a),
-            "unchanged upstream carried over"
-        );
-        assert_eq!(new.route("disc").unwrap().0.spec.name, "a");
-        assert!(
-            new.route("m").is_none(),
-            "removed upstream no longer routed"
-        );
-        assert_eq!(new.route("m2").unwrap().1, "m2");
-        assert_eq!(
-            held_b.spec.name, "b",
-            "a request in flight keeps its upstream"
-        );
-
-        let changed = new.reconfigured(
-            vec![spec("a", 9000, &[]), spec("c", 8002, &["m2"])],
-            q.0,
-            q.1,
-        );
-        assert!(
-            !Arc::ptr_eq(&changed.upstreams()[0], &a),
-            "changed upstream starts fresh"
-        );
-        assert!(changed.upstreams()[0].discovered().is_empty());
-        assert!(Arc::ptr_eq(&changed.upstreams()[1], &new.upstreams()[1]));
-    }
-}
+mod tests;

@@ -347,6 +347,69 @@ pub struct Scrape {
     /// `(name, reachable, in flight, waiting for a slot)` of every configured upstream.
     pub upstreams: Vec<(String, bool, u64, u64)>,
     pub certificate_not_after: Option<SystemTime>,
+    /// Health and failover counters of every configured upstream (replica).
+    pub replicas: Vec<ReplicaGauges>,
+    /// `(public model, requests waiting for a slot at any of its replicas)`.
+    pub models_queued: Vec<(String, u64)>,
+}
+
+/// What a scrape shows of one replica's health ([`Scrape::replicas`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaGauges {
+    pub upstream: String,
+    /// Not ejected now.
+    pub healthy: bool,
+    pub ejections: u64,
+    /// Requests that failed there before their answer began and were retried elsewhere.
+    pub retries: u64,
+}
+
+/// The replica families: health, ejections, retries, and each model's queue.
+fn render_replicas(out: &mut String, scrape: &Scrape) {
+    header(
+        out,
+        "modelgate_upstream_healthy",
+        "1 unless the upstream is ejected now (passive health: a failed request or probe ejects it for a capped exponential backoff).",
+        "gauge",
+    );
+    for r in &scrape.replicas {
+        let _ = writeln!(
+            out,
+            "modelgate_upstream_healthy{{upstream=\"{}\"}} {}",
+            escape(&r.upstream),
+            u8::from(r.healthy)
+        );
+    }
+    for (name, help, pick) in [
+        (
+            "modelgate_upstream_ejections_total",
+            "Times the upstream was ejected after a failure.",
+            (|r: &ReplicaGauges| r.ejections) as fn(&ReplicaGauges) -> u64,
+        ),
+        (
+            "modelgate_upstream_retries_total",
+            "Requests that failed at the upstream before their answer began and were retried on another replica.",
+            |r: &ReplicaGauges| r.retries,
+        ),
+    ] {
+        header(out, name, help, "counter");
+        for r in &scrape.replicas {
+            let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", escape(&r.upstream), pick(r));
+        }
+    }
+    header(
+        out,
+        "modelgate_model_queued",
+        "Requests waiting for a slot at any replica of the model (its fair-share queue).",
+        "gauge",
+    );
+    for (model, n) in &scrape.models_queued {
+        let _ = writeln!(
+            out,
+            "modelgate_model_queued{{model=\"{}\"}} {n}",
+            escape(model)
+        );
+    }
 }
 
 /// `modelgate_peer_up` and `modelgate_peer_last_receive_age_seconds`: the peer as requests
@@ -462,6 +525,7 @@ pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
             escape(name)
         );
     }
+    render_replicas(&mut out, scrape);
     if let Some(t) = scrape.certificate_not_after {
         header(
             &mut out,

@@ -97,6 +97,21 @@ fn exposition_is_well_formed() {
         }],
         upstreams: vec![("vllm".into(), true, 3, 2), ("down".into(), false, 0, 0)],
         certificate_not_after: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000)),
+        replicas: vec![
+            ReplicaGauges {
+                upstream: "vllm".into(),
+                healthy: true,
+                ejections: 0,
+                retries: 0,
+            },
+            ReplicaGauges {
+                upstream: "down".into(),
+                healthy: false,
+                ejections: 4,
+                retries: 7,
+            },
+        ],
+        models_queued: vec![("coder".into(), 5)],
     };
     let text = render(&m, &scrape);
     assert!(text.contains(
@@ -111,6 +126,11 @@ fn exposition_is_well_formed() {
     assert!(text.contains("modelgate_upstream_up{upstream=\"down\"} 0\n"));
     assert!(text.contains("modelgate_upstream_in_flight{upstream=\"vllm\"} 3\n"));
     assert!(text.contains("modelgate_upstream_queued{upstream=\"vllm\"} 2\n"));
+    assert!(text.contains("modelgate_upstream_healthy{upstream=\"vllm\"} 1\n"));
+    assert!(text.contains("modelgate_upstream_healthy{upstream=\"down\"} 0\n"));
+    assert!(text.contains("modelgate_upstream_ejections_total{upstream=\"down\"} 4\n"));
+    assert!(text.contains("modelgate_upstream_retries_total{upstream=\"down\"} 7\n"));
+    assert!(text.contains("modelgate_model_queued{model=\"coder\"} 5\n"));
     assert!(text.contains("modelgate_config_reloads_total{result=\"refused\"} 2\n"));
     assert!(text.contains("modelgate_certificate_not_after_seconds 1900000000\n"));
     // Every line is a comment or `name{labels} value` with a numeric value; each family

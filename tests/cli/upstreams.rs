@@ -1,6 +1,7 @@
-//! `modelgate upstream add|list|remove` on temporary directories: the
-//! operator workflow, the no-open-proxy refusal (exit 2, nothing written, the fix named), flag
-//! errors, API key files, and that operator comments survive every edit.
+//! `modelgate upstream add|list|remove` and `modelgate model set|list|remove` on temporary
+//! directories: the operator workflow, replicas of one model, the no-open-proxy refusal (exit
+//! 2, nothing written, the fix named), flag errors, API key files, and that operator comments
+//! survive every edit.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -100,20 +101,37 @@ fn operator_workflow_add_list_refuse_remove() {
     );
     assert_eq!(env.text(), before);
 
-    // A public model name already routed elsewhere: refused as well.
+    // A public model name routed by another server too: a replica of it, added.
+    let out = env.ok(&[
+        "upstream",
+        "add",
+        "other",
+        "--url",
+        "http://10.20.0.7:8000",
+        "--model",
+        "coder",
+    ]);
+    assert!(out.contains("upstream \"other\" added"), "{out}");
+    // The same server (URL) for that model again is no replica: refused, nothing written.
+    let before = env.text();
     env.fails(
         &[
             "upstream",
             "add",
-            "other",
+            "same",
             "--url",
-            "http://10.20.0.7:8000",
+            "http://10.20.0.5:8000/v1",
             "--model",
             "coder",
         ],
         2,
-        &["already routed by upstream \"vllm\""],
+        &[
+            "already routed by upstream \"vllm\" at the same URL",
+            "fix: a replica must be another model server",
+        ],
     );
+    assert_eq!(env.text(), before);
+    env.ok(&["upstream", "remove", "other", "--yes"]);
 
     // The same name twice is a runtime failure like `peer add`.
     env.fails(
@@ -285,4 +303,63 @@ fn bad_flags_exit_2_naming_the_flag_and_fix() {
         64,
         &["upstream \"x\".url: (missing)"],
     );
+}
+
+/// `model set` writes a `[[model]]` table (and changes it in place the second time), `list`
+/// shows every routed model with its balancing and static replicas, bad values exit 2 with the
+/// fix, and `remove` returns the model to the default.
+#[test]
+fn model_balance_is_set_listed_and_removed() {
+    let env = Env::with_corp_peer();
+    for (name, url) in [
+        ("a", "http://10.20.0.5:8000"),
+        ("b", "http://10.20.0.6:8000"),
+    ] {
+        env.ok(&["upstream", "add", name, "--url", url, "--model", "coder"]);
+    }
+    let out = env.ok(&["model", "set", "coder", "--balance", "affinity"]);
+    assert!(
+        out.contains("model \"coder\": balance affinity, static replicas a, b."),
+        "{out}"
+    );
+    assert!(env
+        .text()
+        .contains("[[model]]\nname = \"coder\"\nbalance = \"affinity\"\n"));
+    assert!(env.text().contains("# operator note: ticket OPS-42"));
+    let list: Value = serde_json::from_str(&env.ok(&["model", "list", "--json"])).unwrap();
+    assert_eq!(
+        list,
+        json!([{"name": "coder", "balance": "affinity", "configured": true, "replicas": ["a", "b"]}])
+    );
+    // Set again: the same table changes, no second one.
+    env.ok(&["model", "set", "coder", "--balance", "least_loaded"]);
+    assert_eq!(env.text().matches("[[model]]").count(), 1);
+    let table = env.ok(&["model", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("BALANCE"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("coder")
+            && lines[1].contains("least_loaded")
+            && lines[1].ends_with("a, b"),
+        "{table}"
+    );
+    // Bad values: exit 2, the fix named, nothing written.
+    let before = env.text();
+    env.fails(
+        &["model", "set", "coder", "--balance", "random"],
+        2,
+        &["least_loaded or affinity"],
+    );
+    env.fails(
+        &["model", "set", "a b", "--balance", "affinity"],
+        2,
+        &["fix: pass the name clients use"],
+    );
+    assert_eq!(env.text(), before);
+    env.ok(&["model", "remove", "coder"]);
+    assert!(!env.text().contains("[[model]]"));
+    env.fails(&["model", "remove", "coder"], 1, &["no [[model]] table"]);
 }

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +18,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use modelgate::config::GatewayConfig;
+use modelgate::config::{GatewayConfig, ModelConfig};
 use modelgate::demo::{LoopbackPair, LoopbackTls};
 use modelgate::gateway::upstream::UpstreamSpec;
-use modelgate::gateway::Gateway;
+use modelgate::gateway::{Gateway, GatewayHandle};
 use modelgate::keys::ledger::LedgerWriter;
 use modelgate::keys::{KeyRing, Keys};
 use modelgate::netstack::{Netstack, TcpTuning, TunnelStream};
@@ -86,6 +87,8 @@ pub struct StackOptions {
     pub ledger: Option<LedgerWriter>,
     /// How long a reply's head may take, and then its whole body.
     pub patience: Duration,
+    /// `[[model]]` settings (balancing of replicas).
+    pub models: Vec<ModelConfig>,
 }
 
 impl StackOptions {
@@ -98,6 +101,7 @@ impl StackOptions {
             config: GatewayConfig::default(),
             ledger: None,
             patience: Duration::from_secs(20),
+            models: Vec::new(),
         }
     }
 }
@@ -106,10 +110,27 @@ impl StackOptions {
 pub struct Stack {
     pub addr: SocketAddr,
     pub tls: LoopbackTls,
+    /// The gateway's live snapshot (routes, replicas' health, scheduler).
+    pub handle: GatewayHandle,
+    /// The appliance's side of the tunnel (for its peer's handshake).
+    _appliance: Netstack,
     /// Kept so the corp peer lives as long as the stack.
     _corp: Netstack,
     patience: Duration,
     _stop: watch::Sender<bool>,
+}
+
+/// How the corp peer serves each connection to one of its ports (see [`Stack::start_ports`]).
+pub type Serve =
+    Arc<dyn Fn(TunnelStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// `f` as a [`Serve`].
+pub fn serve<F, Fut>(f: F) -> Serve
+where
+    F: Fn(TunnelStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Arc::new(move |s| Box::pin(f(s)))
 }
 
 /// An HTTP/1.1 connection over TLS to the gateway, and the task that drives it.
@@ -123,23 +144,33 @@ impl Stack {
     /// `serve_model` (in a task of its own), then starts the gateway.
     pub async fn start<F, Fut>(o: StackOptions, serve_model: F) -> Stack
     where
-        F: Fn(TunnelStream) -> Fut + Send + 'static,
+        F: Fn(TunnelStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        Stack::start_ports(o, vec![(8000, serve(serve_model))]).await
+    }
+
+    /// [`Stack::start`] with the corp peer serving several ports of its tunnel address
+    /// (10.99.0.2), each with its own server: replicas of a model. A port not listed refuses
+    /// connections.
+    pub async fn start_ports(o: StackOptions, ports: Vec<(u16, Serve)>) -> Stack {
         let LoopbackPair { appliance, corp } =
             LoopbackPair::start(&[], o.corp_dials, TcpTuning::default()).unwrap();
-        let mut model = corp.listen(8000).await.unwrap();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = model.accept().await {
-                tokio::spawn(serve_model(s));
-            }
-        });
+        for (port, serve_model) in ports {
+            let mut model = corp.listen(port).await.unwrap();
+            tokio::spawn(async move {
+                while let Ok((s, _)) = model.accept().await {
+                    tokio::spawn(serve_model(s));
+                }
+            });
+        }
         let mut gateway = Gateway::new(
             Keys::new(KeyRing::for_tests(o.keys)),
-            appliance,
+            appliance.clone(),
             o.upstreams,
             o.config,
-        );
+        )
+        .models(o.models);
         if let Some(l) = o.ledger {
             gateway = gateway.ledger(l);
         }
@@ -147,10 +178,12 @@ impl Stack {
         let (stop_tx, stop_rx) = watch::channel(false);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        gateway.start(listener, tls.server.clone(), stop_rx);
+        let running = gateway.start(listener, tls.server.clone(), stop_rx);
         Stack {
             addr,
             tls,
+            handle: running.handle,
+            _appliance: appliance,
             _corp: corp,
             patience: o.patience,
             _stop: stop_tx,

@@ -5,6 +5,8 @@
 //! - [`gateway`]: the HTTPS gateway end to end (keys, policy, limits, routing, streaming,
 //!   ledger, fair share) through that tunnel to the echo model.
 //! - [`cursor_compat`]: Cursor's request bodies through the gateway to `fake_vllm.py`.
+//! - [`replicas`]: one model on several servers: balancing, ejection, failover before the
+//!   first byte only, the model-wide queue, affinity.
 //! - [`tls`]: the public listener's certificates over real sockets (files, self-signed, ACME
 //!   placeholder, reloads).
 //! - [`demo`]: `modelgate demo --check`, the README's first command, through the binary.
@@ -25,6 +27,7 @@ mod gateway;
 mod hardening;
 mod harness;
 mod raw;
+mod replicas;
 mod restart;
 #[path = "../support/skip.rs"]
 mod skip;

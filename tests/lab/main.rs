@@ -28,6 +28,7 @@ mod doctor;
 mod firewall;
 mod gateway;
 mod peer_file;
+mod replicas;
 mod restart;
 mod tunnel;
 

@@ -201,7 +201,7 @@ models = ["coder=x", "coder=y"]
 
 [[upstream]]
 name = "a"
-url = "http://10.20.0.6:8000"
+url = "http://10.20.0.5:8000/v1"
 models = ["coder"]
 
 [[upstream]]
@@ -220,7 +220,10 @@ url = "http://10.20.0.8:8000"
         &[
             ("upstream \"a\".models", "listed twice"),
             ("upstream \"a\".name", "also used by upstream #1"),
-            ("upstream \"a\".models", "already routed by upstream \"a\""),
+            (
+                "upstream \"a\".models",
+                "already routed by upstream \"a\" at the same URL (http://10.20.0.5:8000/v1)",
+            ),
             ("upstream #3.name", "1-32 characters"),
             ("upstream #3.models", "remove the key to discover"),
             ("upstream #3.max_concurrent", "1..=100000"),
@@ -319,4 +322,94 @@ fn upstream_edits_keep_comments() {
         ),
         Err(EditError::UpstreamNotTables)
     ));
+}
+
+/// Several upstreams may route one public model (its replicas, even behind different peers),
+/// each with its own id there; `[[model]]` sets how they are balanced.
+#[test]
+fn replicas_of_one_model_and_their_balance_are_accepted() {
+    let c = parse(&with(
+        r#"
+[[peer]]
+name = "site2"
+public_key = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0="
+tunnel_address = "10.99.0.3"
+allowed_ips = ["10.30.0.0/24"]
+
+[[upstream]]
+name = "a"
+url = "http://10.20.0.5:8000"
+models = ["coder=Qwen/Coder"]
+max_concurrent = 4
+
+[[upstream]]
+name = "b"
+url = "http://10.30.0.5:8000"
+models = ["coder=Qwen/Coder-AWQ", "small"]
+
+[[model]]
+name = "coder"
+balance = "affinity"
+
+[[model]]
+name = "small"
+"#,
+    ))
+    .unwrap();
+    let replicas: Vec<(&str, &str)> = c
+        .upstreams_for_model("coder")
+        .map(|(u, r)| (u.name.as_str(), r.upstream.as_str()))
+        .collect();
+    assert_eq!(replicas, [("a", "Qwen/Coder"), ("b", "Qwen/Coder-AWQ")]);
+    assert_eq!(c.upstream_for_model("coder").unwrap().0.name, "a");
+    assert_eq!(c.model("coder").unwrap().balance, Balance::Affinity);
+    assert_eq!(c.model("small").unwrap().balance, Balance::LeastLoaded);
+    assert!(c.model("other").is_none());
+}
+
+#[test]
+fn bad_model_tables_are_all_reported() {
+    let errs = errors(&with(
+        r#"
+[[model]]
+name = "coder"
+balance = "round_robin"
+
+[[model]]
+name = "coder"
+
+[[model]]
+name = "bad name"
+
+[[model]]
+balance = "affinity"
+"#,
+    ));
+    assert_errors(
+        &errs,
+        &[
+            (
+                "model \"coder\".balance",
+                "\"round_robin\": is not a balancing rule (one of \"least_loaded\", \"affinity\")",
+            ),
+            (
+                "model \"coder\".balance",
+                "write balance = \"least_loaded\"",
+            ),
+            ("model \"coder\".name", "also used by model #1"),
+            ("model #3.name", "without spaces, commas or '='"),
+            ("model #4.name", "every model needs a name"),
+        ],
+    );
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    for e in &errs {
+        assert!(e.to_string().contains("; fix: "), "{e}");
+    }
+    // An unknown key in the table is refused too (a misspelt setting is not applied silently).
+    let e = parse(&with(
+        "[[model]]\nname = \"coder\"\nbalanse = \"affinity\"\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("balanse"), "{e}");
 }

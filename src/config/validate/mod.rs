@@ -1,7 +1,7 @@
 //! Raw config → [`Config`]: a pure function that checks every setting and collects every error.
 //!
 //! One file per table: [`server`], [`tls`], [`wireguard`], [`peers`], [`gateway`],
-//! [`upstreams`], [`policies`]. Each validates its table, pushes one error per bad setting
+//! [`upstreams`], [`policies`], [`models`]. Each validates its table, pushes one error per bad setting
 //! (key, value, problem, fix) and goes on, so the operator sees every error at once; [`validate`]
 //! calls them in a fixed order and builds the [`Config`] only when none failed. Shared pieces:
 //! [`fields`] (readers for paths, addresses, durations, counts) and [`names`] (entry and host
@@ -13,6 +13,7 @@
 
 mod fields;
 mod gateway;
+mod models;
 mod names;
 mod peers;
 mod policies;
@@ -29,7 +30,7 @@ use crate::wgkey::PublicKey;
 
 pub use fields::SecretFileCheck;
 pub use names::{check_dns_name, check_peer_name, check_upstream_name};
-pub use upstreams::{parse_model_route, parse_upstream_url};
+pub use upstreams::{check_public_model_name, parse_model_route, parse_upstream_url};
 pub use wireguard::{allocate_tunnel_address, check_tunnel_address, parse_endpoint};
 
 /// Validates `raw` (read from `path`) into a [`Config`], or returns every error found.
@@ -65,6 +66,7 @@ pub fn validate(
         secret_file,
     );
     let policies = policies::validate(&mut errs, &raw.policies);
+    let models = models::validate(&mut errs, &raw.models);
 
     if !errs.is_empty() {
         return Err(errs);
@@ -88,6 +90,7 @@ pub fn validate(
         gateway,
         upstreams,
         policies,
+        models,
     })
 }
 

@@ -2,9 +2,10 @@
 //!
 //! Each upstream needs a unique name and an `http://IP:PORT[/PATH]` URL whose IP lies behind a
 //! peer (the no-open-proxy rule: modelgate never forwards anywhere else); optionally an API key
-//! file (checked without being read), static model routes (each public model name routed by
-//! one upstream) and a concurrency limit. Never connects to a model server: models that are not
-//! listed are discovered by the gateway at run time.
+//! file (checked without being read), static model routes and a concurrency limit. Several
+//! upstreams may route the same public model name: they are its replicas (balanced, with
+//! failover), so each must be another server (another URL). Never connects to a model server:
+//! models that are not listed are discovered by the gateway at run time.
 
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -38,8 +39,8 @@ pub(super) fn validate(
 ) -> Vec<UpstreamConfig> {
     let nets = peer_networks(peers);
     let mut names: HashMap<&str, usize> = HashMap::new();
-    // Public model name → the upstream (index) routing it.
-    let mut routed: HashMap<String, usize> = HashMap::new();
+    // Public model name → the upstreams (indices) routing it: its replicas so far.
+    let mut routed: HashMap<String, Vec<usize>> = HashMap::new();
     let mut out = Vec::new();
     for (i, u) in raw.iter().enumerate() {
         let key = |f: &str| NAMES.key(i, u.name.as_deref(), f);
@@ -130,14 +131,14 @@ fn api_key_file(
 }
 
 /// `models` of upstream `i`: absent (discover them from the server), or a non-empty list of
-/// routes, each public name listed once and not already routed by an earlier upstream
-/// (`routed` records which upstream routes each public name).
+/// routes, each public name listed once and not already routed by an earlier upstream at the
+/// same URL (`routed` records which upstreams route each public name; other URLs are replicas).
 fn models(
     errs: &mut ConfigErrors,
     key: &str,
     i: usize,
     raw: &[RawUpstream],
-    routed: &mut HashMap<String, usize>,
+    routed: &mut HashMap<String, Vec<usize>>,
 ) -> Vec<ModelRoute> {
     let mut models: Vec<ModelRoute> = Vec::new();
     let list = match raw[i].models.as_deref() {
@@ -159,9 +160,9 @@ fn models(
                 problem,
                 "write PUBLIC or PUBLIC=UPSTREAM_ID, e.g. \"coder=Qwen/Qwen2.5-Coder-32B-Instruct\"",
             )),
-            Ok(r) => match route_conflict(&r, &models, routed, raw) {
+            Ok(r) => match route_conflict(&r, i, &models, routed, raw) {
                 None => {
-                    routed.insert(r.public.clone(), i);
+                    routed.entry(r.public.clone()).or_default().push(i);
                     models.push(r);
                     None
                 }
@@ -175,12 +176,14 @@ fn models(
     models
 }
 
-/// Why route `r` cannot be added to an upstream that already routes `models`, given the public
-/// names earlier upstreams route (`routed`, indices into `raw`): `(problem, fix)`.
+/// Why route `r` cannot be added to upstream `i`, which already routes `models`, given the
+/// upstreams that route each public name so far (`routed`, indices into `raw`): `(problem, fix)`.
+/// Another upstream routing the same name is a replica, unless it is the same server (URL).
 fn route_conflict(
     r: &ModelRoute,
+    i: usize,
     models: &[ModelRoute],
-    routed: &HashMap<String, usize>,
+    routed: &HashMap<String, Vec<usize>>,
     raw: &[RawUpstream],
 ) -> Option<(String, &'static str)> {
     if models.iter().any(|o| o.public == r.public) {
@@ -189,14 +192,24 @@ fn route_conflict(
             "list each public name once",
         ));
     }
-    let j = routed.get(&r.public)?;
+    let server = |k: usize| {
+        raw[k]
+            .url
+            .as_deref()
+            .and_then(|u| parse_upstream_url(u).ok())
+    };
+    let mine = server(i)?;
+    let j = routed
+        .get(&r.public)?
+        .iter()
+        .find(|&&j| server(j).as_ref() == Some(&mine))?;
     let other = raw[*j].name.as_deref().unwrap_or("?");
     Some((
         format!(
-            "public name {:?} is already routed by upstream \"{other}\"",
-            r.public
+            "public name {:?} is already routed by upstream \"{other}\" at the same URL (http://{}{}), so this would be the same server twice, not a replica",
+            r.public, mine.0, mine.1
         ),
-        "each public model name must map to one upstream; rename one (PUBLIC=UPSTREAM_ID)",
+        "a replica must be another model server (another IP:PORT); remove the route from one of the two upstreams",
     ))
 }
 
@@ -394,14 +407,7 @@ fn parse_base_path(path: &str) -> Result<String, (String, String)> {
 /// server knows (the same when `=` is absent).
 pub fn parse_model_route(v: &str) -> Result<ModelRoute, String> {
     let (public, upstream) = v.split_once('=').unwrap_or((v, v));
-    let token_ok = |s: &str, max: usize| {
-        !s.is_empty() && s.len() <= max && !s.chars().any(|c| c.is_whitespace() || c.is_control())
-    };
-    if !token_ok(public, 128) || public.contains(',') {
-        return Err(format!(
-            "public model name {public:?} must be 1-128 characters without spaces or commas"
-        ));
-    }
+    check_public_model_name(public)?;
     if !token_ok(upstream, 256) {
         return Err(format!(
             "upstream model id {upstream:?} must be 1-256 characters without spaces"
@@ -411,4 +417,20 @@ pub fn parse_model_route(v: &str) -> Result<ModelRoute, String> {
         public: public.to_string(),
         upstream: upstream.to_string(),
     })
+}
+
+/// 1 to `max` characters, none of them whitespace or control characters.
+fn token_ok(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Checks a public model name (what clients send as `model`): 1-128 characters without
+/// spaces, commas or `=` (which separates it from the upstream id in a route).
+pub fn check_public_model_name(public: &str) -> Result<(), String> {
+    if !token_ok(public, 128) || public.contains([',', '=']) {
+        return Err(format!(
+            "public model name {public:?} must be 1-128 characters without spaces, commas or '='"
+        ));
+    }
+    Ok(())
 }

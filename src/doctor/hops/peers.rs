@@ -127,6 +127,7 @@ allowed_ips = ["10.20.0.0/24", "10.99.0.2/32"]
             },
             peers: vec![peer],
             upstreams: vec![],
+            models: vec![],
             https: None,
             metrics_listen: None,
             streams: vec![],

@@ -2,14 +2,19 @@ use std::io;
 use std::sync::Mutex;
 
 use super::*;
+use crate::gateway::fair::{QueueLimits, Scheduler, Slot, Want};
 use crate::gateway::upstream::UpstreamSpec;
 use crate::policy::limits::{RateHeaders, Refusal, RefusalKind};
 use crate::policy::KeyPolicy;
 use crate::telemetry::{render, Scrape};
 
 fn upstream() -> Arc<Upstream> {
+    upstream_named("vllm")
+}
+
+fn upstream_named(name: &str) -> Arc<Upstream> {
     Upstream::new(UpstreamSpec {
-        name: "vllm".into(),
+        name: name.into(),
         addr: "10.20.0.5:8000".parse().unwrap(),
         base_path: "/v1".into(),
         api_key: None,
@@ -26,13 +31,39 @@ fn principal(id: &str) -> Arc<Principal> {
     })
 }
 
+/// A slot at `u`, as `forward` takes one for a request routed there (it counts the request in
+/// flight at `u` until dropped).
+fn slot_at(u: &Arc<Upstream>) -> Slot {
+    let scheduler = Scheduler::new();
+    let candidates = [u.clone()];
+    let want = Want {
+        key: "k",
+        model: "m",
+        candidates: &candidates,
+        preferred: None,
+        any_health: false,
+        now: std::time::Instant::now(),
+    };
+    let limits = QueueLimits {
+        max_queued: 1,
+        timeout: Duration::from_secs(1),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(scheduler.acquire(&want, limits)).unwrap().1
+}
+
+/// A routed request is an active stream of its key (the flight) and in flight at its upstream
+/// (its slot), each until dropped.
 #[test]
 fn flight_counts_streams_and_in_flight_until_dropped() {
     let m = Arc::new(Metrics::new());
     let u = upstream();
-    let a = Flight::start(&m, &principal("k1"), &u);
-    let b = Flight::start(&m, &principal("k1"), &u);
-    let c = Flight::start(&m, &principal("k2"), &u);
+    let a = (Flight::start(&m, &principal("k1"), &u), slot_at(&u));
+    let b = (Flight::start(&m, &principal("k1"), &u), slot_at(&u));
+    let c = (Flight::start(&m, &principal("k2"), &u), slot_at(&u));
     assert_eq!(u.in_flight(), 3);
     let active: Vec<_> = m
         .active_streams()
@@ -114,20 +145,27 @@ fn refused_and_answered_requests_write_one_line_shape_and_their_metrics() {
             headers: RateHeaders::default(),
         };
         r.refused(&ApiError::from_limit(limited), &routes);
-        // Answered: every field known.
+        // Answered after one retry: every field known; the upstream is the replica that
+        // answered, the stream counted once.
         let mut r = AuditRecord::start(&m, client, Endpoint::ChatCompletions);
         r.authenticated(&principal("k1"));
         r.read(120, "m");
+        r.routed(&upstream_named("vllm-b"));
+        r.retried();
+        let slot = slot_at(&u);
         r.routed(&u);
         assert_eq!(u.in_flight(), 1);
+        assert_eq!(m.active_streams().len(), 1);
         r.answered(StatusCode::OK);
         assert!(r.success());
         r.sent(30);
         r.sent(12);
         assert_eq!(r.bytes_out(), 42);
         r.finish(Outcome::Ok, Some((10, 5)));
+        assert!(m.active_streams().is_empty(), "emitting ends the flight");
+        drop(slot);
     });
-    assert_eq!(u.in_flight(), 0, "emitting ends the flight");
+    assert_eq!(u.in_flight(), 0, "the body's end frees the slot");
     assert_eq!(lines.len(), 4, "{lines:?}");
     let shape = field_names(&lines[3]);
     assert_eq!(
@@ -139,6 +177,7 @@ fn refused_and_answered_requests_write_one_line_shape_and_their_metrics() {
             "endpoint",
             "model",
             "upstream",
+            "retries",
             "status",
             "bytes_in",
             "bytes_out",
@@ -162,6 +201,7 @@ fn refused_and_answered_requests_write_one_line_shape_and_their_metrics() {
             "endpoint=chat/completions ",
             "model=- ",
             "upstream=- ",
+            "retries=0 ",
             "status=401 ",
             "bytes_in=- ",
             "bytes_out=0 ",
@@ -186,6 +226,7 @@ fn refused_and_answered_requests_write_one_line_shape_and_their_metrics() {
         answered,
         &[
             "upstream=vllm ",
+            "retries=1 ",
             "status=200 ",
             "bytes_in=120 ",
             "bytes_out=42 ",
