@@ -27,8 +27,8 @@
 #      --budget, so each request runs the whole limiter and settles into the usage ledger),
 #      alternating off/on/off/on in one run; prints on/off (target >= 0.95). With --limits the
 #      nginx path, the SSE and the hold phases are skipped.
-#   5. --baseline BIN: requests/s of the same wrk load through BIN (e.g. an earlier release from
-#      /work/bin) and through MODELGATE_BIN, each with one upstream (one model server),
+#   5. --baseline BIN: requests/s of the same wrk load through BIN (an earlier release build, e.g.
+#      modelgate-base saved before a change) and through MODELGATE_BIN, each with one upstream (one model server),
 #      alternating baseline/new/baseline/new in one run (each daemon started fresh with its own
 #      config, the other stopped); prints new/baseline (target >= 0.97: the one-replica path of a
 #      build with replicas is not slower). Skips the other phases like --limits.
