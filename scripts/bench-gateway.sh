@@ -47,6 +47,7 @@
 #      has no translation, so its row gets the Chat Completions body: the same work for the
 #      model), scripts/lib/ttfb.py.
 #
+#   --skip-anchor leaves path N out of a --phase run.
 #   --phase LIST (comma-separated: latency, events, ttfb, hold; default latency,hold) runs only
 #   those phases. With --phase, --baseline BIN is measured as a third path B in every phase
 #   (same run, fresh daemon), so before/after and against nginx come from one run; without
@@ -56,6 +57,9 @@
 #               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
 #               [--phase LIST] [--event-sizes "S:MS ..."] [--window S] [--ttfb-count N]
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
+#   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
+#                  phase adds its instructions per event over the window (not disturbed by
+#                  other processes; use low rates, e.g. --event-sizes "100:500 1000:5000")
 #   BENCH_STAGE_TRACE=1  MODELGATE_BIN logs every request's stage times to its run.log (with
 #                  BENCH_KEEP=1 the work directory stays for scripts/lib/stages.py)
 # Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
@@ -79,6 +83,7 @@ SKIP_HOLD=0
 LIMITS=0
 BASELINE_BIN=""
 PHASES=""
+SKIP_ANCHOR=0
 EVENT_SIZES="100:50 1000:500 10000:5000 200:20"
 WINDOW_S=20
 TTFB_COUNT=40
@@ -99,6 +104,7 @@ while (($#)); do
         --limits) LIMITS=1; SKIP_HOLD=1; shift ;;
         --baseline) BASELINE_BIN=$2; SKIP_HOLD=1; shift 2 ;;
         --phase) PHASES=$2; shift 2 ;;
+        --skip-anchor) SKIP_ANCHOR=1; shift ;;
         --event-sizes) EVENT_SIZES=$2; shift 2 ;;
         --window) WINDOW_S=$2; shift 2 ;;
         --ttfb-count) TTFB_COUNT=$2; shift 2 ;;
@@ -301,8 +307,12 @@ mg_start() {
     local log=warn
     # BENCH_STAGE_TRACE=1: the new binary logs each request's stage times (MODELGATE_STAGE_TRACE).
     [[ ${BENCH_STAGE_TRACE:-0} == 1 && $bin == "$MODELGATE_BIN" ]] && log=warn,modelgate::stages=info
+    local wrap=()
+    # BENCH_CALLGRIND=1: every modelgate runs under callgrind (instructions per event).
+    [[ ${BENCH_CALLGRIND:-0} == 1 ]] && wrap=(valgrind --tool=callgrind -q
+        "--callgrind-out-file=$mg/callgrind.out.%p")
     ip netns exec "$NS_EDGE" env RUST_LOG=$log MODELGATE_STAGE_TRACE="${BENCH_STAGE_TRACE:-0}" \
-        "$bin" --config "$mg/modelgate.toml" run \
+        "${wrap[@]}" "$bin" --config "$mg/modelgate.toml" run \
         >>"$mg/run.log" 2>&1 &
     MG_PID=$!
     PIDS+=("$MG_PID")
@@ -442,11 +452,15 @@ measure_events() {
     for size in $EVENT_SIZES; do
         streams=${size%%:*} ms=${size##*:}
         log "$p: $streams streams, one event each every $ms ms ($(awk -v s="$streams" -v m="$ms" 'BEGIN{printf "%d", s*1000/m}') events/s), window ${WINDOW_S}s; load $(cut -d' ' -f1-3 /proc/loadavg)"
-        out=$(ip netns exec "$NS_CLIENT" env MG_KEY="$key" timeout 600 python3 \
+        local cg=()
+        if [[ ${BENCH_CALLGRIND:-0} == 1 && $p != N ]]; then
+            cg=(--callgrind-pid "$pids")
+        fi
+        out=$(ip netns exec "$NS_CLIENT" env MG_KEY="$key" CALLGRIND_GLOB="$WORK/mg-$p/callgrind.out.*" timeout 600 python3 \
             "$HERE/lib/sse_events.py" gw.test 443 --cafile "$cafile" --sni gw.test \
             --path /v1/chat/completions --model "$MODEL" --streams "$streams" \
             --event-interval-ms "$ms" --window-s "$WINDOW_S" --ramp-per-s 400 --pids "$pids" \
-            --deadline-s 540 2>>"$WORK/events.err") || out='{}'
+            --deadline-s 540 "${cg[@]}" 2>>"$WORK/events.err") || out='{}'
         [[ -n $out ]] || out='{}'
         echo "$p $size $out" >>"$WORK/events.jsonl"
         RES[$p.ev.$size]=$out
@@ -569,7 +583,7 @@ phased_report() {
         echo "$head"; echo "$sep"
         local size
         for size in $EVENT_SIZES; do
-            local streams=${size%%:*} ms=${size##*:} v=() w=() x=() y=() z=() l=()
+            local streams=${size%%:*} ms=${size##*:} v=() w=() x=() y=() z=() l=() ins=()
             for p in N B M; do
                 local j=${RES[$p.ev.$size]:-}
                 v+=("$(jf "$j" .cpu_us_per_event)")
@@ -577,10 +591,13 @@ phased_report() {
                 x+=("$(jf "$j" .events_per_s_per_core)")
                 y+=("$(jf "$j" .ok)/$streams")
                 z+=("$(jf "$j" .rss_peak_mib)")
+                ins+=("$(jf "$j" .instructions_per_event)")
                 l+=("${RES[$p.ev.$size.load]:-}")
             done
             row "**$streams streams × 1 event per $ms ms** (load ${l[0]}${BASELINE_BIN:+/${l[1]}}/${l[2]})" "" "" ""
             row "CPU per event (µs)" "${v[0]}" "${v[1]}" "${v[2]}"
+            [[ ${BENCH_CALLGRIND:-0} == 1 ]] &&
+                row "instructions per event (callgrind)" "${ins[0]}" "${ins[1]}" "${ins[2]}"
             row "events/s received" "${w[0]}" "${w[1]}" "${w[2]}"
             row "events/s per core" "${x[0]}" "${x[1]}" "${x[2]}"
             row "peak RSS (MiB)" "${z[0]}" "${z[1]}" "${z[2]}"
@@ -611,8 +628,10 @@ if [[ -n $PHASES ]]; then
         python3 "$ROOT/tests/fixtures/cursor_requests.py" chat >"$WORK/cursor-chat.json"
         python3 "$ROOT/tests/fixtures/cursor_requests.py" responses >"$WORK/cursor-responses.json"
     fi
-    log "path N: nginx + wireguard-go"
-    run_nginx
+    if ((SKIP_ANCHOR == 0)); then
+        log "path N: nginx + wireguard-go"
+        run_nginx
+    fi
     if [[ -n $BASELINE_BIN ]]; then
         log "path B: baseline modelgate ($BASELINE_BIN)"
         run_phased_mg B "$BASELINE_BIN"

@@ -13,18 +13,22 @@ outlast the ramp, one interval and the window: the aggregate rate is N / D event
 Once every stream is open and one interval has passed (all of them streaming), it reads the
 utime+stime of PIDS and their children (/proc/PID/stat; nginx's workers are the master's
 children) and the events received so far, and again W seconds later: CPU per event (µs), events
-per second, events per second per core of that CPU. It samples the summed VmRSS of PIDS every
+per second, events per second per core of that CPU; with --callgrind-pid (a process run under
+valgrind --tool=callgrind) also its instructions per event over the window, a measure other
+processes' load does not disturb. It samples the summed VmRSS of PIDS every
 second (peak) and reads their VmHWM at the end. Every stream is read to `data: [DONE]` and the
 end of the chunked body. Prints one JSON line. Everything is bounded by --deadline-s.
 """
 
 import argparse
 import asyncio
+import glob
 import json
 import math
 import os
 import resource
 import ssl
+import subprocess
 import sys
 import time
 
@@ -51,6 +55,22 @@ def ticks(pids):
             except (OSError, IndexError, ValueError):
                 pass
     return total
+
+
+def callgrind(pid, op):
+    """`callgrind_control -z` (zero) or `-d` (dump) on a process run under callgrind; for -d,
+    the instructions (Ir) of the dump it wrote (the newest callgrind.out file of that pid)."""
+    subprocess.run(["callgrind_control", op, str(pid)], check=False, capture_output=True,
+                   timeout=120)
+    if op != "-d":
+        return None
+    files = sorted(glob.glob(os.environ.get("CALLGRIND_GLOB", "/nonexistent")), key=os.path.getmtime)
+    for path in reversed(files):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+    return None
 
 
 def status_kib(pids, field):
@@ -172,9 +192,14 @@ async def run(args):
         await asyncio.sleep(0.05)
     await asyncio.sleep(interval)
     steady_open = st.open
+    if args.callgrind_pid:
+        await asyncio.to_thread(callgrind, args.callgrind_pid, "-z")
     c0, e0, w0 = ticks(pids), st.events, time.monotonic()
     await asyncio.sleep(args.window_s)
     c1, e1, w1 = ticks(pids), st.events, time.monotonic()
+    instructions = None
+    if args.callgrind_pid:
+        instructions = await asyncio.to_thread(callgrind, args.callgrind_pid, "-d")
     steady_open_end = st.open
     remaining = max(1.0, deadline - time.monotonic())
     _, pending = await asyncio.wait(tasks, timeout=remaining)
@@ -198,6 +223,8 @@ async def run(args):
             "cpu_pct": round(cpu_s / secs * 100, 1) if secs else None,
             "cpu_us_per_event": round(per_event_us, 2) if per_event_us else None,
             "events_per_s_per_core": round(events / cpu_s) if cpu_s else None,
+            "instructions_per_event": round(instructions / events) if instructions and events
+            else None,
             "rss_peak_mib": round(rss_peak[0] / 1024, 1),
             "hwm_mib": round(status_kib(pids, "VmHWM") / 1024, 1)}
 
@@ -216,6 +243,8 @@ def main():
     p.add_argument("--ramp-per-s", type=float, default=500)
     p.add_argument("--pids", default="")
     p.add_argument("--deadline-s", type=float, default=300)
+    p.add_argument("--callgrind-pid", type=int, help="zero and dump callgrind's counters of "
+                   "this pid around the window (CALLGRIND_GLOB names its output files)")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
