@@ -14,7 +14,8 @@
 # Measures:
 #   1. small non-streaming chat completions (POST, max_tokens 8, no token delay), keep-alive:
 #      wrk -tTHREADS -c8 -dDURATION --latency with a Lua script (method, body, Authorization) →
-#      requests/s, p50, p99, non-2xx count
+#      requests/s, p50, p99, non-2xx count; with --phase also the context switches of the edge's
+#      threads per request (/proc/PID/task/*/status, here and in 2: hand-offs between threads)
 #   2. time to the first SSE event of a streaming chat, p50/p99, 300 sequential requests on one
 #      HTTPS connection (scripts/lib/sse_first_chunk.py --tls --post)
 #   3. M only: STREAMS concurrent slow SSE streams (HOLD_S tokens, one per second) held through
@@ -192,6 +193,21 @@ tree_ticks() {
     echo "$total"
 }
 
+# Context switches (voluntary + involuntary) of every thread of the PIDs and their children:
+# each time a thread blocked (parked waiting for work) or was preempted.
+tree_switches() {
+    local pid kids p total=0 n
+    for pid in $1; do
+        kids=$(cat /proc/"$pid"/task/*/children 2>/dev/null || true)
+        for p in $pid $kids; do
+            n=$(cat /proc/"$p"/task/*/status 2>/dev/null |
+                awk '/^(non)?voluntary_ctxt_switches/ { s += $2 } END { print s + 0 }')
+            total=$((total + n))
+        done
+    done
+    echo "$total"
+}
+
 # CPU of PIDS since ticks T0 over S seconds, % of one core
 cpu_pct() {
     local pids=$1 t0=$2 secs=$3 t1
@@ -205,11 +221,20 @@ measure_path() {
     local name=$1 key=$2 cafile=$3 pid=$4 t0 s0
     log "$name: wrk POST chat (non-streaming), -t$THREADS -c8 -d${DURATION}s"
     t0=$(tree_ticks "$pid")
+    local x0 x1
+    x0=$(tree_switches "$pid")
     s0=$SECONDS
     read -r R_P50 R_P99 R_RPS R_BAD < <(measure_wrk "$key")
     R_CPU=$(cpu_pct "$pid" "$t0" $((SECONDS - s0)))
+    x1=$(tree_switches "$pid")
+    # Per request: the wrk requests are requests/s × the duration.
+    R_CSW=$(awk -v a="$x0" -v b="$x1" -v r="$R_RPS" -v d="$DURATION" \
+        'BEGIN { if (r + 0 > 0) printf "%.2f", (b - a) / (r * d); else print "n/a" }')
     log "$name: SSE first event, 300 streaming requests, 1 connection"
+    x0=$(tree_switches "$pid")
     read -r R_SSE50 R_SSE99 < <(measure_sse "$key" "$cafile")
+    x1=$(tree_switches "$pid")
+    R_SSE_CSW=$(awk -v a="$x0" -v b="$x1" 'BEGIN { printf "%.2f", (b - a) / 300 }')
     log "$name: p50 $R_P50 ms, p99 $R_P99 ms, $R_RPS req/s ($R_BAD non-2xx), CPU $R_CPU%, SSE first $R_SSE50 ms"
 }
 
@@ -475,7 +500,8 @@ phase_path() {
     if has_phase latency; then
         measure_path "$p" "$key" "$cafile" "$pids"
         RES[$p.p50]=$R_P50 RES[$p.p99]=$R_P99 RES[$p.rps]=$R_RPS RES[$p.bad]=$R_BAD
-        RES[$p.sse50]=$R_SSE50 RES[$p.sse99]=$R_SSE99 RES[$p.cpu]=$R_CPU
+        RES[$p.sse50]=$R_SSE50 RES[$p.sse99]=$R_SSE99 RES[$p.cpu]=$R_CPU RES[$p.csw]=$R_CSW
+        RES[$p.ssecsw]=$R_SSE_CSW
         RES[$p.lat.load]=$(cut -d' ' -f1 /proc/loadavg)
     fi
     if has_phase ttfb; then
@@ -554,6 +580,8 @@ phased_report() {
         row "SSE first event p50 (ms)" "${RES[N.sse50]:-}" "${RES[B.sse50]:-}" "${RES[M.sse50]:-}"
         row "SSE first event p99 (ms)" "${RES[N.sse99]:-}" "${RES[B.sse99]:-}" "${RES[M.sse99]:-}"
         row "edge CPU during wrk (% of a core)" "${RES[N.cpu]:-}" "${RES[B.cpu]:-}" "${RES[M.cpu]:-}"
+        row "context switches per request during wrk (edge threads)" "${RES[N.csw]:-}" "${RES[B.csw]:-}" "${RES[M.csw]:-}"
+        row "context switches per sequential SSE request (edge threads)" "${RES[N.ssecsw]:-}" "${RES[B.ssecsw]:-}" "${RES[M.ssecsw]:-}"
     fi
     if has_phase ttfb; then
         echo
