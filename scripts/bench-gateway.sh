@@ -14,7 +14,8 @@
 # Measures:
 #   1. small non-streaming chat completions (POST, max_tokens 8, no token delay), keep-alive:
 #      wrk -tTHREADS -c8 -dDURATION --latency with a Lua script (method, body, Authorization) →
-#      requests/s, p50, p99, non-2xx count
+#      requests/s, p50, p99, non-2xx count; with --phase also the context switches of the edge's
+#      threads per request (/proc/PID/task/*/status, here and in 2: hand-offs between threads)
 #   2. time to the first SSE event of a streaming chat, p50/p99, 300 sequential requests on one
 #      HTTPS connection (scripts/lib/sse_first_chunk.py --tls --post)
 #   3. M only: STREAMS concurrent slow SSE streams (HOLD_S tokens, one per second) held through
@@ -33,13 +34,41 @@
 #      config, the other stopped); prints new/baseline (target >= 0.97: the one-replica path of a
 #      build with replicas is not slower). Skips the other phases like --limits.
 #
+#   6. --phase events: CPU per token event. For each STREAMS:INTERVAL_MS of --event-sizes
+#      (default 100:50 1000:500 10000:5000 200:20, i.e. 2,000 events/s at 100, 1,000 and 10,000
+#      open streams, and 200 streams × 50 events/s = 10,000 events/s), STREAMS concurrent
+#      streaming chats with usage metering (stream_options.include_usage), one event every
+#      INTERVAL_MS each, held by scripts/lib/sse_events.py through every path in the same run;
+#      over a steady --window S (default 20) after all are streaming: CPU of the appliance-side
+#      processes per event (µs; modelgate vs nginx + the edge wireguard-go, utime+stime from
+#      /proc/PID/stat), events/s, events/s per core of that CPU, peak RSS, streams completed.
+#   7. --phase ttfb: time to the first event of a 403 KB Cursor-shaped streaming chat
+#      (tests/fixtures/cursor_requests.py), a fresh HTTPS connection each (TTFB_COUNT, 40), in
+#      the Chat Completions shape and in the Responses shape (translated by modelgate; nginx
+#      has no translation, so its row gets the Chat Completions body: the same work for the
+#      model), scripts/lib/ttfb.py.
+#
+#   --skip-anchor leaves path N out of a --phase run.
+#   --phase LIST (comma-separated: latency, events, ttfb, hold; default latency,hold) runs only
+#   those phases. With --phase, --baseline BIN is measured as a third path B in every phase
+#   (same run, fresh daemon), so before/after and against nginx come from one run; without
+#   --phase, --baseline is the requests/s alternation of 5.
+#
 # Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
 #               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
+#               [--phase LIST] [--event-sizes "S:MS ..."] [--window S] [--ttfb-count N]
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
+#   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
+#                  phase adds its instructions per event over the window (not disturbed by
+#                  other processes; use low rates, e.g. --event-sizes "100:500 1000:5000")
+#   BENCH_STAGE_TRACE=1  MODELGATE_BIN logs every request's stage times to its run.log (with
+#                  BENCH_KEEP=1 the work directory stays for scripts/lib/stages.py)
 # Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
 # namespaces. Everything started is stopped by PID; BENCH_KEEP=1 keeps the work directory.
 
 set -euo pipefail
+# 10,000 streams: a socket each on the client, and two in nginx (client + upstream).
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -54,6 +83,11 @@ HOLD_S=60
 SKIP_HOLD=0
 LIMITS=0
 BASELINE_BIN=""
+PHASES=""
+SKIP_ANCHOR=0
+EVENT_SIZES="100:50 1000:500 10000:5000 200:20"
+WINDOW_S=20
+TTFB_COUNT=40
 DEFAULT_BIN=$ROOT/target/release/modelgate
 if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
     DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
@@ -70,6 +104,11 @@ while (($#)); do
         --skip-hold) SKIP_HOLD=1; shift ;;
         --limits) LIMITS=1; SKIP_HOLD=1; shift ;;
         --baseline) BASELINE_BIN=$2; SKIP_HOLD=1; shift 2 ;;
+        --phase) PHASES=$2; shift 2 ;;
+        --skip-anchor) SKIP_ANCHOR=1; shift ;;
+        --event-sizes) EVENT_SIZES=$2; shift 2 ;;
+        --window) WINDOW_S=$2; shift 2 ;;
+        --ttfb-count) TTFB_COUNT=$2; shift 2 ;;
         -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -89,7 +128,7 @@ STREAM_BODY='{"model":"acme-coder","messages":[{"role":"user","content":"Say hel
 # --- model namespace -----------------------------------------------------------------------------
 start_model() {
     ip netns exec "$NS_MODEL" python3 -u "$ROOT/tests/python/fake_vllm.py" "$MODEL_ADDR" 8000 \
-        --models "$MODEL" --token-delay-ms 0 >"$WORK/fake-vllm.log" 2>&1 &
+        --models "$MODEL,gpt-5-acme" --token-delay-ms 0 >"$WORK/fake-vllm.log" 2>&1 &
     MODEL_PID=$!
     PIDS+=("$MODEL_PID")
     for _ in $(seq 50); do
@@ -154,6 +193,21 @@ tree_ticks() {
     echo "$total"
 }
 
+# Context switches (voluntary + involuntary) of every thread of the PIDs and their children:
+# each time a thread blocked (parked waiting for work) or was preempted.
+tree_switches() {
+    local pid kids p total=0 n
+    for pid in $1; do
+        kids=$(cat /proc/"$pid"/task/*/children 2>/dev/null || true)
+        for p in $pid $kids; do
+            n=$(cat /proc/"$p"/task/*/status 2>/dev/null |
+                awk '/^(non)?voluntary_ctxt_switches/ { s += $2 } END { print s + 0 }')
+            total=$((total + n))
+        done
+    done
+    echo "$total"
+}
+
 # CPU of PIDS since ticks T0 over S seconds, % of one core
 cpu_pct() {
     local pids=$1 t0=$2 secs=$3 t1
@@ -167,11 +221,20 @@ measure_path() {
     local name=$1 key=$2 cafile=$3 pid=$4 t0 s0
     log "$name: wrk POST chat (non-streaming), -t$THREADS -c8 -d${DURATION}s"
     t0=$(tree_ticks "$pid")
+    local x0 x1
+    x0=$(tree_switches "$pid")
     s0=$SECONDS
     read -r R_P50 R_P99 R_RPS R_BAD < <(measure_wrk "$key")
     R_CPU=$(cpu_pct "$pid" "$t0" $((SECONDS - s0)))
+    x1=$(tree_switches "$pid")
+    # Per request: the wrk requests are requests/s × the duration.
+    R_CSW=$(awk -v a="$x0" -v b="$x1" -v r="$R_RPS" -v d="$DURATION" \
+        'BEGIN { if (r + 0 > 0) printf "%.2f", (b - a) / (r * d); else print "n/a" }')
     log "$name: SSE first event, 300 streaming requests, 1 connection"
+    x0=$(tree_switches "$pid")
     read -r R_SSE50 R_SSE99 < <(measure_sse "$key" "$cafile")
+    x1=$(tree_switches "$pid")
+    R_SSE_CSW=$(awk -v a="$x0" -v b="$x1" 'BEGIN { printf "%.2f", (b - a) / 300 }')
     log "$name: p50 $R_P50 ms, p99 $R_P99 ms, $R_RPS req/s ($R_BAD non-2xx), CPU $R_CPU%, SSE first $R_SSE50 ms"
 }
 
@@ -187,9 +250,10 @@ run_nginx() {
 daemon off;
 user root;
 worker_processes auto;
+worker_rlimit_nofile 100000;
 pid $d/nginx.pid;
 error_log $d/error.log warn;
-events { worker_connections 8192; }
+events { worker_connections 32768; }
 http {
     access_log off;
     client_body_temp_path $d/tmp/body;
@@ -230,6 +294,12 @@ EOF
     local nginx_pid=$!
     PIDS+=("$nginx_pid")
     wait_https "$key" "$d/cert.pem"
+    if [[ -n $PHASES ]]; then
+        phase_path N "$key" "$d/cert.pem" "$nginx_pid $ANCHOR_EDGE_PID"
+        stop_pids "$nginx_pid"
+        anchor_down
+        return 0
+    fi
     # The edge's work on path N is nginx (master + workers) plus the edge wireguard-go.
     measure_path "N nginx+wireguard-go" "$key" "$d/cert.pem" "$nginx_pid $ANCHOR_EDGE_PID"
     N_P50=$R_P50 N_P99=$R_P99 N_RPS=$R_RPS N_BAD=$R_BAD N_SSE50=$R_SSE50 N_SSE99=$R_SSE99
@@ -259,7 +329,15 @@ mg_configure() {
 # sets MG_PID and CORP_PID.
 mg_start() {
     local bin=$1 mg=$2
-    ip netns exec "$NS_EDGE" env RUST_LOG=warn "$bin" --config "$mg/modelgate.toml" run \
+    local log=warn
+    # BENCH_STAGE_TRACE=1: the new binary logs each request's stage times (MODELGATE_STAGE_TRACE).
+    [[ ${BENCH_STAGE_TRACE:-0} == 1 && $bin == "$MODELGATE_BIN" ]] && log=warn,modelgate::stages=info
+    local wrap=()
+    # BENCH_CALLGRIND=1: every modelgate runs under callgrind (instructions per event).
+    [[ ${BENCH_CALLGRIND:-0} == 1 ]] && wrap=(valgrind --tool=callgrind -q
+        "--callgrind-out-file=$mg/callgrind.out.%p")
+    ip netns exec "$NS_EDGE" env RUST_LOG=$log MODELGATE_STAGE_TRACE="${BENCH_STAGE_TRACE:-0}" \
+        "${wrap[@]}" "$bin" --config "$mg/modelgate.toml" run \
         >>"$mg/run.log" 2>&1 &
     MG_PID=$!
     PIDS+=("$MG_PID")
@@ -381,6 +459,185 @@ hold_streams() {
     log "hold: $out; modelgate VmHWM $H_HWM MiB, CPU $H_CPU%, fake vLLM CPU $H_MODEL_CPU% over ${secs}s"
 }
 
+
+# --- phases (--phase) ----------------------------------------------------------------------------
+declare -A RES=()
+has_phase() { [[ ,$PHASES, == *,$1,* ]]; }
+
+# measure_ttfb KEY CAFILE BODYFILE → "p50_ms p99_ms p50_after_handshake_ms"
+measure_ttfb() {
+    ip netns exec "$NS_CLIENT" env MG_KEY="$1" timeout 150 python3 "$HERE/lib/ttfb.py" gw.test 443 \
+        "$TTFB_COUNT" --cafile "$2" --sni gw.test --path /v1/chat/completions --body-file "$3" \
+        2>>"$WORK/ttfb.log" || echo "n/a n/a n/a"
+}
+
+# measure_events P KEY CAFILE "PIDS": one sse_events.py run per --event-sizes entry.
+measure_events() {
+    local p=$1 key=$2 cafile=$3 pids=$4 size streams ms out
+    for size in $EVENT_SIZES; do
+        streams=${size%%:*} ms=${size##*:}
+        log "$p: $streams streams, one event each every $ms ms ($(awk -v s="$streams" -v m="$ms" 'BEGIN{printf "%d", s*1000/m}') events/s), window ${WINDOW_S}s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+        local cg=()
+        if [[ ${BENCH_CALLGRIND:-0} == 1 && $p != N ]]; then
+            cg=(--callgrind-pid "$pids")
+        fi
+        out=$(ip netns exec "$NS_CLIENT" env MG_KEY="$key" CALLGRIND_GLOB="$WORK/mg-$p/callgrind.out.*" timeout 600 python3 \
+            "$HERE/lib/sse_events.py" gw.test 443 --cafile "$cafile" --sni gw.test \
+            --path /v1/chat/completions --model "$MODEL" --streams "$streams" \
+            --event-interval-ms "$ms" --window-s "$WINDOW_S" --ramp-per-s 400 --pids "$pids" \
+            --deadline-s 540 "${cg[@]}" 2>>"$WORK/events.err") || out='{}'
+        [[ -n $out ]] || out='{}'
+        echo "$p $size $out" >>"$WORK/events.jsonl"
+        RES[$p.ev.$size]=$out
+        RES[$p.ev.$size.load]=$(cut -d' ' -f1 /proc/loadavg)
+        log "$p $size: $out"
+    done
+}
+
+# phase_path P KEY CAFILE "PIDS": the selected phases through one path (N, B or M).
+phase_path() {
+    local p=$1 key=$2 cafile=$3 pids=$4
+    if has_phase latency; then
+        measure_path "$p" "$key" "$cafile" "$pids"
+        RES[$p.p50]=$R_P50 RES[$p.p99]=$R_P99 RES[$p.rps]=$R_RPS RES[$p.bad]=$R_BAD
+        RES[$p.sse50]=$R_SSE50 RES[$p.sse99]=$R_SSE99 RES[$p.cpu]=$R_CPU RES[$p.csw]=$R_CSW
+        RES[$p.ssecsw]=$R_SSE_CSW
+        RES[$p.lat.load]=$(cut -d' ' -f1 /proc/loadavg)
+    fi
+    if has_phase ttfb; then
+        local shape
+        for shape in chat responses; do
+            local f=$WORK/cursor-$shape.json
+            # nginx cannot translate the Responses shape: it gets the Chat Completions body.
+            [[ $p == N ]] && f=$WORK/cursor-chat.json
+            log "$p: TTFB of the 403 KB Cursor body ($shape shape, $(wc -c <"$f") bytes), $TTFB_COUNT fresh connections"
+            read -r a b c < <(measure_ttfb "$key" "$cafile" "$f")
+            RES[$p.ttfb.$shape]="$a $b $c"
+            log "$p: TTFB $shape p50 $a ms, p99 $b ms, after handshake p50 $c ms"
+        done
+        RES[$p.ttfb.load]=$(cut -d' ' -f1 /proc/loadavg)
+    fi
+    if has_phase events; then
+        measure_events "$p" "$key" "$cafile" "$pids"
+    fi
+}
+
+# mg_tune DIR: room for 10,000 streams (the default gateway.max_connections is 10,000).
+mg_tune() {
+    local cfg=$1/modelgate.toml
+    if grep -q '^\[gateway\]' "$cfg"; then
+        sed -i '/^\[gateway\]/a max_connections = 30000' "$cfg"
+    else
+        printf '\n[gateway]\nmax_connections = 30000\n' >>"$cfg"
+    fi
+}
+
+# run_phased_mg P BIN: a fresh modelgate BIN (its own config) through the selected phases.
+run_phased_mg() {
+    local p=$1 bin=$2 mg=$WORK/mg-$1
+    mg_configure "$bin" "$mg"
+    mg_tune "$mg"
+    mg_start "$bin" "$mg"
+    phase_path "$p" "$(cat "$mg/key")" "$mg/state/self-signed.crt" "$MG_PID"
+    kill -0 "$MG_PID" 2>/dev/null || RES[$p.note]="exited during the run: $(tail -5 "$mg/run.log" | tr '\n' ' ')"
+    stop_pids "$MG_PID" "$CORP_PID"
+    rm -f "/var/run/wireguard/$WG_CORP.sock"
+}
+
+jf() {
+    local j=${1:-}
+    [[ -n $j ]] || j='{}'
+    jq -r "$2 // \"n/a\"" <<<"$j" 2>/dev/null || echo n/a
+}
+
+phased_report() {
+    local paths=(N) p
+    [[ -n $BASELINE_BIN ]] && paths+=(B)
+    paths+=(M)
+    local head="| metric | N nginx+wireguard-go |" sep="|---|---|"
+    [[ -n $BASELINE_BIN ]] && { head+=" B baseline |"; sep+="---|"; }
+    head+=" M modelgate | M/N |"
+    sep+="---|---|"
+    [[ -n $BASELINE_BIN ]] && { head+=" M/B |"; sep+="---|"; }
+    row() { # row LABEL N B M
+        local line="| $1 | $2 |"
+        [[ -n $BASELINE_BIN ]] && line+=" $3 |"
+        line+=" $4 | $(ratio "$4" "$2") |"
+        [[ -n $BASELINE_BIN ]] && line+=" $(ratio "$4" "$3") |"
+        echo "$line"
+    }
+    echo "## Gateway benchmark, phases $PHASES ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))"
+    echo
+    echo "N = nginx + wireguard-go; M = modelgate $MODELGATE_BIN${BASELINE_BIN:+; B = baseline $BASELINE_BIN}. Same lab, same fake vLLM, same run. Load average (1 min) at the end of each path's latency/TTFB phases: $(for p in "${paths[@]}"; do printf '%s ' "$p=${RES[$p.lat.load]:--}/${RES[$p.ttfb.load]:--}"; done)(events: per row)."
+    if has_phase latency; then
+        echo
+        echo "Small chat POSTs, wrk -t$THREADS -c8 -d${DURATION}s; SSE first event, 300 sequential on one connection."
+        echo
+        echo "$head"; echo "$sep"
+        row "chat POST p50 (ms)" "${RES[N.p50]:-}" "${RES[B.p50]:-}" "${RES[M.p50]:-}"
+        row "chat POST p99 (ms)" "${RES[N.p99]:-}" "${RES[B.p99]:-}" "${RES[M.p99]:-}"
+        row "requests/s" "${RES[N.rps]:-}" "${RES[B.rps]:-}" "${RES[M.rps]:-}"
+        row "SSE first event p50 (ms)" "${RES[N.sse50]:-}" "${RES[B.sse50]:-}" "${RES[M.sse50]:-}"
+        row "SSE first event p99 (ms)" "${RES[N.sse99]:-}" "${RES[B.sse99]:-}" "${RES[M.sse99]:-}"
+        row "edge CPU during wrk (% of a core)" "${RES[N.cpu]:-}" "${RES[B.cpu]:-}" "${RES[M.cpu]:-}"
+        row "context switches per request during wrk (edge threads)" "${RES[N.csw]:-}" "${RES[B.csw]:-}" "${RES[M.csw]:-}"
+        row "context switches per sequential SSE request (edge threads)" "${RES[N.ssecsw]:-}" "${RES[B.ssecsw]:-}" "${RES[M.ssecsw]:-}"
+    fi
+    if has_phase ttfb; then
+        echo
+        echo "TTFB of a 403 KB Cursor-shaped streaming chat, fresh HTTPS connection each, $TTFB_COUNT requests (connect → first event; in brackets: request's first byte → first event). N always gets the Chat Completions body."
+        echo
+        echo "$head"; echo "$sep"
+        local shape q
+        for shape in chat responses; do
+            for q in 1 2; do
+                local v=() lbl
+                for p in N B M; do
+                    read -r a b c <<<"${RES[$p.ttfb.$shape]:-n/a n/a n/a}"
+                    if ((q == 1)); then v+=("$a"); else v+=("$b"); fi
+                done
+                if ((q == 1)); then lbl="$shape shape TTFB p50 (ms)"; else lbl="$shape shape TTFB p99 (ms)"; fi
+                row "$lbl" "${v[0]}" "${v[1]}" "${v[2]}"
+            done
+            local v=()
+            for p in N B M; do read -r a b c <<<"${RES[$p.ttfb.$shape]:-n/a n/a n/a}"; v+=("$c"); done
+            row "$shape shape, after the handshake, p50 (ms)" "${v[0]}" "${v[1]}" "${v[2]}"
+        done
+    fi
+    if has_phase events; then
+        echo
+        echo "Token events: STREAMS concurrent streaming chats (usage metering on), one event every INTERVAL each, steady window ${WINDOW_S}s; CPU of the appliance side (modelgate; nginx master+workers + the edge wireguard-go) per event received by the client."
+        echo
+        echo "$head"; echo "$sep"
+        local size
+        for size in $EVENT_SIZES; do
+            local streams=${size%%:*} ms=${size##*:} v=() w=() x=() y=() z=() l=() ins=()
+            for p in N B M; do
+                local j=${RES[$p.ev.$size]:-}
+                v+=("$(jf "$j" .cpu_us_per_event)")
+                w+=("$(jf "$j" .events_per_s)")
+                x+=("$(jf "$j" .events_per_s_per_core)")
+                y+=("$(jf "$j" .ok)/$streams")
+                z+=("$(jf "$j" .rss_peak_mib)")
+                ins+=("$(jf "$j" .instructions_per_event)")
+                l+=("${RES[$p.ev.$size.load]:-}")
+            done
+            row "**$streams streams × 1 event per $ms ms** (load ${l[0]}${BASELINE_BIN:+/${l[1]}}/${l[2]})" "" "" ""
+            row "CPU per event (µs)" "${v[0]}" "${v[1]}" "${v[2]}"
+            [[ ${BENCH_CALLGRIND:-0} == 1 ]] &&
+                row "instructions per event (callgrind)" "${ins[0]}" "${ins[1]}" "${ins[2]}"
+            row "events/s received" "${w[0]}" "${w[1]}" "${w[2]}"
+            row "events/s per core" "${x[0]}" "${x[1]}" "${x[2]}"
+            row "peak RSS (MiB)" "${z[0]}" "${z[1]}" "${z[2]}"
+            row "streams completed" "${y[0]}" "${y[1]}" "${y[2]}"
+        done
+    fi
+    for p in "${paths[@]}"; do
+        [[ -n ${RES[$p.note]:-} ]] && printf '\n%s: %s\n' "$p" "${RES[$p.note]}"
+    done
+    true
+}
+
 verdict() { # verdict VALUE OP TARGET
     awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN {
         if (v == "–" || v == "" || v == "n/a") { print "?"; exit }
@@ -394,6 +651,26 @@ log "lab $TAG: building namespaces"
 LAB_OWNER_PID=$$ lab_up "$TAG"
 lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
 start_model
+if [[ -n $PHASES ]]; then
+    if has_phase ttfb; then
+        python3 "$ROOT/tests/fixtures/cursor_requests.py" chat >"$WORK/cursor-chat.json"
+        python3 "$ROOT/tests/fixtures/cursor_requests.py" responses >"$WORK/cursor-responses.json"
+    fi
+    if ((SKIP_ANCHOR == 0)); then
+        log "path N: nginx + wireguard-go"
+        run_nginx
+    fi
+    if [[ -n $BASELINE_BIN ]]; then
+        log "path B: baseline modelgate ($BASELINE_BIN)"
+        run_phased_mg B "$BASELINE_BIN"
+    fi
+    log "path M: modelgate ($MODELGATE_BIN)"
+    run_phased_mg M "$MODELGATE_BIN"
+    table=$(phased_report)
+    echo "$table"
+    [[ -z $OUT ]] || { echo "$table" >"$OUT"; log "wrote $OUT"; }
+    exit 0
+fi
 if [[ -n $BASELINE_BIN ]]; then
     log "one upstream: $BASELINE_BIN (baseline) vs $MODELGATE_BIN (new), alternating"
     run_baseline_ab

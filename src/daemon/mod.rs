@@ -111,6 +111,11 @@ pub fn netstack_config(config: &Config) -> anyhow::Result<NetstackConfig> {
         mtu: config.wireguard.mtu,
         tcp: TcpTuning {
             connect_timeout: config.gateway.upstream_connect_timeout,
+            // Every client connection may hold one upstream connection through the tunnel,
+            // and the pool keeps idle ones: room for both (8,192 capped 10,000 streams).
+            max_connections: TcpTuning::default()
+                .max_connections
+                .max(config.gateway.max_connections.saturating_add(1024)),
             ..TcpTuning::default()
         },
     })

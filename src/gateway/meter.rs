@@ -15,6 +15,8 @@
 //! a server batches several tokens into one chunk (vLLM `--stream-interval N`); the final
 //! `usage` chunk, when present, replaces the count at settlement.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -65,14 +67,16 @@ pub struct Meter {
     max_index: u64,
 }
 
+/// One chunk as the meter reads it: borrowed from the event where it can be (no allocation per
+/// event for `id` and `model`, which are kept once per stream).
 #[derive(Deserialize)]
 struct ChunkView<'a> {
-    #[serde(default)]
-    id: Option<String>,
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
     #[serde(default)]
     created: Option<u64>,
-    #[serde(default)]
-    model: Option<String>,
+    #[serde(default, borrow)]
+    model: Option<&'a RawValue>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
     #[serde(default)]
@@ -112,6 +116,11 @@ impl UsageView {
     pub(super) fn pair(&self) -> (u64, u64) {
         (self.prompt_tokens, self.completion_tokens)
     }
+}
+
+/// A JSON string's value (None for any other JSON value).
+fn string_of(v: &RawValue) -> Option<String> {
+    serde_json::from_str(v.get()).ok()
 }
 
 /// A JSON value that carries something: not null, not `""`, not `[]`.
@@ -232,14 +241,19 @@ impl Meter {
         let Ok(text) = std::str::from_utf8(&ev.bytes) else {
             return ev;
         };
-        // The data lines of the event, joined (SSE allows a payload over several lines).
-        let mut data = String::new();
+        // The data lines of the event, joined (SSE allows a payload over several lines); the
+        // usual one-line event is borrowed, not copied.
+        let mut data: Cow<'_, str> = Cow::Borrowed("");
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("data:") {
-                if !data.is_empty() {
-                    data.push('\n');
+                let rest = rest.strip_prefix(' ').unwrap_or(rest);
+                if data.is_empty() {
+                    data = Cow::Borrowed(rest);
+                } else {
+                    let d = data.to_mut();
+                    d.push('\n');
+                    d.push_str(rest);
                 }
-                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
             }
         }
         if data.trim() == "[DONE]" {
@@ -250,9 +264,9 @@ impl Meter {
             return ev;
         };
         if self.id.is_none() {
-            self.id = chunk.id;
+            self.id = chunk.id.and_then(string_of);
             self.created = chunk.created;
-            self.model = chunk.model;
+            self.model = chunk.model.and_then(string_of);
         }
         let choices = chunk.choices.unwrap_or_default();
         for c in &choices {

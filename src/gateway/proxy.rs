@@ -8,8 +8,8 @@
 //! is owned by a `Settlement` that settles it exactly once, whatever happens: the response body
 //! ends, the client goes away, the upstream fails, or the request never got a response.
 
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -55,6 +55,7 @@ async fn handle(
     req: Request<Body>,
 ) -> Result<Answer, ApiError> {
     let settings = &state.settings;
+    let mut stages = Stages::start();
     let principal = match auth::authenticate(state, req.headers()) {
         Ok(p) => p,
         Err(e) => {
@@ -65,8 +66,10 @@ async fn handle(
         }
     };
     record.authenticated(&principal);
+    stages.mark(0);
     let phase = req.extensions().get::<conn::Phase>().cloned();
     let request = ClientRequest::read(req, endpoint, settings).await?;
+    stages.mark(1);
     // Read: from now on the request is being answered (its connection is not closed to make
     // room for others).
     if let Some(p) = phase {
@@ -75,7 +78,10 @@ async fn handle(
     record.read(request.len(), &request.model);
     let settlement = admission::admit(state, &principal, &request, record.client())?;
     let replicas = forward::route(&state.routes, &request.model)?;
+    stages.mark(2);
     let forwarded = forward::forward(state, &principal.id, &request, replicas, record).await?;
+    stages.mark(3);
+    stages.emit(request.len());
     Ok(respond(
         forwarded,
         &request,
@@ -83,6 +89,33 @@ async fn handle(
         settlement,
         &state.drain,
     ))
+}
+
+/// Where a request's time goes before its answer starts, for `MODELGATE_STAGE_TRACE=1` (a
+/// measuring aid for the benchmarks, off by default: one `modelgate::stages` info event per
+/// answered request with the microseconds from the handler's start to the key check, the body
+/// read, the admission and the upstream's response head).
+struct Stages(Option<(Instant, [u32; 4])>);
+
+impl Stages {
+    fn start() -> Stages {
+        static ON: OnceLock<bool> = OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var_os("MODELGATE_STAGE_TRACE").is_some_and(|v| v == "1"));
+        Stages(on.then(|| (Instant::now(), [0; 4])))
+    }
+
+    fn mark(&mut self, i: usize) {
+        if let Some((t0, marks)) = &mut self.0 {
+            marks[i] = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+        }
+    }
+
+    fn emit(&self, body_bytes: usize) {
+        if let Some((_, [auth, read, admit, head])) = self.0 {
+            tracing::info!(target: "modelgate::stages", auth, read, admit, head, body_bytes, "stages (µs from the handler's start)");
+        }
+    }
 }
 
 /// `GET /v1/models`: only the models this key may use.

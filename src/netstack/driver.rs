@@ -41,8 +41,6 @@ pub(super) struct Driver {
     iface: Interface,
     /// Every TCP socket and its slot.
     conns: ConnTable,
-    /// Decrypted inner packets waiting for smoltcp (bounded by [`device::RX_QUEUE_MAX`]).
-    rx_queue: VecDeque<Vec<u8>>,
     /// Ciphertext buffer for outgoing packets.
     scratch: Vec<u8>,
     /// Receive buffer for one datagram.
@@ -140,7 +138,6 @@ impl Driver {
             udp_addr,
             iface,
             conns: ConnTable::new(wake, tcp, first_port),
-            rx_queue,
             scratch,
             recv_buf: vec![0u8; MAX_PACKET],
             counters,
@@ -199,9 +196,16 @@ impl Driver {
     ) -> Event {
         let now = self.now();
         let delay = self
-            .iface
-            .poll_delay(now, &self.conns.set)
-            .map(|d| Duration::from_micros(d.total_micros()))
+            .conns
+            .next_poll(now)
+            // smoltcp's `Instant - Instant` is the absolute difference: a past deadline is 0.
+            .map(|at| {
+                if at > now {
+                    Duration::from_micros((at - now).total_micros())
+                } else {
+                    Duration::ZERO
+                }
+            })
             .unwrap_or(WG_TICK)
             .min(WG_TICK);
         let sleep = tokio::time::sleep(delay);
@@ -221,7 +225,7 @@ impl Driver {
     }
 
     /// Reads up to [`UDP_BATCH`] datagrams into the core; handshake replies go straight out,
-    /// decrypted packets wait in `rx_queue` for the next smoltcp poll.
+    /// decrypted packets wait in their socket set's queue for its next poll.
     fn drain_udp(&mut self) {
         self.core.set_now(Instant::now());
         for _ in 0..UDP_BATCH {
@@ -235,15 +239,13 @@ impl Driver {
                 }
             };
             let udp = &self.udp;
-            let rx_queue = &mut self.rx_queue;
+            let conns = &mut self.conns;
             let counters = &mut self.counters;
             self.core
                 .handle_datagram(from, local, &self.recv_buf[..n], &mut |o| match o {
                     Output::Udp { to, from, data } => send_or_count(udp, counters, data, to, from),
                     Output::Ip(p) => {
-                        if rx_queue.len() < device::RX_QUEUE_MAX {
-                            rx_queue.push_back(p.to_vec());
-                        } else {
+                        if !conns.queue_packet(p, device::RX_QUEUE_MAX) {
                             counters.rx_queue_drops += 1;
                         }
                     }
@@ -355,7 +357,7 @@ impl Driver {
             let polled = self.poll_iface();
             self.conns.reap_retired();
             let woken = self.conns.service_woken();
-            if !touched && !woken && polled == PollResult::None && self.rx_queue.is_empty() {
+            if !touched && !woken && polled == PollResult::None && self.conns.rx_total == 0 {
                 break;
             }
         }
@@ -370,18 +372,33 @@ impl Driver {
         }
     }
 
-    /// One smoltcp poll: queued inbound packets in, every socket's segments out.
+    /// One smoltcp poll of every socket set that is due: its queued inbound packets in, its
+    /// sockets' segments out, then its next deadline.
     fn poll_iface(&mut self) -> PollResult {
         let now = self.now();
-        let mut dev = TunnelDevice {
-            rx: &mut self.rx_queue,
-            core: &mut self.core,
-            udp: &self.udp,
-            scratch: &mut self.scratch,
-            mtu: self.mtu,
-            counters: &mut self.counters,
-        };
-        self.iface.poll(now, &mut dev, &mut self.conns.set)
+        let mut result = PollResult::None;
+        let due = self.conns.take_due(now);
+        for &shard in &due {
+            let conns = &mut self.conns;
+            let rx = &mut conns.rx[shard];
+            let queued = rx.len();
+            let mut dev = TunnelDevice {
+                rx,
+                core: &mut self.core,
+                udp: &self.udp,
+                scratch: &mut self.scratch,
+                mtu: self.mtu,
+                counters: &mut self.counters,
+            };
+            let set = &mut conns.sets[shard];
+            if self.iface.poll(now, &mut dev, set) == PollResult::SocketStateChanged {
+                result = PollResult::SocketStateChanged;
+            }
+            conns.rx_total -= queued - conns.rx[shard].len();
+            conns.poll_at[shard] = self.iface.poll_at(now, &conns.sets[shard]);
+        }
+        self.conns.recycle_due(due);
+        result
     }
 }
 

@@ -38,13 +38,16 @@ impl ConnTable {
         if let Role::Listen { .. } = slot.role {
             return self.service_listener(id);
         }
-        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
+        let shard = slot.shard;
+        let sock = self.sets[shard].get_mut::<tcp::Socket>(slot.handle);
         match service_conn(slot, sock) {
             Pass::Skipped => {}
             Pass::Finished => self.retire(id),
             Pass::Open => {
                 sock.register_recv_waker(&slot.waker);
                 sock.register_send_waker(&slot.waker);
+                // Bytes moved either way may mean a segment or a window update to send.
+                self.mark_due(shard);
             }
         }
     }
@@ -93,7 +96,7 @@ impl ConnTable {
         else {
             return;
         };
-        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
+        let sock = self.sets[slot.shard].get_mut::<tcp::Socket>(slot.handle);
         let state = sock.state();
         // A socket that left Listen no longer waits for SYNs: start its replacement now, so
         // a burst of connections finds listeners (smoltcp has no SYN queue).
@@ -133,7 +136,7 @@ impl ConnTable {
         let Some(Some(slot)) = self.slots.get_mut(id) else {
             return;
         };
-        let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
+        let sock = self.sets[slot.shard].get_mut::<tcp::Socket>(slot.handle);
         let endpoint = |e: smoltcp::wire::IpEndpoint| SocketAddr::new(e.addr.into(), e.port);
         let remote = sock.remote_endpoint().map(endpoint);
         let local = sock.local_endpoint().map(endpoint);

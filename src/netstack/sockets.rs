@@ -4,6 +4,15 @@
 //!
 //! Used only inside the driver task. It never blocks and never grows without bound:
 //! connections are capped by `max_connections`, listening sockets per port by `listen_backlog`.
+//!
+//! The sockets are spread over [`SHARDS`] smoltcp socket sets by local port (`port %
+//! SHARDS`): smoltcp finds the socket of an inbound segment, dispatches egress and computes its
+//! next deadline by walking every socket of the set it is given, so with one set the cost of
+//! each event grew with the number of open connections (measured: 41 µs of CPU per token
+//! event at 100 streams, 74 µs at 1,000). An inbound TCP segment goes to the set of its
+//! destination port (every socket with that local port lives there: a dialled connection's
+//! ephemeral port, a listening port and the connections accepted on it); a set is polled only
+//! when it has packets, a socket in it was serviced, or its deadline came.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +28,40 @@ use tokio::sync::mpsc;
 
 use super::stream::{lock, DriverWake, NetError, Phase, Shared, TunnelListener, TunnelStream};
 use super::TcpTuning;
+
+/// Socket sets the connection table is split into (see the module comment).
+pub(super) const SHARDS: usize = 256;
+
+/// The set a local port's sockets live in.
+pub(super) fn shard_of_port(port: u16) -> usize {
+    usize::from(port) % SHARDS
+}
+
+/// The set an inbound IP packet belongs to: its TCP destination port's; anything else (ICMP,
+/// UDP, fragments, IPv6 extension headers) goes to set 0, whose poll answers it as before.
+pub(super) fn shard_of_packet(p: &[u8]) -> usize {
+    let Some(&first) = p.first() else {
+        return 0;
+    };
+    let port_at = match first >> 4 {
+        4 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            let frag = p
+                .get(6..8)
+                .map(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff);
+            if p.get(9) != Some(&6) || frag != Some(0) || ihl < 20 {
+                return 0;
+            }
+            ihl + 2
+        }
+        6 if p.get(6) == Some(&6) => 42,
+        _ => return 0,
+    };
+    match p.get(port_at..port_at + 2) {
+        Some(b) => shard_of_port(u16::from_be_bytes([b[0], b[1]])),
+        None => 0,
+    }
+}
 
 /// Wakes the driver for one connection when smoltcp has news for it.
 pub(super) struct SocketWaker {
@@ -54,6 +97,8 @@ pub(super) enum Role {
 
 pub(super) struct Slot {
     pub(super) handle: SocketHandle,
+    /// The socket set `handle` belongs to ([`shard_of_port`] of `local_port`).
+    pub(super) shard: usize,
     pub(super) shared: Option<Arc<Shared>>,
     pub(super) waker: Waker,
     pub(super) role: Role,
@@ -72,7 +117,17 @@ pub(super) struct ListenerEntry {
 
 /// Every smoltcp socket of the netstack and what the driver knows about each.
 pub(super) struct ConnTable {
-    pub(super) set: SocketSet<'static>,
+    /// The smoltcp sockets, [`SHARDS`] sets.
+    pub(super) sets: Vec<SocketSet<'static>>,
+    /// Decrypted inbound packets waiting for their set's poll, per set.
+    pub(super) rx: Vec<std::collections::VecDeque<Vec<u8>>>,
+    /// Packets in all of `rx` (bounded by the device's `RX_QUEUE_MAX`).
+    pub(super) rx_total: usize,
+    /// Sets that need a poll (packets, a serviced socket, a socket to flush), and their flags.
+    pub(super) due: Vec<usize>,
+    due_flag: Vec<bool>,
+    /// Each set's next smoltcp deadline, as of its last poll.
+    pub(super) poll_at: Vec<Option<smoltcp::time::Instant>>,
     /// Indexed by the id a stream and its waker carry.
     pub(super) slots: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -96,7 +151,14 @@ impl ConnTable {
     /// An empty table; ephemeral ports start at `first_port` (random, in 49152..65151).
     pub(super) fn new(wake: Arc<DriverWake>, tcp: Arc<TcpTuning>, first_port: u16) -> Self {
         ConnTable {
-            set: SocketSet::new(Vec::new()),
+            sets: (0..SHARDS).map(|_| SocketSet::new(Vec::new())).collect(),
+            rx: (0..SHARDS)
+                .map(|_| std::collections::VecDeque::new())
+                .collect(),
+            rx_total: 0,
+            due: Vec::new(),
+            due_flag: vec![false; SHARDS],
+            poll_at: vec![None; SHARDS],
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -134,11 +196,14 @@ impl ConnTable {
         let mut sock = self.new_socket(rx_buffer);
         sock.connect(cx, IpEndpoint::new(remote.ip().into(), remote.port()), port)
             .map_err(|_| NetError::NoRoute)?;
-        let handle = self.set.add(sock);
+        let shard = shard_of_port(port);
+        let handle = self.sets[shard].add(sock);
+        self.mark_due(shard);
         self.used_ports.insert(port);
         let deadline = Instant::now() + self.tcp.connect_timeout;
         let id = self.alloc_slot(|_, waker| Slot {
             handle,
+            shard,
             shared: Some(shared.clone()),
             waker,
             role: Role::Conn(ConnState::default()),
@@ -178,9 +243,11 @@ impl ConnTable {
             if sock.listen(port).is_err() {
                 return;
             }
-            let handle = self.set.add(sock);
+            let shard = shard_of_port(port);
+            let handle = self.sets[shard].add(sock);
             let id = self.alloc_slot(|_, waker| Slot {
                 handle,
+                shard,
                 shared: None,
                 waker,
                 role: Role::Listen {
@@ -245,7 +312,7 @@ impl ConnTable {
 
     pub(super) fn register_wakers(&mut self, id: usize) {
         if let Some(Some(slot)) = self.slots.get(id) {
-            let sock = self.set.get_mut::<tcp::Socket>(slot.handle);
+            let sock = self.sets[slot.shard].get_mut::<tcp::Socket>(slot.handle);
             sock.register_recv_waker(&slot.waker);
             sock.register_send_waker(&slot.waker);
         }
@@ -287,7 +354,9 @@ impl ConnTable {
 
     fn fail(&mut self, id: usize, err: NetError) {
         if let Some(Some(slot)) = self.slots.get(id) {
-            self.set.get_mut::<tcp::Socket>(slot.handle).abort();
+            self.sets[slot.shard]
+                .get_mut::<tcp::Socket>(slot.handle)
+                .abort();
             if let Some(shared) = &slot.shared {
                 let mut inner = lock(&shared.inner);
                 inner.error = Some(err);
@@ -303,9 +372,62 @@ impl ConnTable {
         if let Some(Some(slot)) = self.slots.get_mut(id) {
             if !slot.retired {
                 slot.retired = true;
+                let shard = slot.shard;
                 self.reap.push(id);
+                self.mark_due(shard);
             }
         }
+    }
+
+    /// The set needs a poll at the next round.
+    pub(super) fn mark_due(&mut self, shard: usize) {
+        if !self.due_flag[shard] {
+            self.due_flag[shard] = true;
+            self.due.push(shard);
+        }
+    }
+
+    /// Queues an inbound packet for its set's poll; false when the queues are full.
+    pub(super) fn queue_packet(&mut self, p: &[u8], max: usize) -> bool {
+        if self.rx_total >= max {
+            return false;
+        }
+        let shard = shard_of_packet(p);
+        self.rx[shard].push_back(p.to_vec());
+        self.rx_total += 1;
+        self.mark_due(shard);
+        true
+    }
+
+    /// The sets to poll now (due, or their deadline passed); their flags are cleared.
+    pub(super) fn take_due(&mut self, now: smoltcp::time::Instant) -> Vec<usize> {
+        for (shard, at) in self.poll_at.iter().enumerate() {
+            if at.is_some_and(|t| t <= now) && !self.due_flag[shard] {
+                self.due_flag[shard] = true;
+                self.due.push(shard);
+            }
+        }
+        let due = std::mem::take(&mut self.due);
+        for &s in &due {
+            self.due_flag[s] = false;
+        }
+        due
+    }
+
+    /// Gives the list [`Self::take_due`] returned back (no allocation per round).
+    pub(super) fn recycle_due(&mut self, mut due: Vec<usize>) {
+        if self.due.is_empty() {
+            due.clear();
+            self.due = due;
+        }
+    }
+
+    /// The earliest deadline of any set; now when a set is due.
+    pub(super) fn next_poll(&self, now: smoltcp::time::Instant) -> Option<smoltcp::time::Instant> {
+        if !self.due.is_empty() {
+            return Some(now);
+        }
+        self.poll_at.iter().flatten().min().copied()
     }
 
     /// Removes the slots retired before the last poll.
@@ -317,7 +439,7 @@ impl ConnTable {
 
     fn remove(&mut self, id: usize) {
         if let Some(slot) = self.slots.get_mut(id).and_then(|s| s.take()) {
-            self.set.remove(slot.handle);
+            self.sets[slot.shard].remove(slot.handle);
             if matches!(slot.role, Role::Conn(_)) && !self.listeners.contains_key(&slot.local_port)
             {
                 self.used_ports.remove(&slot.local_port);
@@ -351,7 +473,7 @@ impl ConnTable {
             if matches!(slot.role, Role::Listen { .. }) {
                 continue;
             }
-            let sock = self.set.get::<tcp::Socket>(slot.handle);
+            let sock = self.sets[slot.shard].get::<tcp::Socket>(slot.handle);
             let app = slot.shared.as_ref().map(|sh| {
                 let i = lock(&sh.inner);
                 format!(
@@ -379,5 +501,61 @@ impl ConnTable {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{shard_of_packet, shard_of_port, SHARDS};
+
+    /// An IPv4 header (IHL 5, given protocol and fragment field) followed by `ports`.
+    fn v4(proto: u8, frag: u16, ports: [u16; 2]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = proto;
+        p.extend_from_slice(&ports[0].to_be_bytes());
+        p.extend_from_slice(&ports[1].to_be_bytes());
+        p.extend_from_slice(&[0u8; 16]);
+        p
+    }
+
+    #[test]
+    fn a_tcp_segment_goes_to_the_set_of_its_destination_port() {
+        let port = 50_123;
+        assert_eq!(
+            shard_of_packet(&v4(6, 0, [8000, port])),
+            shard_of_port(port)
+        );
+        assert_ne!(shard_of_port(port), shard_of_port(port + 1));
+        // Don't-fragment set: still a whole segment.
+        assert_eq!(
+            shard_of_packet(&v4(6, 0x4000, [8000, port])),
+            shard_of_port(port)
+        );
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        v6.extend_from_slice(&8000u16.to_be_bytes());
+        v6.extend_from_slice(&port.to_be_bytes());
+        assert_eq!(shard_of_packet(&v6), shard_of_port(port));
+        assert!(shard_of_port(u16::MAX) < SHARDS);
+    }
+
+    #[test]
+    fn anything_else_goes_to_set_zero_without_panicking() {
+        let port = 50_123;
+        assert_eq!(shard_of_packet(&v4(1, 0, [8000, port])), 0); // ICMP
+        assert_eq!(shard_of_packet(&v4(17, 0, [8000, port])), 0); // UDP
+        assert_eq!(shard_of_packet(&v4(6, 0x2000, [8000, port])), 0); // first fragment
+        assert_eq!(shard_of_packet(&v4(6, 3, [8000, port])), 0); // later fragment
+        for len in 0..24 {
+            let p = v4(6, 0, [8000, port]);
+            let _ = shard_of_packet(&p[..len]);
+        }
+        assert_eq!(shard_of_packet(&[0x45, 0, 0]), 0);
+        assert_eq!(shard_of_packet(&[0x4f; 30]), 0); // IHL 60 beyond the packet
+        assert_eq!(shard_of_packet(&[]), 0);
+        assert_eq!(shard_of_packet(&[0x70; 60]), 0);
     }
 }
