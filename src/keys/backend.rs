@@ -22,10 +22,10 @@ pub trait Backend: KeyBackend + LedgerBackend + Send + fmt::Debug {
     /// Names the store in messages (the SQLite file).
     fn location(&self) -> &Path;
 
-    /// A stamp that moves whenever keys may have changed through another connection since the
-    /// last call. Comparable only between calls on the same open backend. It may move without a
-    /// key change (SQLite: any commit to the file moves it, the ledger's included); it never
-    /// stays put across a key change.
+    /// A stamp that moves whenever a key row changed (through any connection) since the last
+    /// call, and only then: the keys generation, bumped by the database itself (triggers) at
+    /// every change to the key rows; usage writes leave it alone. It never stays put across a
+    /// key change.
     fn change_stamp(&self) -> Result<i64, StoreError>;
 }
 

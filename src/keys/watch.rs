@@ -5,7 +5,7 @@
 //! held for that clone only, and every store call runs on the blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +24,8 @@ pub struct Keys {
     policies: RwLock<Arc<Policies>>,
     /// Set by [`Keys::set_policies`]: the watcher rebuilds the ring at its next tick.
     stale: AtomicBool,
+    /// Rings the watcher has swapped in (the first load included).
+    loads: AtomicU64,
 }
 
 impl Keys {
@@ -37,7 +39,13 @@ impl Keys {
             current: RwLock::new(Arc::new(ring)),
             policies: RwLock::new(Arc::new(policies)),
             stale: AtomicBool::new(false),
+            loads: AtomicU64::new(0),
         })
+    }
+
+    /// How many rings the watcher has loaded from the store so far (the first load included).
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Acquire)
     }
 
     /// New named policies (a config reload): the watcher rebuilds the ring with them within
@@ -67,10 +75,9 @@ impl Keys {
     /// is dropped).
     ///
     /// Opens its own connection, loads once, then every [`WATCH_INTERVAL`] reads the store's
-    /// change stamp (`KeyStore::change_stamp`) and reloads when it moved; so a
-    /// `key create|revoke|rotate` reaches the daemon within a second. The SQLite stamp also
-    /// moves at every commit of the daemon's own ledger writer (another connection to the same
-    /// file), so under traffic the ring is rebuilt at about every flush. Store errors are
+    /// change stamp (`KeyStore::change_stamp`, the keys generation) and reloads when it moved;
+    /// so a `key create|revoke|rotate` reaches the daemon within a second, and the ledger
+    /// writer's commits (several a second under traffic) cause no reload. Store errors are
     /// logged and retried; the last good ring stays in service meanwhile. The store calls run
     /// on the blocking pool, never on a runtime worker.
     pub async fn watch(
@@ -115,6 +122,7 @@ impl Keys {
                 Ok(Some((version, ring))) => {
                     let c = ring.counts(SystemTime::now());
                     self.replace(ring);
+                    self.loads.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(
                         total = c.total,
                         active = c.active,
@@ -171,5 +179,76 @@ fn poll_store(
     match KeyRing::load(&store, policies) {
         Ok(ring) => (Some(store), Ok(Some((version, ring)))),
         Err(e) => (None, Err(Some(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime};
+
+    use super::{Keys, WATCH_INTERVAL};
+    use crate::keys::ledger::{Ledger, UsageEvent};
+    use crate::keys::{KeyRing, KeyStore, NewKey};
+
+    async fn wait_loads(keys: &Keys, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while keys.loads() < n {
+            assert!(Instant::now() < deadline, "watcher did not load {n} rings");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ledger commits (another connection to the same database, as in the daemon) cause no
+    /// reload; one key change causes exactly one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ledger_commits_do_not_reload_a_key_change_reloads_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = KeyStore::open(dir.path()).unwrap();
+        let k = store
+            .create(NewKey {
+                name: "a".into(),
+                policy: Default::default(),
+            })
+            .unwrap();
+        let keys = Keys::new(KeyRing::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(keys.clone().watch(dir.path().to_path_buf(), stop_rx));
+        wait_loads(&keys, 1).await;
+        assert_eq!(keys.current().counts(SystemTime::now()).total, 1);
+
+        // Ledger commits for 8 watcher ticks.
+        let d = dir.path().to_path_buf();
+        let id: Arc<str> = k.id.as_str().into();
+        tokio::task::spawn_blocking(move || {
+            let mut l = Ledger::open(&d).unwrap();
+            let until = Instant::now() + WATCH_INTERVAL * 8;
+            let mut n = 0;
+            while Instant::now() < until {
+                l.write(&[UsageEvent {
+                    key_id: id.clone(),
+                    at: SystemTime::now(),
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    estimated: false,
+                }])
+                .unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(n > 20, "only {n} ledger commits");
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(WATCH_INTERVAL * 2).await;
+        assert_eq!(keys.loads(), 1, "ledger commits reloaded the keys");
+
+        store.revoke("a").unwrap();
+        wait_loads(&keys, 2).await;
+        tokio::time::sleep(WATCH_INTERVAL * 4).await;
+        assert_eq!(keys.loads(), 2, "one key change, more than one reload");
+        assert_eq!(keys.current().counts(SystemTime::now()).revoked, 1);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 }
