@@ -327,9 +327,16 @@ impl Live {
                 // The keys are resolved against the new named policies from now on.
                 cur.keys.set_policies(new.policies.clone());
                 let dir = new.server.state_dir.clone();
+                // The watcher keeps the store it started with; moving stores takes a restart.
+                if old.store != new.store {
+                    report.warnings.push(
+                        "[store] changed: restart modelgate to use the new store (the running daemon keeps the old one)".into(),
+                    );
+                }
+                let store = old.store.clone();
                 let policies = new.policies.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
-                    KeyStore::open(&dir).and_then(|s| KeyRing::load(&s, &policies))
+                    KeyStore::open_in(&dir, &store).and_then(|s| KeyRing::load(&s, &policies))
                 })
                 .await;
                 match loaded {

@@ -34,6 +34,19 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("key store {url}: {source}; fix: check that PostgreSQL runs and [store] url, password_file and ca_file are right (`modelgate doctor`)")]
+    Postgres {
+        url: String,
+        source: postgres::Error,
+    },
+    #[error("key store {url}: {problem}; fix: {fix}")]
+    StoreConfig {
+        url: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("key store {url}: was first used with another server secret (keys.secret), so no key of it would work here; fix: copy keys.secret (mode 0600) from an appliance already using this store into this state directory")]
+    SecretMismatch { url: String },
     #[error("key store {}: schema version {found} is newer than this modelgate understands ({supported}); fix: upgrade modelgate", path.display())]
     SchemaTooNew {
         path: PathBuf,

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use super::ring::KeyRing;
-use super::store::KeyStore;
+use super::store::{KeyStore, StoreConfig};
 use super::types::StoreError;
 use crate::policy::Policies;
 
@@ -71,7 +71,7 @@ impl Keys {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
     }
 
-    /// Keeps the ring in step with `<state_dir>/keys.db` until `stop` turns true (or its sender
+    /// Keeps the ring in step with the store (`store_cfg`) until `stop` turns true (or its sender
     /// is dropped).
     ///
     /// Opens its own connection, loads once, then every [`WATCH_INTERVAL`] reads the store's
@@ -83,6 +83,7 @@ impl Keys {
     pub async fn watch(
         self: Arc<Self>,
         state_dir: PathBuf,
+        store_cfg: StoreConfig,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut store: Option<KeyStore> = None;
@@ -102,13 +103,15 @@ impl Keys {
                 }
             }
             let dir = state_dir.clone();
+            let cfg = store_cfg.clone();
             let taken = store.take();
             if self.stale.swap(false, Ordering::AcqRel) {
                 seen = None;
             }
             let policies = self.policies();
             let joined =
-                tokio::task::spawn_blocking(move || poll_store(taken, &dir, seen, &policies)).await;
+                tokio::task::spawn_blocking(move || poll_store(taken, &dir, &cfg, seen, &policies))
+                    .await;
             let (kept, result) = match joined {
                 Ok(v) => v,
                 Err(e) => {
@@ -158,12 +161,13 @@ type PollResult = Result<Option<(i64, KeyRing)>, Option<StoreError>>;
 fn poll_store(
     store: Option<KeyStore>,
     dir: &Path,
+    cfg: &StoreConfig,
     seen: Option<i64>,
     policies: &Policies,
 ) -> (Option<KeyStore>, PollResult) {
     let (store, fresh) = match store {
         Some(s) => (s, false),
-        None => match KeyStore::open(dir) {
+        None => match KeyStore::open_in(dir, cfg) {
             Ok(s) => (s, true),
             Err(e) => return (None, Err(Some(e))),
         },
@@ -213,7 +217,11 @@ mod tests {
             .unwrap();
         let keys = Keys::new(KeyRing::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(keys.clone().watch(dir.path().to_path_buf(), stop_rx));
+        let task = tokio::spawn(keys.clone().watch(
+            dir.path().to_path_buf(),
+            Default::default(),
+            stop_rx,
+        ));
         wait_loads(&keys, 1).await;
         assert_eq!(keys.current().counts(SystemTime::now()).total, 1);
 

@@ -15,6 +15,8 @@ mod keys;
 mod schema;
 mod usage;
 
+pub(crate) use usage::UsageRow;
+
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
