@@ -402,6 +402,7 @@ async fn start_gateway(
         .map_err(|e| anyhow::anyhow!("usage ledger task failed: {e}"))??;
     let (ledger, ledger_task) =
         LedgerWriter::start(ledger, ledger_options(&state_dir, &config.store));
+    let ledger_stats = ledger.stats_handle();
     let from_systemd = inherited
         .as_ref()
         .map(|s| s.name.clone().unwrap_or_default());
@@ -432,6 +433,7 @@ async fn start_gateway(
             tls,
             keys,
             https,
+            ledger: ledger_stats,
         },
     })
 }

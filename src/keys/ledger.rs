@@ -423,6 +423,11 @@ impl LedgerWriter {
     pub fn stats(&self) -> &LedgerStats {
         &self.stats
     }
+
+    /// The counters, to keep after the writer moved into the gateway (status).
+    pub fn stats_handle(&self) -> Arc<LedgerStats> {
+        self.stats.clone()
+    }
 }
 
 /// The task: drain the channel into per-(key, minute) sums; every `flush_every` write them in

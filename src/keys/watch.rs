@@ -26,6 +26,9 @@ pub struct Keys {
     stale: AtomicBool,
     /// Rings the watcher has swapped in (the first load included).
     loads: AtomicU64,
+    /// Since when (ms since the epoch) the store cannot be read; 0 while it can.
+    failing_since_ms: std::sync::atomic::AtomicI64,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Keys {
@@ -40,7 +43,43 @@ impl Keys {
             policies: RwLock::new(Arc::new(policies)),
             stale: AtomicBool::new(false),
             loads: AtomicU64::new(0),
+            failing_since_ms: std::sync::atomic::AtomicI64::new(0),
+            last_error: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Since when the watcher cannot read the store, and the last error; `None` while it can.
+    pub fn degraded(&self) -> Option<(SystemTime, String)> {
+        let ms = self.failing_since_ms.load(Ordering::Acquire);
+        (ms != 0).then(|| {
+            (
+                super::backend::from_ms(ms),
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    fn set_failing(&self, e: Option<String>) {
+        match e {
+            Some(e) => {
+                let now = super::backend::to_ms(SystemTime::now()).max(1);
+                let _ = self.failing_since_ms.compare_exchange(
+                    0,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+            None => {
+                self.failing_since_ms.store(0, Ordering::Release);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
     }
 
     /// How many rings the watcher has loaded from the store so far (the first load included).
@@ -120,6 +159,13 @@ impl Keys {
                 }
             };
             store = kept;
+            match &result {
+                Ok(_) => self.set_failing(None),
+                Err(e) => self.set_failing(Some(
+                    e.as_ref()
+                        .map_or_else(|| "poll task failed".into(), |e| e.to_string()),
+                )),
+            }
             match result {
                 Ok(None) => {}
                 Ok(Some((version, ring))) => {
