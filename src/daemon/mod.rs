@@ -425,6 +425,14 @@ async fn start_gateway(
     .models(config.models.clone())
     .start(listener, tls.server_config(), stop.clone());
     tasks.push(running.discovery);
+    if config.store.is_shared() {
+        tasks.push(tokio::spawn(crate::keys::ledger::sync_budgets(
+            running.handle.load().limiter.clone(),
+            state_dir.clone(),
+            config.store.clone(),
+            stop.clone(),
+        )));
+    }
     Ok(StartedGateway {
         serve: running.serve,
         ledger: ledger_task,

@@ -607,5 +607,58 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
+/// How often an appliance on a shared store re-reads every key's day and month usage.
+pub const BUDGET_SYNC: Duration = Duration::from_secs(1);
+
+/// Keeps a shared store's budgets global: every [`BUDGET_SYNC`] the day and month usage of
+/// every key (all appliances' rows) replaces what the limiter counted. Off the request path
+/// (one query a second on the blocking pool); while the store is unreachable the limiter goes
+/// on counting this appliance's own usage on top of the last view. Between syncs an appliance
+/// does not see the others' usage: a budget can be exceeded by what the other appliances spend
+/// in about one sync plus one ledger flush (see README "HA").
+pub async fn sync_budgets(
+    limiter: Arc<std::sync::Mutex<crate::policy::limits::Limiter>>,
+    state_dir: PathBuf,
+    store: StoreConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ledger: Option<Ledger> = None;
+    let mut tick = tokio::time::interval(BUDGET_SYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() { return; }
+                continue;
+            }
+        }
+        let (dir, cfg, taken) = (state_dir.clone(), store.clone(), ledger.take());
+        let joined = tokio::task::spawn_blocking(move || {
+            let l = match taken {
+                Some(l) => l,
+                None => match Ledger::open_in(&dir, &cfg) {
+                    Ok(l) => l,
+                    Err(_) => return (None, None),
+                },
+            };
+            let now = std::time::SystemTime::now();
+            match l.period_tokens(now) {
+                Ok(rows) => (Some(l), Some((rows, now))),
+                Err(_) => (None, None),
+            }
+        })
+        .await;
+        let Ok((kept, rows)) = joined else { continue };
+        ledger = kept;
+        if let Some((rows, now)) = rows {
+            let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
+            for (key_id, today, month) in &rows {
+                limiter.seed_usage(key_id, *today, *month, now);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
