@@ -34,7 +34,7 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("key store {url}: {source}; fix: check that PostgreSQL runs and [store] url, password_file and ca_file are right (`modelgate doctor`)")]
+    #[error("key store {url}: {}; fix: check that PostgreSQL runs and [store] url, password_file and ca_file are right (`modelgate doctor`)", error_chain(source))]
     Postgres {
         url: String,
         source: postgres::Error,
@@ -71,6 +71,21 @@ pub enum StoreError {
     Revoked(String),
     #[error("key {0:?}: has expired, a new secret would not work; fix: create a new key with `modelgate key create`")]
     Expired(String),
+}
+
+/// `e` and its causes ("error performing TLS handshake: invalid peer certificate: …").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_text = c.to_string();
+        if !out.contains(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// A key to create.

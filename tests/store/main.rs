@@ -524,3 +524,44 @@ fn cli_key_verbs_work_against_the_shared_store() {
     let shown = ok(&ca, &["key", "show", "alice", "--json"]);
     assert!(shown.contains("revoked"), "{shown}");
 }
+
+/// TLS to the server through rustls: the server's certificate from a test CA is accepted with
+/// `ca_file` and refused without it (the Mozilla roots do not know it); `sslmode=require`
+/// against a server without TLS is refused.
+#[test]
+fn tls_to_the_server_is_verified_against_ca_file() {
+    if !have_pg("tls_to_the_server_is_verified_against_ca_file") {
+        return;
+    }
+    let pg = pg::Pg::start_tls();
+    pg.createdb("mg");
+    let a = Appliance::new();
+    let cfg = |ca: Option<PathBuf>| {
+        StoreConfig::Postgres(PgStoreConfig {
+            url: pg.tls_url("mg"),
+            password_file: Some(pg.password_file(a.state())),
+            ca_file: ca,
+        })
+    };
+    let mut s = KeyStore::open_in(a.state(), &cfg(Some(pg.ca_file()))).unwrap();
+    s.create(new_key("over-tls")).unwrap();
+    assert_eq!(s.list().unwrap().len(), 1);
+    let e = KeyStore::open_in(a.state(), &cfg(None)).unwrap_err();
+    assert!(
+        e.to_string().to_lowercase().contains("certificate")
+            || e.to_string().to_lowercase().contains("issuer"),
+        "{e}"
+    );
+    // A server without TLS, asked for it.
+    let plain = pg::Pg::start();
+    let e = KeyStore::open_in(
+        a.state(),
+        &StoreConfig::Postgres(PgStoreConfig {
+            url: plain.tls_url("postgres"),
+            password_file: Some(plain.password_file(a.state())),
+            ca_file: Some(pg.ca_file()),
+        }),
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
+}

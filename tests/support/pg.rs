@@ -19,6 +19,8 @@ pub struct Pg {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// TLS on (server.crt signed by `ca.pem` in `dir`, for `localhost` and 127.0.0.1).
+    tls: bool,
 }
 
 fn is_root() -> bool {
@@ -63,6 +65,20 @@ fn free_port() -> u16 {
 impl Pg {
     /// initdb + start; panics with the server's log on failure.
     pub fn start() -> Pg {
+        Pg::start_with(false)
+    }
+
+    /// [`Pg::start`] with TLS: a test CA (`ca_file()`) signs the server's certificate.
+    pub fn start_tls() -> Pg {
+        Pg::start_with(true)
+    }
+
+    /// The test CA's PEM (with [`Pg::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Pg {
         let dir = tempfile::Builder::new().prefix("mg-pg-").tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let data = dir.path().join("data");
@@ -105,10 +121,36 @@ impl Pg {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca.distinguished_name
+                .push(rcgen::DnType::CommonName, "modelgate test PostgreSQL CA");
+            ca.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca, ca_key);
+            let leaf_key = rcgen::KeyPair::generate().unwrap();
+            let leaf = rcgen::CertificateParams::new(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&crt, leaf_cert.pem()).unwrap();
+            std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let mut pg = Pg {
             dir,
             port: free_port(),
             child: None,
+            tls,
         };
         pg.launch();
         pg
@@ -126,6 +168,33 @@ impl Pg {
     /// Starts the server on the same directory and port (after [`Pg::kill`]).
     pub fn launch(&mut self) {
         assert!(self.child.is_none());
+        let mut tls_args: Vec<String> = Vec::new();
+        if self.tls {
+            for f in ["server.crt", "server.key"] {
+                let to = self.data().join(f);
+                if !to.exists() {
+                    std::fs::copy(self.dir.path().join(f), &to).unwrap();
+                    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                    if is_root() {
+                        let _ = Command::new("chown")
+                            .arg("postgres:postgres")
+                            .arg(&to)
+                            .status();
+                    }
+                }
+            }
+            tls_args = [
+                "-c",
+                "ssl=on",
+                "-c",
+                "ssl_cert_file=server.crt",
+                "-c",
+                "ssl_key_file=server.key",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -144,6 +213,7 @@ impl Pg {
             .arg("-k")
             .arg(self.sock())
             .args(["-c", "fsync=off", "-c", "max_connections=100"])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -208,6 +278,14 @@ impl Pg {
             .status()
             .unwrap();
         assert!(st.success(), "createdb {name}");
+    }
+
+    /// The store URL of database `db` over TLS, verified against the server's name.
+    pub fn tls_url(&self, db: &str) -> String {
+        format!(
+            "postgres://{USER}@localhost:{}/{db}?sslmode=require",
+            self.port
+        )
     }
 
     /// The store URL of database `db` (no password: that is in [`Pg::password_file`]).
