@@ -53,19 +53,19 @@ impl ThrowawayKey {
             "doctor-{}",
             r.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let mut store = KeyStore::open_in(state_dir, store_cfg).map_err(|e| e.to_string())?;
-        let created = store
-            .create(NewKey {
-                name: name.clone(),
-                policy: KeyPolicy {
-                    endpoints: vec![Endpoint::Models, Endpoint::ChatCompletions],
-                    expires_at: Some(SystemTime::now() + KEY_LIFETIME),
-                    rpm: Some(30),
-                    max_concurrent: Some(2),
-                    ..KeyPolicy::default()
-                },
-            })
-            .map_err(|e| e.to_string())?;
+        let new = NewKey {
+            name: name.clone(),
+            policy: KeyPolicy {
+                endpoints: vec![Endpoint::Models, Endpoint::ChatCompletions],
+                expires_at: Some(SystemTime::now() + KEY_LIFETIME),
+                rpm: Some(30),
+                max_concurrent: Some(2),
+                ..KeyPolicy::default()
+            },
+        };
+        let created =
+            off_runtime(|| KeyStore::open_in(state_dir, store_cfg).and_then(|mut s| s.create(new)))
+                .map_err(|e| e.to_string())?;
         Ok(ThrowawayKey {
             state_dir: state_dir.to_path_buf(),
             store_cfg: store_cfg.clone(),
@@ -85,9 +85,10 @@ impl ThrowawayKey {
         if self.revoked {
             return Ok(());
         }
-        let mut store =
-            KeyStore::open_in(&self.state_dir, &self.store_cfg).map_err(|e| e.to_string())?;
-        store.revoke(&self.id).map_err(|e| e.to_string())?;
+        off_runtime(|| {
+            KeyStore::open_in(&self.state_dir, &self.store_cfg).and_then(|mut s| s.revoke(&self.id))
+        })
+        .map_err(|e| e.to_string())?;
         self.revoked = true;
         Ok(())
     }
@@ -95,6 +96,15 @@ impl ThrowawayKey {
     pub fn is_revoked(&self) -> bool {
         self.revoked
     }
+}
+
+/// Runs `f` on a plain thread: doctor calls the key store from async code, and a PostgreSQL
+/// store's synchronous client cannot run on a thread that drives a tokio runtime.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    })
 }
 
 impl Drop for ThrowawayKey {
