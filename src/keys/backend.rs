@@ -40,6 +40,12 @@ pub trait Backend: KeyBackend + LedgerBackend + Send + fmt::Debug {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// Records that appliance `id` is alive at `now_ms` and returns how many appliances were
+    /// alive within the last `window_ms` (itself included). A local store has one.
+    fn heartbeat(&mut self, _id: &str, _now_ms: i64, _window_ms: i64) -> Result<u32, StoreError> {
+        Ok(1)
+    }
 }
 
 /// A key row to insert (everything but the id and hash, which come from [`Minted`]).

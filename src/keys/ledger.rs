@@ -229,6 +229,15 @@ impl Ledger {
         self.store.backend_mut().compact_usage(cutoff)
     }
 
+    /// Records this appliance (`id`) as alive and returns how many are (see
+    /// [`APPLIANCE_WINDOW`]).
+    pub fn heartbeat(&mut self, id: &str) -> Result<u32, StoreError> {
+        let window = APPLIANCE_WINDOW.as_millis() as i64;
+        self.store
+            .backend_mut()
+            .heartbeat(id, ms_of(SystemTime::now()), window)
+    }
+
     /// Number of rows (tests and `doctor`).
     pub fn row_count(&self) -> Result<u64, StoreError> {
         self.store.backend().usage_row_count()
@@ -608,6 +617,28 @@ async fn on_blocking_pool<T: Send + 'static>(
 }
 
 /// How often an appliance on a shared store re-reads every key's day and month usage.
+/// An appliance whose last heartbeat (one per [`BUDGET_SYNC`]) is older than this no longer
+/// takes a share of the keys' rate limits.
+pub const APPLIANCE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The file naming this appliance in the shared store (random, kept across restarts).
+pub const APPLIANCE_ID_FILE: &str = "appliance.id";
+
+/// This appliance's id (`<state_dir>/appliance.id`, created on first use).
+fn appliance_id(state_dir: &Path) -> String {
+    let path = state_dir.join(APPLIANCE_ID_FILE);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if !s.trim().is_empty() {
+            return s.trim().to_string();
+        }
+    }
+    let id = new_batch_id();
+    if let Err(e) = crate::fsutil::write_atomic(&path, format!("{id}\n").as_bytes(), 0o600) {
+        tracing::warn!(error = %e, file = %path.display(), "cannot keep the appliance id; using a new one per start");
+    }
+    id
+}
+
 pub const BUDGET_SYNC: Duration = Duration::from_secs(1);
 
 /// Keeps a shared store's budgets global: every [`BUDGET_SYNC`] the day and month usage of
@@ -623,6 +654,8 @@ pub async fn sync_budgets(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ledger: Option<Ledger> = None;
+    let id = appliance_id(&state_dir);
+    let mut share = 0u32;
     let mut tick = tokio::time::interval(BUDGET_SYNC);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -633,26 +666,35 @@ pub async fn sync_budgets(
                 continue;
             }
         }
-        let (dir, cfg, taken) = (state_dir.clone(), store.clone(), ledger.take());
+        let (dir, cfg, taken, me) = (state_dir.clone(), store.clone(), ledger.take(), id.clone());
         let joined = tokio::task::spawn_blocking(move || {
-            let l = match taken {
+            let mut l = match taken {
                 Some(l) => l,
                 None => match Ledger::open_in(&dir, &cfg) {
                     Ok(l) => l,
                     Err(_) => return (None, None),
                 },
             };
+            let live = match l.heartbeat(&me) {
+                Ok(n) => n,
+                Err(_) => return (None, None),
+            };
             let now = std::time::SystemTime::now();
             match l.period_tokens(now) {
-                Ok(rows) => (Some(l), Some((rows, now))),
+                Ok(rows) => (Some(l), Some((rows, now, live))),
                 Err(_) => (None, None),
             }
         })
         .await;
         let Ok((kept, rows)) = joined else { continue };
         ledger = kept;
-        if let Some((rows, now)) = rows {
+        if let Some((rows, now, live)) = rows {
             let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
+            if live != share {
+                tracing::info!(appliances = live, "live appliances on the shared store: each enforces 1/{live} of every key's RPM, TPM and concurrency");
+                share = live;
+                limiter.set_share(live);
+            }
             for (key_id, today, month) in &rows {
                 limiter.seed_usage(key_id, *today, *month, now);
             }

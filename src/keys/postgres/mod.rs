@@ -149,6 +149,11 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
         FOR EACH STATEMENT EXECUTE FUNCTION modelgate_keys_changed();",
+    // 2: live appliances (heartbeats), which share each key's rate limits.
+    "CREATE TABLE appliances (
+        id      TEXT PRIMARY KEY,
+        seen_at BIGINT NOT NULL
+    );",
 ];
 
 const UPSERT: &str = "INSERT INTO usage
@@ -575,6 +580,23 @@ impl Backend for PgBackend {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn heartbeat(&mut self, id: &str, now_ms: i64, window_ms: i64) -> Result<u32, StoreError> {
+        self.write_tx(|tx| {
+            tx.execute(
+                "INSERT INTO appliances VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                &[&id, &now_ms],
+            )?;
+            let n: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM appliances WHERE seen_at > $1",
+                    &[&(now_ms - window_ms)],
+                )?
+                .get(0);
+            Ok(u32::try_from(n.max(1)).unwrap_or(u32::MAX))
+        })
     }
 }
 
