@@ -33,8 +33,14 @@
 #      alternating baseline/new/baseline/new in one run (each daemon started fresh with its own
 #      config, the other stopped); prints new/baseline (target >= 0.97: the one-replica path of a
 #      build with replicas is not slower). Skips the other phases like --limits.
+#   6. --store-compare: requests/s of the same wrk load with the embedded SQLite store and with a
+#      shared PostgreSQL store (a throwaway PostgreSQL 15 cluster in the work directory, run as
+#      the postgres user, reached over its Unix socket from the edge namespace; the appliance's
+#      SQLite store copied there with `store migrate`), alternating sqlite/postgres/sqlite/
+#      postgres in one run (each daemon fresh); prints postgres/sqlite (target >= 0.95: the
+#      request path never waits for the database). Skips the other phases like --limits.
 #
-#   6. --phase events: CPU per token event. For each STREAMS:INTERVAL_MS of --event-sizes
+#   7. --phase events: CPU per token event. For each STREAMS:INTERVAL_MS of --event-sizes
 #      (default 100:50 1000:500 10000:5000 200:20, i.e. 2,000 events/s at 100, 1,000 and 10,000
 #      open streams, and 200 streams × 50 events/s = 10,000 events/s), STREAMS concurrent
 #      streaming chats with usage metering (stream_options.include_usage), one event every
@@ -42,7 +48,7 @@
 #      over a steady --window S (default 20) after all are streaming: CPU of the appliance-side
 #      processes per event (µs; modelgate vs nginx + the edge wireguard-go, utime+stime from
 #      /proc/PID/stat), events/s, events/s per core of that CPU, peak RSS, streams completed.
-#   7. --phase ttfb: time to the first event of a 403 KB Cursor-shaped streaming chat
+#   8. --phase ttfb: time to the first event of a 403 KB Cursor-shaped streaming chat
 #      (tests/fixtures/cursor_requests.py), a fresh HTTPS connection each (TTFB_COUNT, 40), in
 #      the Chat Completions shape and in the Responses shape (translated by modelgate; nginx
 #      has no translation, so its row gets the Chat Completions body: the same work for the
@@ -52,11 +58,12 @@
 #   --phase LIST (comma-separated: latency, events, ttfb, hold; default latency,hold) runs only
 #   those phases. With --phase, --baseline BIN is measured as a third path B in every phase
 #   (same run, fresh daemon), so before/after and against nginx come from one run; without
-#   --phase, --baseline is the requests/s alternation of 5.
+#   --phase, --baseline is the requests/s alternation of 5. --store-compare (6) runs alone.
 #
 # Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
 #               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
 #               [--phase LIST] [--event-sizes "S:MS ..."] [--window S] [--ttfb-count N]
+#               [--store-compare]
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
 #   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
 #                  phase adds its instructions per event over the window (not disturbed by
@@ -88,6 +95,7 @@ SKIP_ANCHOR=0
 EVENT_SIZES="100:50 1000:500 10000:5000 200:20"
 WINDOW_S=20
 TTFB_COUNT=40
+STORE_COMPARE=0
 DEFAULT_BIN=$ROOT/target/release/modelgate
 if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
     DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
@@ -109,6 +117,7 @@ while (($#)); do
         --event-sizes) EVENT_SIZES=$2; shift 2 ;;
         --window) WINDOW_S=$2; shift 2 ;;
         --ttfb-count) TTFB_COUNT=$2; shift 2 ;;
+        --store-compare) STORE_COMPARE=1; SKIP_HOLD=1; shift ;;
         -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -369,6 +378,58 @@ run_baseline_ab() {
     B_RPS=$(awk -v a="${b[0]}" -v c="${b[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
     N_RPS=$(awk -v a="${n[0]}" -v c="${n[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
     B_ROUNDS="baseline ${b[*]} / new ${n[*]}"
+}
+
+# --store-compare: a throwaway PostgreSQL cluster in $WORK/pg (Unix socket only); sets PG_URL.
+PG_BIN=/usr/lib/postgresql/15/bin
+pg_up() {
+    local d=$WORK/pg port=55432
+    [[ -x $PG_BIN/postgres ]] || die "$PG_BIN/postgres not found (apt-get install postgresql-15)"
+    mkdir -p "$d/data" "$d/sock"
+    chmod o+x "$WORK" "$d"
+    chown postgres:postgres "$d/data" "$d/sock"
+    setpriv --reuid=postgres --regid=postgres --init-groups -- "$PG_BIN/initdb" -D "$d/data" \
+        -U mg --auth-local=trust --auth-host=reject -E UTF8 >"$d/initdb.log" 2>&1 ||
+        die "initdb failed: $(tail -3 "$d/initdb.log")"
+    setpriv --reuid=postgres --regid=postgres --init-groups -- "$PG_BIN/postgres" -D "$d/data" \
+        -k "$d/sock" -p "$port" -c listen_addresses= >>"$d/server.log" 2>&1 &
+    PG_PID=$!
+    PIDS+=("$PG_PID")
+    local i
+    for i in $(seq 1 100); do
+        "$PG_BIN/pg_isready" -h "$d/sock" -p "$port" -q && break
+        sleep 0.1
+    done
+    "$PG_BIN/createdb" -h "$d/sock" -p "$port" -U mg mg || die "createdb failed: $(tail -3 "$d/server.log")"
+    PG_URL="postgres://mg@$(printf %s "$d/sock" | jq -sRr @uri):$port/mg?sslmode=disable"
+    log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $NF}') up (pid $PG_PID), $PG_URL"
+}
+
+run_store_ab() {
+    pg_up
+    mg_configure "$MODELGATE_BIN" "$WORK/sqlite"
+    mg_configure "$MODELGATE_BIN" "$WORK/postgres"
+    "$MODELGATE_BIN" --config "$WORK/postgres/modelgate.toml" store migrate --to "$PG_URL" \
+        >"$WORK/postgres/migrate.log" 2>&1 || die "store migrate failed: $(tail -3 "$WORK/postgres/migrate.log")"
+    local s=() p=() i which dir
+    for i in 1 2; do
+        for which in sqlite postgres; do
+            dir=$WORK/$which
+            mg_start "$MODELGATE_BIN" "$dir"
+            log "$which (round $i): wrk -t$THREADS -c8 -d${DURATION}s"
+            read -r _ _ R_RPS R_BAD < <(measure_wrk "$(cat "$dir/key")")
+            if [[ $which == sqlite ]]; then s+=("$R_RPS"); else p+=("$R_RPS"); fi
+            log "$which (round $i): $R_RPS req/s ($R_BAD non-2xx)"
+            stop_pids "$MG_PID" "$CORP_PID"
+            rm -f "/var/run/wireguard/$WG_CORP.sock"
+        done
+    done
+    S_RPS=$(awk -v a="${s[0]}" -v c="${s[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
+    P_RPS=$(awk -v a="${p[0]}" -v c="${p[1]}" 'BEGIN { printf "%.0f", (a + c) / 2 }')
+    S_ROUNDS="sqlite ${s[*]} / postgres ${p[*]}"
+    # The requests reached the shared ledger (the two postgres rounds).
+    P_LEDGER=$("$PG_BIN/psql" -h "$WORK/pg/sock" -p 55432 -U mg -d mg -Atc \
+        "SELECT COALESCE(SUM(requests), 0) FROM usage" 2>/dev/null || echo "?")
 }
 
 run_modelgate() {
@@ -684,6 +745,25 @@ Small non-streaming chat POSTs through modelgate with one upstream, wrk -t$THREA
 | metric | baseline | new | new/baseline | target | verdict |
 |---|---|---|---|---|---|
 | requests/s (mean of 2 rounds) | $B_RPS | $N_RPS | $R | ≥ 0.97 | $(verdict "$R" ">=" 0.97) |
+EOF
+    )
+    echo "$table"
+    [[ -z $OUT ]] || { echo "$table" >"$OUT"; log "wrote $OUT"; }
+    exit 0
+fi
+if ((STORE_COMPARE)); then
+    log "store: SQLite vs PostgreSQL, alternating"
+    run_store_ab
+    R=$(ratio "$P_RPS" "$S_RPS")
+    table=$(
+        cat <<EOF
+## Gateway with the PostgreSQL store vs the SQLite store ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg))
+
+Small non-streaming chat POSTs through modelgate, wrk -t$THREADS -c8 -d${DURATION}s, alternating a daemon on the embedded SQLite store and one on a shared PostgreSQL 15 store (Unix socket; keys and usage copied by store migrate), two rounds each (req/s per round: $S_ROUNDS). Requests in the PostgreSQL ledger afterwards: $P_LEDGER.
+
+| metric | sqlite | postgres | postgres/sqlite | target | verdict |
+|---|---|---|---|---|---|
+| requests/s (mean of 2 rounds) | $S_RPS | $P_RPS | $R | ≥ 0.95 | $(verdict "$R" ">=" 0.95) |
 EOF
     )
     echo "$table"

@@ -19,6 +19,8 @@ install_deps() {
               systemd-nspawn:systemd-container debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
   done
+  # The shared-store tests start throwaway clusters with PostgreSQL 15's own binaries.
+  [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "missing packages: ${need[*]} (run as root, or apt-get install them)" >&2

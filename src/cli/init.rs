@@ -65,6 +65,17 @@ pub struct InitArgs {
     /// Extra PEM root CA for the ACME directory (test CAs such as Pebble).
     #[arg(long, value_name = "PEMFILE", requires = "acme_domain")]
     pub acme_ca_root: Option<PathBuf>,
+    /// Use a shared PostgreSQL store (several appliances): postgres://USER@HOST:PORT/DB
+    /// (no password in it). The first appliance records its keys.secret's fingerprint there;
+    /// copy that keys.secret into the --state-dir of every other appliance before its init.
+    #[arg(long, value_name = "URL", value_parser = super::store::url_arg)]
+    pub store_url: Option<String>,
+    /// File with the store's database password, mode 0600 (with --store-url).
+    #[arg(long, value_name = "FILE", requires = "store_url")]
+    pub store_password_file: Option<PathBuf>,
+    /// PEM of the CA that signed the database server's certificate (with --store-url).
+    #[arg(long, value_name = "FILE", requires = "store_url")]
+    pub store_ca_file: Option<PathBuf>,
     /// Overwrite an existing config file (its peers are dropped; wg.key is kept).
     #[arg(long)]
     pub force: bool,
@@ -173,7 +184,30 @@ pub fn execute(config_path: &Path, a: InitArgs) -> Result<(), CliError> {
         public_key: public_key.to_base64(),
         generated: now_rfc3339(),
     };
-    let text = render_initial(&settings);
+    let mut text = render_initial(&settings);
+    if let Some(url) = &a.store_url {
+        let pw = a
+            .store_password_file
+            .as_deref()
+            .map(|p| super::store::absolute_path(p, "--store-password-file"))
+            .transpose()?;
+        let ca = a
+            .store_ca_file
+            .as_deref()
+            .map(|p| super::store::absolute_path(p, "--store-ca-file"))
+            .transpose()?;
+        text = crate::config::edit::set_store(&text, url, pw.as_deref(), ca.as_deref())
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        // Reach the store now (and record or check the server secret's fingerprint), so a
+        // wrong URL, password or secret is said here, before a config is written.
+        let store = crate::keys::StoreConfig::Postgres(crate::keys::PgStoreConfig {
+            url: url.clone(),
+            password_file: pw.map(PathBuf::from),
+            ca_file: ca.map(PathBuf::from),
+        });
+        crate::keys::KeyStore::open_in(&state_dir, &store)
+            .map_err(|e| CliError::runtime(format!("--store-url: {e} (no config written)")))?;
+    }
     // The flags were checked one by one; this catches combinations (and keeps init honest).
     Config::from_toml_str(&text, config_path).map_err(|e| CliError::usage(e.to_string()))?;
     write_config(config_path, &text)?;

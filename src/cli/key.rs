@@ -151,7 +151,7 @@ fn open_store(config_path: &Path) -> Result<KeyStore, CliError> {
 /// The config (for its named policies) and the key store it points at.
 fn open_with_config(config_path: &Path) -> Result<(Config, KeyStore), CliError> {
     let config = Config::load(config_path)?;
-    let store = KeyStore::open(&config.server.state_dir).map_err(store_error)?;
+    let store = KeyStore::open_in(&config.server.state_dir, &config.store).map_err(store_error)?;
     Ok((config, store))
 }
 

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod reload;
 pub mod run;
 pub mod status;
+pub mod store;
 pub mod upstream;
 pub mod wgquick;
 
@@ -61,6 +62,10 @@ pub enum Command {
     /// Manage API keys (create prints the secret once; changes reach the daemon within 1 s).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// The shared store: `store migrate --to URL` copies this appliance's SQLite store to
+    /// PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Manage the model servers inside the tunnel and their model routes.
     #[command(subcommand)]
     Upstream(upstream::UpstreamCommand),
@@ -148,7 +153,11 @@ impl From<ConfigError> for CliError {
 pub fn execute(cli: Cli) -> Result<(), CliError> {
     let touches_state = matches!(
         cli.command,
-        Command::Init(_) | Command::Peer(_) | Command::Key(_) | Command::Doctor(_)
+        Command::Init(_)
+            | Command::Peer(_)
+            | Command::Key(_)
+            | Command::Doctor(_)
+            | Command::Store(_)
     );
     let config = cli.config.clone();
     let result = dispatch(cli);
@@ -168,6 +177,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Init(args) => init::execute(&cli.config, args),
         Command::Peer(cmd) => peer::execute(&cli.config, cmd),
         Command::Key(cmd) => key::execute(&cli.config, cmd),
+        Command::Store(cmd) => store::execute(&cli.config, cmd),
         Command::Upstream(cmd) => upstream::execute(&cli.config, cmd),
         Command::Model(cmd) => model::execute(&cli.config, cmd),
         Command::Run(args) => run::execute(&cli.config, args),

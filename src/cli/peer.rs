@@ -40,7 +40,7 @@ pub enum PeerCommand {
     /// Remove a peer (and its stored private key).
     Remove(RemoveArgs),
     /// Print a peer's wg-quick file again.
-    Config(NameArg),
+    Config(ConfigArgs),
 }
 
 #[derive(Debug, Args)]
@@ -58,9 +58,37 @@ pub struct AddArgs {
     /// the wg-quick file, which uses 25 when not given).
     #[arg(long, value_name = "S", value_parser = keepalive_arg)]
     pub keepalive: Option<u16>,
+    /// The corp router's interface this file is for (`/etc/wireguard/NAME.conf`). One corp
+    /// router serving several appliances runs one interface per appliance (each appliance
+    /// with its own tunnel network, `init --tunnel-address`); the PostUp rules are per
+    /// interface, so they do not collide.
+    #[arg(long, value_name = "NAME", default_value = wgquick::SUGGESTED_INTERFACE, value_parser = interface_arg)]
+    pub interface: String,
     /// Print JSON (with the wg-quick text in "wg_quick") instead of the bare file.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Peer name.
+    pub name: String,
+    /// The corp router's interface this file is for (see `peer add --interface`).
+    #[arg(long, value_name = "NAME", default_value = wgquick::SUGGESTED_INTERFACE, value_parser = interface_arg)]
+    pub interface: String,
+}
+
+/// A Linux interface name wg-quick accepts: 1-15 of a-z A-Z 0-9 _ = + . -
+fn interface_arg(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'=' | b'+' | b'.' | b'-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("not an interface name wg-quick accepts; fix: pass 1-15 of a-z A-Z 0-9 _ = + . -, e.g. modelgate-b".into())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -124,7 +152,7 @@ pub fn execute(config_path: &Path, cmd: PeerCommand) -> Result<(), CliError> {
         PeerCommand::List(a) => list(config_path, a.json),
         PeerCommand::Show(a) => show(config_path, &a.name, a.json),
         PeerCommand::Remove(a) => remove(config_path, &a.name, a.yes),
-        PeerCommand::Config(a) => print_config(config_path, &a.name),
+        PeerCommand::Config(a) => print_config(config_path, &a.name, &a.interface),
     }
 }
 
@@ -243,6 +271,7 @@ fn add(config_path: &Path, a: AddArgs) -> Result<(), CliError> {
         &appliance_pub,
         private_key.as_ref(),
         &generated,
+        &a.interface,
     );
     if a.json {
         let mut v = peer_json(&new_config, peer);
@@ -322,6 +351,7 @@ fn render_peer_file(
     appliance: &PublicKey,
     private_key: Option<&PrivateKey>,
     generated: &str,
+    interface: &str,
 ) -> String {
     let behind: Vec<IpNet> = peer.networks_behind().copied().collect();
     wgquick::render(&CorpPeerFile {
@@ -335,6 +365,7 @@ fn render_peer_file(
         appliance_address: config.wireguard.address.addr(),
         endpoint: &config.wireguard.public_endpoint,
         keepalive: peer.keepalive.unwrap_or(DEFAULT_PEER_KEEPALIVE),
+        interface,
     })
 }
 
@@ -502,7 +533,7 @@ fn remove(config_path: &Path, name: &str, yes: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn print_config(config_path: &Path, name: &str) -> Result<(), CliError> {
+fn print_config(config_path: &Path, name: &str, interface: &str) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
     let p = config.peer(name).ok_or_else(|| no_such_peer(name))?;
     let appliance = appliance_key(&config)?.public_key();
@@ -523,7 +554,14 @@ fn print_config(config_path: &Path, name: &str) -> Result<(), CliError> {
     };
     print!(
         "{}",
-        render_peer_file(&config, p, &appliance, private_key.as_ref(), &now_rfc3339())
+        render_peer_file(
+            &config,
+            p,
+            &appliance,
+            private_key.as_ref(),
+            &now_rfc3339(),
+            interface
+        )
     );
     Ok(())
 }

@@ -130,6 +130,9 @@ pub fn render(s: &StatusReport) -> String {
     }
     o.push('\n');
     render_https(&mut o, s.https.as_ref());
+    if let Some(st) = &s.store {
+        render_store(&mut o, st);
+    }
     if let Some(m) = &s.metrics_listen {
         let _ = writeln!(o, "metrics: http://{m}/metrics");
     }
@@ -283,6 +286,32 @@ fn render_model(o: &mut String, m: &ModelStatus) {
     }
 }
 
+/// The `store:` lines: which store, and since when it is degraded.
+fn render_store(o: &mut String, st: &crate::control::StoreStatus) {
+    let _ = writeln!(
+        o,
+        "store: {} {}{}",
+        st.kind,
+        st.location,
+        if st.degraded { " DEGRADED" } else { "" }
+    );
+    if let (Some(since), Some(p)) = (&st.keys_degraded_since, &st.keys_problem) {
+        let _ = writeln!(
+            o,
+            "  key reloads failing since {since}: {p} (the last key set stays in service)"
+        );
+    }
+    if let (Some(since), Some(p)) = (&st.usage_degraded_since, &st.usage_problem) {
+        let _ = writeln!(
+            o,
+            "  usage writes failing since {since}: {p} ({} rows, {} requests spooled locally)",
+            st.spooled_rows, st.spooled_requests
+        );
+    } else if st.spooled_rows > 0 {
+        let _ = writeln!(o, "  spool: {} rows waiting", st.spooled_rows);
+    }
+}
+
 /// The `https:` lines: listener, certificate expiry, ACME state.
 fn render_https(o: &mut String, https: Option<&HttpsStatus>) {
     match https {
@@ -418,9 +447,23 @@ mod tests {
                 key_name: "alice".into(),
                 active: 3,
             }],
+            store: Some(crate::control::StoreStatus {
+                kind: "postgres".into(),
+                location: "postgres://mg@db:5432/mg".into(),
+                degraded: true,
+                keys_degraded_since: None,
+                keys_degraded_since_unix: None,
+                keys_problem: None,
+                usage_degraded_since: Some("2026-12-01T10:00:00Z".into()),
+                usage_degraded_since_unix: Some(1),
+                usage_problem: Some("connection refused".into()),
+                spooled_rows: 12,
+                spooled_requests: 340,
+            }),
         };
         let t = render(&s);
         for want in [
+            "store: postgres postgres://mg@db:5432/mg DEGRADED\n  usage writes failing since 2026-12-01T10:00:00Z: connection refused (12 rows, 340 requests spooled locally)\n",
             "interface: modelgate (pid 42, up 7 s)\n  public key: APPKEY=\n  listening port: 51820\n",
             "peer: PEERKEY= (corp)\n  endpoint: 192.0.2.10:40000\n  allowed ips: 10.99.0.2/32, 10.20.0.0/24\n  latest handshake: 12 seconds ago\n  transfer: 2.00 KiB received, 10 B sent\n  persistent keepalive: every 25 seconds\n",
             "upstream: vllm\n  url: http://10.20.0.5:8000/v1\n  reachable: yes\n  models: a, b\n  in flight: 3 of 8 (2 waiting)\n  health: healthy\n\n",

@@ -34,6 +34,9 @@ pub struct CorpPeerFile<'a> {
     /// `HOST:PORT` of the appliance.
     pub endpoint: &'a str,
     pub keepalive: u16,
+    /// The corp interface the file is for (its name in /etc/wireguard/); one per appliance
+    /// when one corp router serves several.
+    pub interface: &'a str,
 }
 
 /// The interface name suggested to operators (`/etc/wireguard/modelgate.conf`).
@@ -51,11 +54,13 @@ pub fn render(f: &CorpPeerFile<'_>) -> String {
     );
     let _ = writeln!(
         s,
-        "# Install: save as /etc/wireguard/{SUGGESTED_INTERFACE}.conf (chmod 600), then `wg-quick up {SUGGESTED_INTERFACE}`"
+        "# Install: save as /etc/wireguard/{i}.conf (chmod 600), then `wg-quick up {i}`",
+        i = f.interface
     );
     let _ = writeln!(
         s,
-        "# (at boot: `systemctl enable --now wg-quick@{SUGGESTED_INTERFACE}`). It dials out to the appliance; no inbound port is needed."
+        "# (at boot: `systemctl enable --now wg-quick@{i}`). It dials out to the appliance; no inbound port is needed.",
+        i = f.interface
     );
     s.push_str("[Interface]\n");
     let _ = writeln!(s, "Address = {host}");
@@ -141,6 +146,7 @@ mod tests {
             appliance_address: "10.99.0.1".parse().unwrap(),
             endpoint: "gw.example.com:51820",
             keepalive: 25,
+            interface: SUGGESTED_INTERFACE,
         });
         let expected_up = "PostUp = sysctl -q -w net.ipv4.ip_forward=1; nft 'add table ip mg_%i; delete table ip mg_%i; add table ip mg_%i; add chain ip mg_%i nat_out { type nat hook postrouting priority srcnat; }; add rule ip mg_%i nat_out ip saddr 10.99.0.1 masquerade; add chain ip mg_%i mss_clamp { type filter hook forward priority mangle; }; add rule ip mg_%i mss_clamp oifname \"%i\" tcp flags syn tcp option maxseg size set rt mtu'\n";
         assert!(text.starts_with("# modelgate peer \"corp\" — wg-quick config for the corporate side. Generated 2025-01-02T03:04:05Z.\n"));
@@ -173,8 +179,10 @@ mod tests {
             appliance_address: "fd00:99::1".parse().unwrap(),
             endpoint: "[2001:db8::1]:51820",
             keepalive: 10,
+            interface: "modelgate-b",
         });
         assert!(text.contains("Address = fd00:99::2/128\n"));
+        assert!(text.contains("save as /etc/wireguard/modelgate-b.conf"));
         assert!(!text.contains("\nPrivateKey ="));
         assert!(!text.contains("PostUp"));
         assert!(text.contains("AllowedIPs = fd00:99::1/128\nPersistentKeepalive = 10\n"));

@@ -43,6 +43,29 @@ fn lit(s: &str) -> String {
     Value::from(s).to_string()
 }
 
+/// Sets `[store]` to the PostgreSQL store at `url` (replacing any `[store]` table), for
+/// `init --store-url` and `store migrate`. Paths are written as given.
+pub fn set_store(
+    text: &str,
+    url: &str,
+    password_file: Option<&str>,
+    ca_file: Option<&str>,
+) -> Result<String, EditError> {
+    let mut doc = parse(text)?;
+    let mut t = Table::new();
+    t.decor_mut()
+        .set_prefix("\n# The shared store (keys, usage) of every appliance: see README \"HA\".\n");
+    t.insert("url", value(url));
+    if let Some(p) = password_file {
+        t.insert("password_file", value(p));
+    }
+    if let Some(p) = ca_file {
+        t.insert("ca_file", value(p));
+    }
+    doc.insert("store", Item::Table(t));
+    Ok(doc.to_string())
+}
+
 /// The `[[peer]]` table `peer add` appends.
 #[derive(Debug, Clone)]
 pub struct NewPeer {

@@ -42,6 +42,8 @@ pub struct Config {
     /// The file this was loaded from (relative paths inside were resolved against its folder).
     pub path: PathBuf,
     pub server: ServerConfig,
+    /// Where keys and usage live (`[store]`; the embedded SQLite when absent).
+    pub store: crate::keys::StoreConfig,
     /// Certificate source of the HTTPS listener; `None` when the file has no `[tls]` table.
     pub tls: Option<TlsConfig>,
     pub wireguard: WireguardConfig,

@@ -14,6 +14,8 @@ pub struct RawConfig {
     /// Listeners and local paths of the daemon.
     #[serde(default)]
     pub server: RawServer,
+    /// Where keys and usage live: the embedded SQLite (absent) or a shared PostgreSQL.
+    pub store: Option<RawStore>,
     /// Certificate source of the public HTTPS listener.
     pub tls: Option<RawTls>,
     /// The appliance's WireGuard interface.
@@ -81,6 +83,18 @@ pub struct RawServer {
     pub control_socket: Option<String>,
     /// Prometheus metrics listener, `ADDR:PORT` (default `127.0.0.1:9464`).
     pub metrics_listen: Option<String>,
+}
+
+/// `[store]`: the shared PostgreSQL store (absent: `<state_dir>/keys.db`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `postgres://USER@HOST:PORT/DB?sslmode=require` (no password in it).
+    pub url: Option<String>,
+    /// File with the password, mode 0600; relative to the config file.
+    pub password_file: Option<String>,
+    /// PEM of the CA that signed the server's certificate; relative to the config file.
+    pub ca_file: Option<String>,
 }
 
 /// `[tls]`.

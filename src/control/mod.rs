@@ -45,6 +45,31 @@ pub struct StatusReport {
     pub metrics_listen: Option<String>,
     /// Keys with responses streaming now.
     pub streams: Vec<StreamStatus>,
+    /// Where keys and usage live and whether the daemon reaches it (`null`: no gateway).
+    #[serde(default)]
+    pub store: Option<StoreStatus>,
+}
+
+/// The key store as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// `sqlite` or `postgres`.
+    pub kind: String,
+    /// The file, or the URL without a password.
+    pub location: String,
+    /// Key reloads or usage writes are failing now.
+    pub degraded: bool,
+    /// Since when key reloads fail (RFC 3339), and the last error.
+    pub keys_degraded_since: Option<String>,
+    pub keys_degraded_since_unix: Option<u64>,
+    pub keys_problem: Option<String>,
+    /// Since when usage writes fail (RFC 3339), and the last error.
+    pub usage_degraded_since: Option<String>,
+    pub usage_degraded_since_unix: Option<u64>,
+    pub usage_problem: Option<String>,
+    /// Usage rows waiting in the local spool, and requests recorded through it so far.
+    pub spooled_rows: u64,
+    pub spooled_requests: u64,
 }
 
 /// The appliance's WireGuard interface.

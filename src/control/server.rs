@@ -256,6 +256,7 @@ mod tests {
                     https: None,
                     metrics_listen: None,
                     streams: Vec::new(),
+                    store: None,
                 }
             })
         }

@@ -57,6 +57,8 @@ pub(crate) struct GatewayParts {
     pub keys: Arc<Keys>,
     /// The bound HTTPS address.
     pub https: SocketAddr,
+    /// The usage ledger writer's counters (store health, spool).
+    pub ledger: Arc<crate::keys::ledger::LedgerStats>,
 }
 
 pub(crate) struct Live {
@@ -160,6 +162,7 @@ impl Live {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .map(|a| a.to_string()),
+            store: self.gateway.as_ref().map(|g| store_status(&cfg, g)),
             streams: self
                 .metrics
                 .active_streams()
@@ -327,9 +330,16 @@ impl Live {
                 // The keys are resolved against the new named policies from now on.
                 cur.keys.set_policies(new.policies.clone());
                 let dir = new.server.state_dir.clone();
+                // The watcher keeps the store it started with; moving stores takes a restart.
+                if old.store != new.store {
+                    report.warnings.push(
+                        "[store] changed: restart modelgate to use the new store (the running daemon keeps the old one)".into(),
+                    );
+                }
+                let store = old.store.clone();
                 let policies = new.policies.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
-                    KeyStore::open(&dir).and_then(|s| KeyRing::load(&s, &policies))
+                    KeyStore::open_in(&dir, &store).and_then(|s| KeyRing::load(&s, &policies))
                 })
                 .await;
                 match loaded {
@@ -508,6 +518,39 @@ fn upstream_change_lines(cur: &GatewayState, new: &[UpstreamSpec]) -> Vec<String
         }
     }
     out
+}
+
+/// The store's kind, location and health for `status`.
+fn store_status(cfg: &Config, g: &GatewayParts) -> crate::control::StoreStatus {
+    use crate::keys::StoreConfig;
+    use std::sync::atomic::Ordering;
+    let (kind, location) = match &cfg.store {
+        StoreConfig::Sqlite => (
+            "sqlite",
+            cfg.server
+                .state_dir
+                .join(crate::keys::DB_FILE)
+                .display()
+                .to_string(),
+        ),
+        StoreConfig::Postgres(pg) => ("postgres", pg.display_url()),
+    };
+    let keys = g.keys.degraded();
+    let usage = g.ledger.degraded();
+    let spooled_rows = g.ledger.spool_rows.load(Ordering::Acquire);
+    crate::control::StoreStatus {
+        kind: kind.into(),
+        location,
+        degraded: keys.is_some() || usage.is_some() || spooled_rows > 0,
+        keys_degraded_since: keys.as_ref().map(|(t, _)| rfc3339(*t)),
+        keys_degraded_since_unix: keys.as_ref().map(|(t, _)| unix(*t)),
+        keys_problem: keys.map(|(_, p)| p),
+        usage_degraded_since: usage.as_ref().map(|(t, _)| rfc3339(*t)),
+        usage_degraded_since_unix: usage.as_ref().map(|(t, _)| unix(*t)),
+        usage_problem: usage.map(|(_, p)| p),
+        spooled_rows,
+        spooled_requests: g.ledger.spooled.load(Ordering::Relaxed),
+    }
 }
 
 #[cfg(test)]

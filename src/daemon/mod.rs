@@ -32,7 +32,7 @@ use crate::config::{self, Config, TlsConfig};
 use crate::gateway::upstream::UpstreamSpec;
 use crate::gateway::Gateway;
 use crate::keys::ledger::{Ledger, LedgerOptions, LedgerTask, LedgerWriter};
-use crate::keys::{KeyRing, KeyStore, Keys};
+use crate::keys::{KeyRing, KeyStore, Keys, StoreConfig};
 use crate::netstack::{NetError, Netstack, NetstackConfig, TcpTuning};
 use crate::policy::limits::Limiter;
 use crate::telemetry::Metrics;
@@ -375,20 +375,39 @@ async fn start_gateway(
 ) -> anyhow::Result<StartedGateway> {
     let state_dir = config.server.state_dir.clone();
     let tls = Arc::new(TlsState::load(tls_cfg, &state_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
-    let store = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ring = KeyRing::load(&store, &config.policies).map_err(|e| anyhow::anyhow!("{e}"))?;
-    drop(store);
+    // The store calls block (a PostgreSQL store's client runs its own small runtime): never on
+    // a runtime worker.
+    let (dir, store_cfg, policies) = (
+        state_dir.clone(),
+        config.store.clone(),
+        config.policies.clone(),
+    );
+    let ring = tokio::task::spawn_blocking(move || {
+        KeyStore::open_in(&dir, &store_cfg).and_then(|s| KeyRing::load(&s, &policies))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("key store task failed: {e}"))?
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(store = %config.store.describe(&state_dir), "key store open");
     let keys = Keys::with_policies(ring, config.policies.clone());
-    tasks.push(tokio::spawn(
-        keys.clone().watch(state_dir.clone(), stop.clone()),
-    ));
+    tasks.push(tokio::spawn(keys.clone().watch(
+        state_dir.clone(),
+        config.store.clone(),
+        stop.clone(),
+    )));
     tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
 
     let upstreams = upstream_specs(config)?;
     if upstreams.is_empty() {
         tracing::warn!("no [[upstream]] configured: every model request will get 404; add one with `modelgate upstream add`");
     }
-    let (limiter, ledger, ledger_task) = start_ledger(&state_dir)?;
+    let (dir, store_cfg) = (state_dir.clone(), config.store.clone());
+    let (limiter, ledger) = tokio::task::spawn_blocking(move || open_ledger(&dir, &store_cfg))
+        .await
+        .map_err(|e| anyhow::anyhow!("usage ledger task failed: {e}"))??;
+    let (ledger, ledger_task) =
+        LedgerWriter::start(ledger, ledger_options(&state_dir, &config.store));
+    let ledger_stats = ledger.stats_handle();
     let from_systemd = inherited
         .as_ref()
         .map(|s| s.name.clone().unwrap_or_default());
@@ -411,6 +430,14 @@ async fn start_gateway(
     .models(config.models.clone())
     .start(listener, tls.server_config(), stop.clone());
     tasks.push(running.discovery);
+    if config.store.is_shared() {
+        tasks.push(tokio::spawn(crate::keys::ledger::sync_budgets(
+            running.handle.load().limiter.clone(),
+            state_dir.clone(),
+            config.store.clone(),
+            stop.clone(),
+        )));
+    }
     Ok(StartedGateway {
         serve: running.serve,
         ledger: ledger_task,
@@ -419,6 +446,7 @@ async fn start_gateway(
             tls,
             keys,
             https,
+            ledger: ledger_stats,
         },
     })
 }
@@ -444,10 +472,32 @@ async fn https_listener(
 
 /// Opens the usage ledger, seeds a limiter with every key's usage in the current UTC day and
 /// month (so budgets survive restarts), and starts the ledger's writer task.
+#[cfg(test)]
 fn start_ledger(
     state_dir: &std::path::Path,
 ) -> anyhow::Result<(Limiter, LedgerWriter, LedgerTask)> {
-    let ledger = Ledger::open(state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (limiter, ledger) = open_ledger(state_dir, &StoreConfig::Sqlite)?;
+    let (writer, task) = LedgerWriter::start(ledger, LedgerOptions::default());
+    Ok((limiter, writer, task))
+}
+
+/// The ledger writer's settings: a shared store gets a local spool for its outages.
+fn ledger_options(state_dir: &std::path::Path, store: &StoreConfig) -> LedgerOptions {
+    LedgerOptions {
+        spool: store
+            .is_shared()
+            .then(|| state_dir.join(crate::keys::ledger::SPOOL_FILE)),
+        ..LedgerOptions::default()
+    }
+}
+
+/// Opens the usage ledger and seeds a limiter with every key's usage in the current UTC day
+/// and month (blocking).
+fn open_ledger(
+    state_dir: &std::path::Path,
+    store: &StoreConfig,
+) -> anyhow::Result<(Limiter, Ledger)> {
+    let ledger = Ledger::open_in(state_dir, store).map_err(|e| anyhow::anyhow!("{e}"))?;
     let now = std::time::SystemTime::now();
     let usage = ledger
         .period_tokens(now)
@@ -460,8 +510,7 @@ fn start_ledger(
         keys_with_usage = usage.len(),
         "usage ledger open; limiter seeded"
     );
-    let (writer, task) = LedgerWriter::start(ledger, LedgerOptions::default());
-    Ok((limiter, writer, task))
+    Ok((limiter, ledger))
 }
 
 /// SIGHUP reloads the configuration like `modelgate reload` (the result goes to the log).

@@ -176,6 +176,14 @@ pub async fn run(opts: &Options, interrupt: impl std::future::Future<Output = ()
     // 7. models, 8. completion
     hops::probe_hops(&mut report, &config, target, pin, &name, opts, interrupt).await;
 
+    // 9. the shared store (only with [store] url)
+    if config.store.is_shared() {
+        report.hops.push(match &status {
+            None => HopResult::skip(Hop::Store, "skipped: needs the daemon's status (hop 2)"),
+            Some(s) => hops::store_hop(s),
+        });
+    }
+
     report.elapsed = started.elapsed();
     report
 }

@@ -34,6 +34,7 @@ const MAX_ANSWER: usize = 1 << 20;
 /// A key that exists only for this doctor run.
 pub struct ThrowawayKey {
     state_dir: PathBuf,
+    store_cfg: crate::keys::StoreConfig,
     pub id: String,
     pub name: String,
     secret: Secret,
@@ -42,28 +43,32 @@ pub struct ThrowawayKey {
 
 impl ThrowawayKey {
     /// Creates `doctor-<random>` in `<state_dir>/keys.db`.
-    pub fn create(state_dir: &Path) -> Result<ThrowawayKey, String> {
+    pub fn create(
+        state_dir: &Path,
+        store_cfg: &crate::keys::StoreConfig,
+    ) -> Result<ThrowawayKey, String> {
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).map_err(|e| format!("random name: {e}"))?;
         let name = format!(
             "doctor-{}",
             r.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let mut store = KeyStore::open(state_dir).map_err(|e| e.to_string())?;
-        let created = store
-            .create(NewKey {
-                name: name.clone(),
-                policy: KeyPolicy {
-                    endpoints: vec![Endpoint::Models, Endpoint::ChatCompletions],
-                    expires_at: Some(SystemTime::now() + KEY_LIFETIME),
-                    rpm: Some(30),
-                    max_concurrent: Some(2),
-                    ..KeyPolicy::default()
-                },
-            })
-            .map_err(|e| e.to_string())?;
+        let new = NewKey {
+            name: name.clone(),
+            policy: KeyPolicy {
+                endpoints: vec![Endpoint::Models, Endpoint::ChatCompletions],
+                expires_at: Some(SystemTime::now() + KEY_LIFETIME),
+                rpm: Some(30),
+                max_concurrent: Some(2),
+                ..KeyPolicy::default()
+            },
+        };
+        let created =
+            off_runtime(|| KeyStore::open_in(state_dir, store_cfg).and_then(|mut s| s.create(new)))
+                .map_err(|e| e.to_string())?;
         Ok(ThrowawayKey {
             state_dir: state_dir.to_path_buf(),
+            store_cfg: store_cfg.clone(),
             id: created.id,
             name,
             secret: created.secret,
@@ -80,8 +85,10 @@ impl ThrowawayKey {
         if self.revoked {
             return Ok(());
         }
-        let mut store = KeyStore::open(&self.state_dir).map_err(|e| e.to_string())?;
-        store.revoke(&self.id).map_err(|e| e.to_string())?;
+        off_runtime(|| {
+            KeyStore::open_in(&self.state_dir, &self.store_cfg).and_then(|mut s| s.revoke(&self.id))
+        })
+        .map_err(|e| e.to_string())?;
         self.revoked = true;
         Ok(())
     }
@@ -89,6 +96,15 @@ impl ThrowawayKey {
     pub fn is_revoked(&self) -> bool {
         self.revoked
     }
+}
+
+/// Runs `f` on a plain thread: doctor calls the key store from async code, and a PostgreSQL
+/// store's synchronous client cannot run on a thread that drives a tokio runtime.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    })
 }
 
 impl Drop for ThrowawayKey {
@@ -438,7 +454,7 @@ mod tests {
     fn throwaway_key_is_revoked_on_drop_and_explicitly() {
         let dir = tempfile::tempdir().unwrap();
         let (id, name) = {
-            let k = ThrowawayKey::create(dir.path()).unwrap();
+            let k = ThrowawayKey::create(dir.path(), &Default::default()).unwrap();
             assert!(
                 k.name.starts_with("doctor-") && k.name.len() == 15,
                 "{}",
@@ -458,7 +474,7 @@ mod tests {
             .unwrap();
         assert!(left <= KEY_LIFETIME && left > KEY_LIFETIME - Duration::from_secs(60));
 
-        let mut k = ThrowawayKey::create(dir.path()).unwrap();
+        let mut k = ThrowawayKey::create(dir.path(), &Default::default()).unwrap();
         k.revoke().unwrap();
         assert!(k.is_revoked());
         k.revoke().unwrap();
@@ -466,7 +482,7 @@ mod tests {
         // A panic unwinding through the probe still revokes.
         let dir2 = dir.path().to_path_buf();
         let id = std::thread::spawn(move || {
-            let k = ThrowawayKey::create(&dir2).unwrap();
+            let k = ThrowawayKey::create(&dir2, &Default::default()).unwrap();
             let id = k.id.clone();
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 let _k = k;

@@ -20,6 +20,8 @@ pub enum Hop {
     Upstreams,
     Models,
     Completion,
+    /// Only with a shared store (`[store] url`): after the path, so the path's numbers stay.
+    Store,
 }
 
 impl Hop {
@@ -35,6 +37,9 @@ impl Hop {
     ];
 
     pub fn number(self) -> usize {
+        if self == Hop::Store {
+            return Hop::ALL.len() + 1;
+        }
         Hop::ALL
             .iter()
             .position(|h| *h == self)
@@ -52,6 +57,7 @@ impl Hop {
             Hop::Upstreams => "upstreams",
             Hop::Models => "models",
             Hop::Completion => "completion",
+            Hop::Store => "store",
         }
     }
 
@@ -65,6 +71,7 @@ impl Hop {
             Hop::Upstreams => "upstreams reachable through the tunnel",
             Hop::Models => "GET /v1/models answers",
             Hop::Completion => "streamed completion through the public path",
+            Hop::Store => "shared store reachable (keys and usage in step)",
         }
     }
 }

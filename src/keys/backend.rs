@@ -22,11 +22,30 @@ pub trait Backend: KeyBackend + LedgerBackend + Send + fmt::Debug {
     /// Names the store in messages (the SQLite file).
     fn location(&self) -> &Path;
 
-    /// A stamp that moves whenever keys may have changed through another connection since the
-    /// last call. Comparable only between calls on the same open backend. It may move without a
-    /// key change (SQLite: any commit to the file moves it, the ledger's included); it never
-    /// stays put across a key change.
+    /// A stamp that moves whenever a key row changed (through any connection) since the last
+    /// call, and only then: the keys generation, bumped by the database itself (triggers) at
+    /// every change to the key rows; usage writes leave it alone. It never stays put across a
+    /// key change.
     fn change_stamp(&self) -> Result<i64, StoreError>;
+
+    /// Refuses a server secret other than the one the store was first used with (a shared
+    /// store: every appliance must hash with the same `keys.secret`). `fingerprint` is a
+    /// keyed digest of the secret, never the secret. A local store has nothing to compare.
+    fn check_fingerprint(&mut self, _fingerprint: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether other appliances share this store (so it may be unreachable while this one
+    /// serves, and usage is spooled locally meanwhile).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Records that appliance `id` is alive at `now_ms` and returns how many appliances were
+    /// alive within the last `window_ms` (itself included). A local store has one.
+    fn heartbeat(&mut self, _id: &str, _now_ms: i64, _window_ms: i64) -> Result<u32, StoreError> {
+        Ok(1)
+    }
 }
 
 /// A key row to insert (everything but the id and hash, which come from [`Minted`]).
@@ -92,6 +111,13 @@ pub trait LedgerBackend {
 
     /// Adds `rows` (minute rows, summed per key and minute) in one transaction.
     fn add_usage(&mut self, rows: &MinuteRows) -> Result<(), StoreError>;
+
+    /// Adds `rows` as the batch `batch_id`, once: a batch already applied (its answer was lost,
+    /// a spool replays it) is skipped. Returns whether it was written now. A local store
+    /// commits or fails as a whole, so it needs no id.
+    fn add_usage_batch(&mut self, _batch_id: &str, rows: &MinuteRows) -> Result<bool, StoreError> {
+        self.add_usage(rows).map(|()| true)
+    }
 
     /// `key_id`'s sums over the rows with `from <= bucket_start < to`.
     fn sum_usage(&self, key_id: &str, from: i64, to: i64) -> Result<UsageTotals, StoreError>;

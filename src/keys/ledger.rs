@@ -20,13 +20,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::store::KeyStore;
+pub use super::spool::SPOOL_FILE;
+use super::spool::{new_batch_id, Spool};
+use super::store::{KeyStore, StoreConfig};
 pub use super::types::{KeyUsage, UsageTotals, DAY_MS, MINUTE_MS};
 use super::types::{MinuteRows, StoreError};
 use crate::policy::limits::utc_day_month_bounds;
@@ -47,6 +50,8 @@ pub struct UsageEvent {
 #[derive(Debug)]
 pub struct Ledger {
     store: KeyStore,
+    /// Where usage waits while a shared store is unreachable (see [`Ledger::write_shared`]).
+    spool: Option<Spool>,
 }
 
 fn ms_of(t: SystemTime) -> i64 {
@@ -60,11 +65,104 @@ impl Ledger {
         Ledger::from_store(KeyStore::open(state_dir)?)
     }
 
+    /// Opens the ledger of the store `store` names.
+    pub fn open_in(state_dir: &Path, store: &StoreConfig) -> Result<Ledger, StoreError> {
+        Ledger::from_store(KeyStore::open_in(state_dir, store)?)
+    }
+
     /// Uses an open store's connection, readied for frequent small commits (SQLite:
     /// `synchronous=NORMAL`, so a commit survives a process crash without an fsync per batch).
     pub fn from_store(mut store: KeyStore) -> Result<Ledger, StoreError> {
         store.backend_mut().prepare_ledger()?;
-        Ok(Ledger { store })
+        Ok(Ledger { store, spool: None })
+    }
+
+    /// Spools usage at `path` whenever the store cannot take it (a shared store's outage);
+    /// what an earlier run spooled is sent first.
+    pub fn attach_spool(&mut self, path: &std::path::Path) -> Result<u64, StoreError> {
+        let spool = Spool::open(path)?;
+        let rows = spool.row_count()?;
+        self.spool = Some(spool);
+        Ok(rows)
+    }
+
+    /// Rows waiting in the spool (0 without one).
+    pub fn spooled_rows(&self) -> u64 {
+        self.spool
+            .as_ref()
+            .and_then(|s| s.row_count().ok())
+            .unwrap_or(0)
+    }
+
+    /// A write through the spool: sends what the spool holds (oldest first, each batch under
+    /// its id, so a batch whose answer was lost is not counted twice), then `rows` as a new
+    /// batch. When the store fails, the rows go to the spool (durable) instead.
+    pub fn write_shared(&mut self, rows: MinuteRows) -> SharedWrite {
+        let Some(spool) = self.spool.as_mut() else {
+            return match self.store.backend_mut().add_usage(&rows) {
+                Ok(()) => SharedWrite::Written {
+                    requests: requests_of(&rows),
+                },
+                Err(e) => SharedWrite::Failed(e, rows),
+            };
+        };
+        let backend = self.store.backend_mut();
+        let mut requests = 0;
+        loop {
+            match spool.oldest_for_send() {
+                Ok(None) => break,
+                Ok(Some(b)) => match backend.add_usage_batch(&b.id, &b.rows) {
+                    Ok(_) => {
+                        if let Err(e) = spool.remove(&b.id) {
+                            // Sent but still spooled: resending it is harmless (same id).
+                            return SharedWrite::Failed(e, rows);
+                        }
+                        requests += requests_of(&b.rows);
+                    }
+                    Err(e) => {
+                        if rows.is_empty() {
+                            return SharedWrite::Spooled {
+                                error: e,
+                                dropped: 0,
+                                drained: requests,
+                            };
+                        }
+                        return match spool.add_unsent(&rows) {
+                            Ok(dropped) => SharedWrite::Spooled {
+                                error: e,
+                                dropped,
+                                drained: requests,
+                            },
+                            Err(se) => {
+                                tracing::error!(error = %se, "usage spool unwritable; keeping usage in memory");
+                                SharedWrite::Failed(e, rows)
+                            }
+                        };
+                    }
+                },
+                Err(e) => return SharedWrite::Failed(e, rows),
+            }
+        }
+        if rows.is_empty() {
+            return SharedWrite::Written { requests };
+        }
+        let id = new_batch_id();
+        match backend.add_usage_batch(&id, &rows) {
+            Ok(_) => SharedWrite::Written {
+                requests: requests + requests_of(&rows),
+            },
+            Err(e) => match spool.add_sent(&id, &rows) {
+                Ok(dropped) => SharedWrite::Spooled {
+                    error: e,
+                    dropped,
+                    drained: requests,
+                },
+                Err(se) => {
+                    tracing::error!(error = %se, "usage spool unwritable; keeping usage in memory");
+                    SharedWrite::Failed(e, rows)
+                }
+            },
+        }
     }
 
     #[cfg(test)]
@@ -85,6 +183,20 @@ impl Ledger {
             aggregate(&mut rows, e);
         }
         self.write_rows(&rows)
+    }
+
+    /// Writes `events` as the batch `batch_id`, once: a shared store skips an id it has
+    /// applied (a local one has no ids and always writes). Returns whether it was written now.
+    pub fn write_batch(
+        &mut self,
+        batch_id: &str,
+        events: &[UsageEvent],
+    ) -> Result<bool, StoreError> {
+        let mut rows = HashMap::new();
+        for e in events {
+            aggregate(&mut rows, e);
+        }
+        self.store.backend_mut().add_usage_batch(batch_id, &rows)
     }
 
     /// `key_id`'s usage in the UTC day and month containing `now`, and in total.
@@ -117,10 +229,39 @@ impl Ledger {
         self.store.backend_mut().compact_usage(cutoff)
     }
 
+    /// Records this appliance (`id`) as alive and returns how many are (see
+    /// [`APPLIANCE_WINDOW`]).
+    pub fn heartbeat(&mut self, id: &str) -> Result<u32, StoreError> {
+        let window = APPLIANCE_WINDOW.as_millis() as i64;
+        self.store
+            .backend_mut()
+            .heartbeat(id, ms_of(SystemTime::now()), window)
+    }
+
     /// Number of rows (tests and `doctor`).
     pub fn row_count(&self) -> Result<u64, StoreError> {
         self.store.backend().usage_row_count()
     }
+}
+
+/// What [`Ledger::write_shared`] did.
+#[derive(Debug)]
+pub enum SharedWrite {
+    /// Everything is in the store (`requests`: the requests these rows count).
+    Written { requests: u64 },
+    /// The store failed; the rows are in the spool (`dropped` rows did not fit; `drained`
+    /// requests from the spool reached the store first).
+    Spooled {
+        error: StoreError,
+        dropped: u64,
+        drained: u64,
+    },
+    /// The store failed and the spool too (or there is none): the caller keeps the rows.
+    Failed(StoreError, MinuteRows),
+}
+
+fn requests_of(rows: &MinuteRows) -> u64 {
+    rows.values().map(|t| t.requests).sum()
 }
 
 /// Adds `e` to its (key, minute) row.
@@ -137,7 +278,7 @@ fn aggregate(rows: &mut MinuteRows, e: &UsageEvent) {
 }
 
 /// Writer settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerOptions {
     /// Events the channel holds; when full, [`LedgerWriter::record`] drops and counts.
     pub queue: usize,
@@ -149,6 +290,8 @@ pub struct LedgerOptions {
     pub compact_every: Duration,
     /// Minute rows younger than this are kept as they are.
     pub keep_minute_rows: Duration,
+    /// The spool file of a shared store (`None`: a local store, no spool).
+    pub spool: Option<PathBuf>,
 }
 
 impl Default for LedgerOptions {
@@ -161,6 +304,7 @@ impl Default for LedgerOptions {
             // about two days of minute rows plus one row per key and older day.
             compact_every: Duration::from_secs(12 * 3600),
             keep_minute_rows: Duration::from_secs(2 * 86_400),
+            spool: None,
         }
     }
 }
@@ -178,6 +322,51 @@ pub struct LedgerStats {
     pub write_errors: AtomicU64,
     /// Minute rows folded into day rows by the scheduled compaction.
     pub compacted: AtomicU64,
+    /// Requests whose usage went to the local spool (a shared store was unreachable).
+    pub spooled: AtomicU64,
+    /// Spool rows dropped because the spool was full.
+    pub spool_dropped: AtomicU64,
+    /// Rows waiting in the spool.
+    pub spool_rows: AtomicU64,
+    /// Since when (ms since the epoch) the store refuses writes; 0 while it takes them.
+    pub failing_since_ms: AtomicI64,
+    /// The last write error while failing (for `status` and `doctor`).
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl LedgerStats {
+    /// Since when the store has refused writes, and the last error; `None` while it takes them.
+    pub fn degraded(&self) -> Option<(SystemTime, String)> {
+        let ms = self.failing_since_ms.load(Ordering::Acquire);
+        (ms != 0).then(|| {
+            (
+                super::backend::from_ms(ms),
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    fn set_failing(&self, e: Option<&StoreError>) {
+        match e {
+            Some(e) => {
+                let _ = self.failing_since_ms.compare_exchange(
+                    0,
+                    ms_of(SystemTime::now()).max(1),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            None => {
+                self.failing_since_ms.store(0, Ordering::Release);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+    }
 }
 
 /// The request path's handle: cheap to clone, never blocks.
@@ -205,9 +394,22 @@ impl LedgerTask {
 
 impl LedgerWriter {
     /// Spawns the writer task on the current tokio runtime.
-    pub fn start(ledger: Ledger, opts: LedgerOptions) -> (LedgerWriter, LedgerTask) {
+    pub fn start(mut ledger: Ledger, opts: LedgerOptions) -> (LedgerWriter, LedgerTask) {
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let stats = Arc::new(LedgerStats::default());
+        if let Some(path) = &opts.spool {
+            match ledger.attach_spool(path) {
+                Ok(rows) => {
+                    stats.spool_rows.store(rows, Ordering::Release);
+                    if rows > 0 {
+                        tracing::info!(rows, spool = %path.display(), "usage spool holds rows from before; sending them to the store");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open the usage spool; usage waits in memory while the store is unreachable")
+                }
+            }
+        }
         let handle = tokio::spawn(run(ledger, rx, opts, stats.clone()));
         (LedgerWriter { tx, stats }, LedgerTask { handle })
     }
@@ -230,6 +432,11 @@ impl LedgerWriter {
     pub fn stats(&self) -> &LedgerStats {
         &self.stats
     }
+
+    /// The counters, to keep after the writer moved into the gateway (status).
+    pub fn stats_handle(&self) -> Arc<LedgerStats> {
+        self.stats.clone()
+    }
 }
 
 /// The task: drain the channel into per-(key, minute) sums; every `flush_every` write them in
@@ -241,6 +448,7 @@ async fn run(
     opts: LedgerOptions,
     stats: Arc<LedgerStats>,
 ) {
+    let shared = opts.spool.is_some();
     let mut ledger = Some(ledger);
     let mut pending = MinuteRows::new();
     let mut events = 0u64;
@@ -264,7 +472,59 @@ async fn run(
             },
             _ = tick.tick() => false,
         };
-        if !pending.is_empty() {
+        if shared && (!pending.is_empty() || stats.spool_rows.load(Ordering::Acquire) > 0) {
+            let rows = std::mem::take(&mut pending);
+            let Some((result, spool_rows)) = on_blocking_pool(&mut ledger, "write", move |l| {
+                let r = l.write_shared(rows);
+                (r, l.spooled_rows())
+            })
+            .await
+            else {
+                return;
+            };
+            stats.spool_rows.store(spool_rows, Ordering::Release);
+            match result {
+                SharedWrite::Written { requests } => {
+                    stats.written.fetch_add(requests, Ordering::Relaxed);
+                    events = 0;
+                    stats.set_failing(None);
+                    if failing {
+                        tracing::info!("usage store writable again; the spool is sent");
+                        failing = false;
+                    }
+                }
+                SharedWrite::Spooled {
+                    error,
+                    dropped,
+                    drained,
+                } => {
+                    stats.written.fetch_add(drained, Ordering::Relaxed);
+                    stats.spooled.fetch_add(events, Ordering::Relaxed);
+                    events = 0;
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.spool_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    if dropped > 0 {
+                        tracing::error!(rows = dropped, "usage spool full: usage dropped");
+                    }
+                    stats.set_failing(Some(&error));
+                    if !failing {
+                        tracing::error!(error = %error, "cannot write the usage store; spooling usage locally and retrying");
+                        failing = true;
+                    }
+                }
+                SharedWrite::Failed(error, rows) => {
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.set_failing(Some(&error));
+                    if !failing {
+                        tracing::error!(error = %error, "cannot write the usage ledger; retrying");
+                        failing = true;
+                    }
+                    for (k, t) in rows {
+                        pending.entry(k).or_default().add(&t);
+                    }
+                }
+            }
+        } else if !pending.is_empty() {
             let rows = std::mem::take(&mut pending);
             let Some((rows, result)) = on_blocking_pool(&mut ledger, "write", move |l| {
                 let r = l.write_rows(&rows);
@@ -278,6 +538,7 @@ async fn run(
                 Ok(()) => {
                     stats.written.fetch_add(events, Ordering::Relaxed);
                     events = 0;
+                    stats.set_failing(None);
                     if failing {
                         tracing::info!("usage ledger writable again");
                         failing = false;
@@ -285,6 +546,7 @@ async fn run(
                 }
                 Err(e) => {
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.set_failing(Some(&e));
                     if !failing {
                         tracing::error!(error = %e, "cannot write the usage ledger; retrying");
                         failing = true;
@@ -350,6 +612,92 @@ async fn on_blocking_pool<T: Send + 'static>(
         Err(e) => {
             tracing::error!(error = %e, "usage ledger {what} task failed");
             None
+        }
+    }
+}
+
+/// How often an appliance on a shared store re-reads every key's day and month usage.
+/// An appliance whose last heartbeat (one per [`BUDGET_SYNC`]) is older than this no longer
+/// takes a share of the keys' rate limits.
+pub const APPLIANCE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The file naming this appliance in the shared store (random, kept across restarts).
+pub const APPLIANCE_ID_FILE: &str = "appliance.id";
+
+/// This appliance's id (`<state_dir>/appliance.id`, created on first use).
+fn appliance_id(state_dir: &Path) -> String {
+    let path = state_dir.join(APPLIANCE_ID_FILE);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if !s.trim().is_empty() {
+            return s.trim().to_string();
+        }
+    }
+    let id = new_batch_id();
+    if let Err(e) = crate::fsutil::write_atomic(&path, format!("{id}\n").as_bytes(), 0o600) {
+        tracing::warn!(error = %e, file = %path.display(), "cannot keep the appliance id; using a new one per start");
+    }
+    id
+}
+
+pub const BUDGET_SYNC: Duration = Duration::from_secs(1);
+
+/// Keeps a shared store's budgets global: every [`BUDGET_SYNC`] the day and month usage of
+/// every key (all appliances' rows) replaces what the limiter counted. Off the request path
+/// (one query a second on the blocking pool); while the store is unreachable the limiter goes
+/// on counting this appliance's own usage on top of the last view. Between syncs an appliance
+/// does not see the others' usage: a budget can be exceeded by what the other appliances spend
+/// in about one sync plus one ledger flush (see README "HA").
+pub async fn sync_budgets(
+    limiter: Arc<std::sync::Mutex<crate::policy::limits::Limiter>>,
+    state_dir: PathBuf,
+    store: StoreConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ledger: Option<Ledger> = None;
+    let id = appliance_id(&state_dir);
+    let mut share = 0u32;
+    let mut tick = tokio::time::interval(BUDGET_SYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() { return; }
+                continue;
+            }
+        }
+        let (dir, cfg, taken, me) = (state_dir.clone(), store.clone(), ledger.take(), id.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut l = match taken {
+                Some(l) => l,
+                None => match Ledger::open_in(&dir, &cfg) {
+                    Ok(l) => l,
+                    Err(_) => return (None, None),
+                },
+            };
+            let live = match l.heartbeat(&me) {
+                Ok(n) => n,
+                Err(_) => return (None, None),
+            };
+            let now = std::time::SystemTime::now();
+            match l.period_tokens(now) {
+                Ok(rows) => (Some(l), Some((rows, now, live))),
+                Err(_) => (None, None),
+            }
+        })
+        .await;
+        let Ok((kept, rows)) = joined else { continue };
+        ledger = kept;
+        if let Some((rows, now, live)) = rows {
+            let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
+            if live != share {
+                tracing::info!(appliances = live, "live appliances on the shared store: each enforces 1/{live} of every key's RPM, TPM and concurrency");
+                share = live;
+                limiter.set_share(live);
+            }
+            for (key_id, today, month) in &rows {
+                limiter.seed_usage(key_id, *today, *month, now);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`ledger`]: the usage ledger (per key and minute) and its background writer;
 //! - `backend`: the traits a store backend implements (key rows, usage rows, change stamp);
 //! - `sqlite`: the SQLite backend (`keys.db`: schema, key rows, usage rows);
+//! - `postgres`: the PostgreSQL backend (a store shared by several appliances);
 //! - `secret`: the server secret (`keys.secret`) and the keyed hash;
 //! - `ring`: the in-memory [`KeyRing`] and [`KeyRing::authenticate`];
 //! - `watch`: [`Keys`], the daemon's live ring, and its watcher.
@@ -18,17 +19,21 @@
 mod backend;
 pub mod format;
 pub mod ledger;
+pub mod migrate;
+pub mod postgres;
 mod ring;
 mod secret;
+mod spool;
 mod sqlite;
 pub mod store;
 mod types;
 mod watch;
 
 pub use format::{FormatError, Secret};
+pub use postgres::PgStoreConfig;
 pub use ring::{AuthError, KeyRing, RingCounts};
 pub use secret::{ServerSecret, SECRET_FILE};
 pub use sqlite::DB_FILE;
-pub use store::KeyStore;
+pub use store::{KeyStore, StoreConfig};
 pub use types::{CreatedKey, KeyRecord, KeyStatus, NewKey, StoreError};
 pub use watch::{Keys, WATCH_INTERVAL};

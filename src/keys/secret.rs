@@ -47,6 +47,15 @@ impl ServerSecret {
         <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length")
     }
 
+    /// A keyed digest that identifies the secret without revealing it (hex): what a shared
+    /// store records to refuse an appliance with another secret.
+    pub(crate) fn fingerprint(&self) -> String {
+        let mut m = self.mac();
+        m.update(b"modelgate server secret fingerprint v1");
+        let d = m.finalize().into_bytes();
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> [u8; 32] {
         self.0

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::backend::{truncate_ms, Backend, NewKeyRow, Rotation};
+use super::postgres::{PgBackend, PgStoreConfig};
 use super::secret::{self, Minted, ServerSecret, SECRET_FILE};
 use super::sqlite::{SqliteBackend, DB_FILE};
 pub use super::types::{CreatedKey, KeyRecord, KeyStatus, NewKey, StoreError};
@@ -38,6 +39,30 @@ pub fn check_key_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Where the rows live (`[store]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `<state_dir>/keys.db` (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by several appliances.
+    Postgres(PgStoreConfig),
+}
+
+impl StoreConfig {
+    /// Names the store in messages and `status` (never with a password).
+    pub fn describe(&self, state_dir: &Path) -> String {
+        match self {
+            StoreConfig::Sqlite => format!("sqlite {}", state_dir.join(DB_FILE).display()),
+            StoreConfig::Postgres(pg) => format!("postgres {}", pg.display_url()),
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StoreConfig::Postgres(_))
+    }
+}
+
 /// An open key store: the rows in a backend, the server secret beside it. Not shared between
 /// threads; each user opens its own.
 pub struct KeyStore {
@@ -59,17 +84,25 @@ impl KeyStore {
     /// The state directory is created 0700 when missing, both files 0600. Refuses a
     /// `keys.secret` that group or others can access.
     pub fn open(state_dir: &Path) -> Result<KeyStore, StoreError> {
+        KeyStore::open_in(state_dir, &StoreConfig::Sqlite)
+    }
+
+    /// Opens the store `store` names, with the server secret of `<state_dir>/keys.secret`
+    /// (created on first use). A shared store records the secret's fingerprint on first use
+    /// and refuses any other secret ([`StoreError::SecretMismatch`]).
+    pub fn open_in(state_dir: &Path, store: &StoreConfig) -> Result<KeyStore, StoreError> {
         create_dir_with_mode(state_dir, 0o700).map_err(|source| StoreError::Io {
             action: "create the state directory",
             path: state_dir.to_path_buf(),
             source,
         })?;
         let secret = secret::load_or_create(&state_dir.join(SECRET_FILE))?;
-        let backend = SqliteBackend::open(&state_dir.join(DB_FILE))?;
-        Ok(KeyStore {
-            backend: Box::new(backend),
-            secret,
-        })
+        let mut backend: Box<dyn Backend> = match store {
+            StoreConfig::Sqlite => Box::new(SqliteBackend::open(&state_dir.join(DB_FILE))?),
+            StoreConfig::Postgres(pg) => Box::new(PgBackend::open(pg)?),
+        };
+        backend.check_fingerprint(&secret.fingerprint())?;
+        Ok(KeyStore { backend, secret })
     }
 
     /// Where the rows live (the database file).
@@ -84,6 +117,11 @@ impl KeyStore {
 
     pub(super) fn backend_mut(&mut self) -> &mut dyn Backend {
         &mut *self.backend
+    }
+
+    /// Whether other appliances share this store.
+    pub fn is_shared(&self) -> bool {
+        self.backend.is_shared()
     }
 
     pub(crate) fn server_secret(&self) -> &ServerSecret {

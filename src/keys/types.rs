@@ -34,6 +34,19 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("key store {url}: {}; fix: check that PostgreSQL runs and [store] url, password_file and ca_file are right (`modelgate doctor`)", error_chain(source))]
+    Postgres {
+        url: String,
+        source: postgres::Error,
+    },
+    #[error("key store {url}: {problem}; fix: {fix}")]
+    StoreConfig {
+        url: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("key store {url}: was first used with another server secret (keys.secret), so no key of it would work here; fix: copy keys.secret (mode 0600) from an appliance already using this store into this state directory")]
+    SecretMismatch { url: String },
     #[error("key store {}: schema version {found} is newer than this modelgate understands ({supported}); fix: upgrade modelgate", path.display())]
     SchemaTooNew {
         path: PathBuf,
@@ -58,6 +71,21 @@ pub enum StoreError {
     Revoked(String),
     #[error("key {0:?}: has expired, a new secret would not work; fix: create a new key with `modelgate key create`")]
     Expired(String),
+}
+
+/// `e` and its causes ("error performing TLS handshake: invalid peer certificate: …").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_text = c.to_string();
+        if !out.contains(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// A key to create.

@@ -5,12 +5,12 @@
 //! held for that clone only, and every store call runs on the blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use super::ring::KeyRing;
-use super::store::KeyStore;
+use super::store::{KeyStore, StoreConfig};
 use super::types::StoreError;
 use crate::policy::Policies;
 
@@ -24,6 +24,11 @@ pub struct Keys {
     policies: RwLock<Arc<Policies>>,
     /// Set by [`Keys::set_policies`]: the watcher rebuilds the ring at its next tick.
     stale: AtomicBool,
+    /// Rings the watcher has swapped in (the first load included).
+    loads: AtomicU64,
+    /// Since when (ms since the epoch) the store cannot be read; 0 while it can.
+    failing_since_ms: std::sync::atomic::AtomicI64,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Keys {
@@ -37,7 +42,49 @@ impl Keys {
             current: RwLock::new(Arc::new(ring)),
             policies: RwLock::new(Arc::new(policies)),
             stale: AtomicBool::new(false),
+            loads: AtomicU64::new(0),
+            failing_since_ms: std::sync::atomic::AtomicI64::new(0),
+            last_error: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Since when the watcher cannot read the store, and the last error; `None` while it can.
+    pub fn degraded(&self) -> Option<(SystemTime, String)> {
+        let ms = self.failing_since_ms.load(Ordering::Acquire);
+        (ms != 0).then(|| {
+            (
+                super::backend::from_ms(ms),
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    fn set_failing(&self, e: Option<String>) {
+        match e {
+            Some(e) => {
+                let now = super::backend::to_ms(SystemTime::now()).max(1);
+                let _ = self.failing_since_ms.compare_exchange(
+                    0,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+            None => {
+                self.failing_since_ms.store(0, Ordering::Release);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+    }
+
+    /// How many rings the watcher has loaded from the store so far (the first load included).
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Acquire)
     }
 
     /// New named policies (a config reload): the watcher rebuilds the ring with them within
@@ -63,19 +110,19 @@ impl Keys {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
     }
 
-    /// Keeps the ring in step with `<state_dir>/keys.db` until `stop` turns true (or its sender
+    /// Keeps the ring in step with the store (`store_cfg`) until `stop` turns true (or its sender
     /// is dropped).
     ///
     /// Opens its own connection, loads once, then every [`WATCH_INTERVAL`] reads the store's
-    /// change stamp (`KeyStore::change_stamp`) and reloads when it moved; so a
-    /// `key create|revoke|rotate` reaches the daemon within a second. The SQLite stamp also
-    /// moves at every commit of the daemon's own ledger writer (another connection to the same
-    /// file), so under traffic the ring is rebuilt at about every flush. Store errors are
+    /// change stamp (`KeyStore::change_stamp`, the keys generation) and reloads when it moved;
+    /// so a `key create|revoke|rotate` reaches the daemon within a second, and the ledger
+    /// writer's commits (several a second under traffic) cause no reload. Store errors are
     /// logged and retried; the last good ring stays in service meanwhile. The store calls run
     /// on the blocking pool, never on a runtime worker.
     pub async fn watch(
         self: Arc<Self>,
         state_dir: PathBuf,
+        store_cfg: StoreConfig,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut store: Option<KeyStore> = None;
@@ -95,13 +142,15 @@ impl Keys {
                 }
             }
             let dir = state_dir.clone();
+            let cfg = store_cfg.clone();
             let taken = store.take();
             if self.stale.swap(false, Ordering::AcqRel) {
                 seen = None;
             }
             let policies = self.policies();
             let joined =
-                tokio::task::spawn_blocking(move || poll_store(taken, &dir, seen, &policies)).await;
+                tokio::task::spawn_blocking(move || poll_store(taken, &dir, &cfg, seen, &policies))
+                    .await;
             let (kept, result) = match joined {
                 Ok(v) => v,
                 Err(e) => {
@@ -110,11 +159,19 @@ impl Keys {
                 }
             };
             store = kept;
+            match &result {
+                Ok(_) => self.set_failing(None),
+                Err(e) => self.set_failing(Some(
+                    e.as_ref()
+                        .map_or_else(|| "poll task failed".into(), |e| e.to_string()),
+                )),
+            }
             match result {
                 Ok(None) => {}
                 Ok(Some((version, ring))) => {
                     let c = ring.counts(SystemTime::now());
                     self.replace(ring);
+                    self.loads.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(
                         total = c.total,
                         active = c.active,
@@ -150,12 +207,13 @@ type PollResult = Result<Option<(i64, KeyRing)>, Option<StoreError>>;
 fn poll_store(
     store: Option<KeyStore>,
     dir: &Path,
+    cfg: &StoreConfig,
     seen: Option<i64>,
     policies: &Policies,
 ) -> (Option<KeyStore>, PollResult) {
     let (store, fresh) = match store {
         Some(s) => (s, false),
-        None => match KeyStore::open(dir) {
+        None => match KeyStore::open_in(dir, cfg) {
             Ok(s) => (s, true),
             Err(e) => return (None, Err(Some(e))),
         },
@@ -171,5 +229,80 @@ fn poll_store(
     match KeyRing::load(&store, policies) {
         Ok(ring) => (Some(store), Ok(Some((version, ring)))),
         Err(e) => (None, Err(Some(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime};
+
+    use super::{Keys, WATCH_INTERVAL};
+    use crate::keys::ledger::{Ledger, UsageEvent};
+    use crate::keys::{KeyRing, KeyStore, NewKey};
+
+    async fn wait_loads(keys: &Keys, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while keys.loads() < n {
+            assert!(Instant::now() < deadline, "watcher did not load {n} rings");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ledger commits (another connection to the same database, as in the daemon) cause no
+    /// reload; one key change causes exactly one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ledger_commits_do_not_reload_a_key_change_reloads_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = KeyStore::open(dir.path()).unwrap();
+        let k = store
+            .create(NewKey {
+                name: "a".into(),
+                policy: Default::default(),
+            })
+            .unwrap();
+        let keys = Keys::new(KeyRing::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(keys.clone().watch(
+            dir.path().to_path_buf(),
+            Default::default(),
+            stop_rx,
+        ));
+        wait_loads(&keys, 1).await;
+        assert_eq!(keys.current().counts(SystemTime::now()).total, 1);
+
+        // Ledger commits for 8 watcher ticks.
+        let d = dir.path().to_path_buf();
+        let id: Arc<str> = k.id.as_str().into();
+        tokio::task::spawn_blocking(move || {
+            let mut l = Ledger::open(&d).unwrap();
+            let until = Instant::now() + WATCH_INTERVAL * 8;
+            let mut n = 0;
+            while Instant::now() < until {
+                l.write(&[UsageEvent {
+                    key_id: id.clone(),
+                    at: SystemTime::now(),
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    estimated: false,
+                }])
+                .unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(n > 20, "only {n} ledger commits");
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(WATCH_INTERVAL * 2).await;
+        assert_eq!(keys.loads(), 1, "ledger commits reloaded the keys");
+
+        store.revoke("a").unwrap();
+        wait_loads(&keys, 2).await;
+        tokio::time::sleep(WATCH_INTERVAL * 4).await;
+        assert_eq!(keys.loads(), 2, "one key change, more than one reload");
+        assert_eq!(keys.current().counts(SystemTime::now()).revoked, 1);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 }

@@ -276,9 +276,11 @@ impl KeyState {
     }
     /// Takes the key's current limits from `policy` (they change at reload) and brings its
     /// buckets up to `now_ms` and its budget usage to the UTC `day` and `month`.
-    fn update(&mut self, policy: &KeyPolicy, now_ms: u64, day: u64, month: u64) {
-        self.rpm = policy.rpm.map(u64::from);
-        self.tpm = policy.tpm.map(u64::from);
+    /// `share` appliances split the key's rate limits (each takes `limit / share`, rounded up).
+    fn update(&mut self, policy: &KeyPolicy, now_ms: u64, day: u64, month: u64, share: u32) {
+        let part = |l: u32| u64::from(l.div_ceil(share.max(1)).max(1));
+        self.rpm = policy.rpm.map(part);
+        self.tpm = policy.tpm.map(part);
         self.budgeted |= policy.budget.is_some();
         self.refill(now_ms);
         self.day.roll(day);
@@ -385,6 +387,9 @@ pub struct Limiter {
     origin: Option<Instant>,
     keys: HashMap<Arc<str>, KeyState>,
     last_sweep_ms: u64,
+    /// Appliances sharing each key's RPM, TPM and concurrency (a shared store: the live
+    /// appliances); each enforces `limit / share` (rounded up, at least 1). 0 or 1: alone.
+    share: u32,
 }
 
 impl Limiter {
@@ -402,6 +407,17 @@ impl Limiter {
     /// Replaces the settings (the daemon applies `[gateway] default_max_tokens`).
     pub fn configure(&mut self, config: LimiterConfig) {
         self.config = config;
+    }
+
+    /// How many appliances share every key's RPM, TPM and concurrency limits from now on
+    /// (each enforces its `limit / n`, rounded up). Budgets are not divided: they are synced.
+    pub fn set_share(&mut self, n: u32) {
+        self.share = n.max(1);
+    }
+
+    /// The current share divisor (1 alone).
+    pub fn share(&self) -> u32 {
+        self.share.max(1)
     }
 
     /// Number of keys with state (for tests and metrics).
@@ -481,8 +497,9 @@ impl Limiter {
             .max_tokens
             .unwrap_or(u64::from(self.config.default_max_tokens));
         let (day, month) = periods(wall);
+        let share = self.share.max(1);
         let k = self.entry(key_id);
-        k.update(policy, now_ms, day, month);
+        k.update(policy, now_ms, day, month, share);
 
         // The least a request can run with: its prompt and, unless it generates nothing
         // (embeddings), one completion token. A reservation above what is left of the budget or
@@ -492,7 +509,10 @@ impl Limiter {
         let minimum = est.prompt_tokens.saturating_add(wanted.min(1));
         let asked = est.prompt_tokens.saturating_add(wanted);
         let reserve = k.reservation(policy.budget, minimum, asked, wall)?;
-        k.check_rates(policy.max_concurrent, reserve)?;
+        k.check_rates(
+            policy.max_concurrent.map(|m| m.div_ceil(share).max(1)),
+            reserve,
+        )?;
         k.charge(reserve);
         Ok(Admission {
             key: k.id.clone().expect("entries carry their id"),

@@ -359,7 +359,7 @@ async fn watch_sees_cli_changes_within_a_second() {
     let env = initialised();
     let keys = Keys::new(KeyRing::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let watcher = tokio::spawn(keys.clone().watch(env.state(), stop_rx));
+    let watcher = tokio::spawn(keys.clone().watch(env.state(), Default::default(), stop_rx));
 
     let wait_for = |keys: Arc<Keys>, secret: String, want: Result<(), AuthError>| async move {
         let start = Instant::now();

@@ -10,4 +10,6 @@ mod env;
 mod keys;
 mod operator;
 mod peers;
+#[path = "../support/skip.rs"]
+mod skip;
 mod upstreams;

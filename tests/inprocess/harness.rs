@@ -89,6 +89,8 @@ pub struct StackOptions {
     pub patience: Duration,
     /// `[[model]]` settings (balancing of replicas).
     pub models: Vec<ModelConfig>,
+    /// The live key set (watched from a store) instead of a fixed ring of `keys`.
+    pub live_keys: Option<Arc<Keys>>,
 }
 
 impl StackOptions {
@@ -102,6 +104,7 @@ impl StackOptions {
             ledger: None,
             patience: Duration::from_secs(20),
             models: Vec::new(),
+            live_keys: None,
         }
     }
 }
@@ -164,13 +167,11 @@ impl Stack {
                 }
             });
         }
-        let mut gateway = Gateway::new(
-            Keys::new(KeyRing::for_tests(o.keys)),
-            appliance.clone(),
-            o.upstreams,
-            o.config,
-        )
-        .models(o.models);
+        let keys = o
+            .live_keys
+            .unwrap_or_else(|| Keys::new(KeyRing::for_tests(o.keys)));
+        let mut gateway =
+            Gateway::new(keys, appliance.clone(), o.upstreams, o.config).models(o.models);
         if let Some(l) = o.ledger {
             gateway = gateway.ledger(l);
         }

@@ -17,6 +17,10 @@
 //! - [`hardening`]: one test per fix for hostile or broken clients (stalled bodies and floods
 //!   of them, HTTP/2 without requests, ambiguous auth, deep JSON, unknown paths, early errors).
 //!
+//! - [`ha`]: two gateways on one shared PostgreSQL store (a throwaway cluster): a revoke on
+//!   one is a 401 on the other within 1 s, PostgreSQL killed mid-load fails no request and the
+//!   ledger equals the model's count afterwards, one gateway gone leaves the other serving.
+//!
 //! [`harness`] builds the gateway stack (the way the daemon builds it) and its client; [`raw`]
 //! writes requests as bytes and HTTP/2 frame by frame.
 
@@ -24,8 +28,11 @@ mod adversarial;
 mod cursor_compat;
 mod demo;
 mod gateway;
+mod ha;
 mod hardening;
 mod harness;
+#[path = "../support/pg.rs"]
+mod pg;
 mod raw;
 mod replicas;
 mod restart;

@@ -18,6 +18,7 @@ mod names;
 mod peers;
 mod policies;
 mod server;
+mod store;
 mod tls;
 mod upstreams;
 mod wireguard;
@@ -50,6 +51,7 @@ pub fn validate(
     let state_dir = server::state_dir(&raw.server, &base);
 
     let server = server::validate(&mut errs, &raw.server, &base);
+    let store = store::validate(&mut errs, raw.store.as_ref(), &base);
     let tls = raw
         .tls
         .as_ref()
@@ -84,6 +86,7 @@ pub fn validate(
     Ok(Config {
         path: path.to_path_buf(),
         server,
+        store,
         tls,
         wireguard,
         peers,

@@ -10,6 +10,7 @@ mod dns;
 mod listener;
 mod peers;
 mod probes;
+mod store;
 mod upstreams;
 
 pub(super) use certificate::certificate_hop;
@@ -18,4 +19,5 @@ pub(super) use dns::dns_hop;
 pub(super) use listener::listener_hop;
 pub(super) use peers::peers_hop;
 pub(super) use probes::probe_hops;
+pub(super) use store::store_hop;
 pub(super) use upstreams::upstreams_hop;

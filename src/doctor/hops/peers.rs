@@ -131,6 +131,7 @@ allowed_ips = ["10.20.0.0/24", "10.99.0.2/32"]
             https: None,
             metrics_listen: None,
             streams: vec![],
+            store: None,
         }
     }
 

@@ -72,7 +72,7 @@ async fn models_then_completion(
     key: &mut Option<probe::ThrowawayKey>,
     done7: &mut Option<HopResult>,
 ) -> (HopResult, HopResult) {
-    let k = match probe::ThrowawayKey::create(&config.server.state_dir) {
+    let k = match probe::ThrowawayKey::create(&config.server.state_dir, &config.store) {
         Ok(k) => key.insert(k),
         Err(e) => {
             return (

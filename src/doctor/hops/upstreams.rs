@@ -102,6 +102,7 @@ mod tests {
             https: None,
             metrics_listen: None,
             streams: Vec::new(),
+            store: None,
         }
     }
 

@@ -128,6 +128,17 @@ impl KeyBackend for SqliteBackend {
     }
 }
 
+impl SqliteBackend {
+    /// Every key row as stored (for `store migrate`).
+    pub(crate) fn raw_key_rows(&self) -> Result<Vec<KeyRow>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("{SELECT} ORDER BY created_at, name, id"))?;
+            let rows = stmt.query_map([], read_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+}
+
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
         id: r.get(0)?,

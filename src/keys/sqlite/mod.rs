@@ -8,12 +8,14 @@
 //! daemon opens it twice (the key watcher and the ledger writer). WAL lets readers go on while
 //! one connection writes; `busy_timeout` makes writers queue rather than fail; every
 //! read-modify-write runs in one `BEGIN IMMEDIATE` transaction, so it holds the write lock from
-//! its first read. `PRAGMA data_version` is the change stamp: it moves when another connection
-//! commits, whichever table that commit touched.
+//! its first read. The change stamp is the `keys_generation` counter, which triggers on the
+//! `keys` table bump (not `PRAGMA data_version`, which every ledger commit moves too).
 
 mod keys;
 mod schema;
 mod usage;
+
+pub(crate) use usage::UsageRow;
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -135,10 +137,16 @@ impl Backend for SqliteBackend {
         &self.path
     }
 
-    /// `PRAGMA data_version`: moves when another connection commits, to any table. So the
-    /// ledger writer's commits (every flush under traffic) move it as well as key changes.
+    /// The `keys_generation` counter: triggers bump it at every insert, update or delete on
+    /// `keys`, and nothing else moves it (the ledger writer's commits leave it alone).
     fn change_stamp(&self) -> Result<i64, StoreError> {
-        self.read(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?))
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT generation FROM keys_generation WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )?)
+        })
     }
 }
 
@@ -229,13 +237,23 @@ mod tests {
         assert_eq!(count(&db), 0);
         db.write_tx(|tx| Ok(tx.execute(INSERT, [])?)).unwrap();
         assert_eq!(count(&db), 1);
-        // Another connection sees the commit, and its change stamp moved.
+        // Another connection sees the commit; a usage commit leaves the change stamp alone, a
+        // key row change moves it.
         let other = SqliteBackend::open(&path).unwrap();
         let before = other.change_stamp().unwrap();
         assert_eq!(count(&other), 1);
         db.write_tx(|tx| Ok(tx.execute("DELETE FROM usage", [])?))
             .unwrap();
-        assert_ne!(other.change_stamp().unwrap(), before);
+        assert_eq!(other.change_stamp().unwrap(), before);
         assert_eq!(count(&other), 0);
+        db.write_tx(|tx| {
+            Ok(tx.execute(
+                "INSERT INTO keys (id, name, created_at, policy, secret_hash)
+                 VALUES ('aaaaaaaaaaaa', 'n', 0, '{}', x'00')",
+                [],
+            )?)
+        })
+        .unwrap();
+        assert_eq!(other.change_stamp().unwrap(), before + 1);
     }
 }

@@ -37,6 +37,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (key_id, bucket_start, bucket_ms)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX usage_fine ON usage(bucket_ms, bucket_start);",
+    // 3: the keys generation: one counter that triggers bump at every change to `keys` (and
+    // only there), so the daemon's watcher can tell a key change from a ledger commit (both
+    // move `PRAGMA data_version`).
+    "CREATE TABLE keys_generation (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO keys_generation VALUES (1, 0);
+    CREATE TRIGGER keys_generation_insert AFTER INSERT ON keys
+        BEGIN UPDATE keys_generation SET generation = generation + 1; END;
+    CREATE TRIGGER keys_generation_update AFTER UPDATE ON keys
+        BEGIN UPDATE keys_generation SET generation = generation + 1; END;
+    CREATE TRIGGER keys_generation_delete AFTER DELETE ON keys
+        BEGIN UPDATE keys_generation SET generation = generation + 1; END;",
 ];
 
 /// Applies the migrations `db` lacks, in one transaction.
@@ -110,10 +124,14 @@ mod tests {
         drop(s);
         // Make it look like a version-1 database.
         raw(dir.path())
-            .execute_batch("DROP TABLE usage; PRAGMA user_version = 1;")
+            .execute_batch(
+                "DROP TABLE usage; DROP TRIGGER keys_generation_insert;
+                 DROP TRIGGER keys_generation_update; DROP TRIGGER keys_generation_delete;
+                 DROP TABLE keys_generation; PRAGMA user_version = 1;",
+            )
             .unwrap();
         let mut l = Ledger::open(dir.path()).unwrap();
-        assert_eq!(user_version(&raw(dir.path())).unwrap(), 2);
+        assert_eq!(user_version(&raw(dir.path())).unwrap(), 3);
         assert_eq!(l.store().get("a").unwrap().id, k.id);
         let at = humantime::parse_rfc3339("2024-03-10T12:00:00Z").unwrap();
         l.write(&[UsageEvent {

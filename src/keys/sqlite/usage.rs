@@ -28,6 +28,35 @@ fn count(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
     Ok(r.get::<_, i64>(i)?.max(0) as u64)
 }
 
+/// One stored usage row: key, bucket start, bucket width, sums.
+pub(crate) type UsageRow = (String, i64, i64, UsageTotals);
+
+impl SqliteBackend {
+    /// Every usage row as stored (for `store migrate`).
+    pub(crate) fn raw_usage_rows(&self) -> Result<Vec<UsageRow>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT key_id, bucket_start, bucket_ms, prompt_tokens, completion_tokens,
+                        requests, estimated FROM usage ORDER BY key_id, bucket_ms, bucket_start",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    UsageTotals {
+                        prompt_tokens: count(r, 3)?,
+                        completion_tokens: count(r, 4)?,
+                        requests: count(r, 5)?,
+                        estimated: count(r, 6)?,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+}
+
 impl LedgerBackend for SqliteBackend {
     /// `synchronous=NORMAL`: in WAL mode a commit then survives a process crash (not
     /// necessarily a power loss) without an fsync per batch.

@@ -443,3 +443,36 @@ fn warm_key_admit_settle_round_trips() {
     }
     assert_eq!((l.len(), l.in_flight("abcdefghijkl")), (1, 0));
 }
+
+#[test]
+fn a_share_divides_rpm_tpm_and_concurrency_rounding_up() {
+    let mut l = Limiter::new();
+    l.set_share(3);
+    assert_eq!(l.share(), 3);
+    let t0 = Instant::now();
+    let w = wall(W);
+    // RPM 10 over 3 appliances: 4 here (rounded up).
+    let p = pol(Some(10), None);
+    for _ in 0..4 {
+        let a = l.admit("k", &p, est(1, 1), t0, w).unwrap();
+        assert_eq!(a.headers.requests.unwrap().limit, 4);
+        l.settle(a, 2, t0, w);
+    }
+    assert!(l.admit("k", &p, est(1, 1), t0, w).is_err());
+    // Concurrency 2 over 3: at least 1 each.
+    let c = KeyPolicy {
+        max_concurrent: Some(2),
+        ..KeyPolicy::default()
+    };
+    let first = l.admit("c", &c, est(1, 1), t0, w).unwrap();
+    let r = l.admit("c", &c, est(1, 1), t0, w).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::TooManyConcurrent);
+    l.settle(first, 1, t0, w);
+    // Alone again: the whole limit.
+    l.set_share(0);
+    assert_eq!(l.share(), 1);
+    let a = l
+        .admit("n", &pol(Some(10), None), est(1, 1), t0, w)
+        .unwrap();
+    assert_eq!(a.headers.requests.unwrap().limit, 10);
+}
