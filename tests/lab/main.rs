@@ -27,6 +27,7 @@ mod curl_errors;
 mod doctor;
 mod firewall;
 mod gateway;
+mod ha;
 mod peer_file;
 mod replicas;
 mod restart;
