@@ -503,10 +503,23 @@ fn two_appliances_one_store_one_corp_router() {
             thread::sleep(Duration::from_millis(200));
         }
     }
-    let u = a.usage("load");
-    let ledger = (
-        u["requests"].as_u64().unwrap(),
-        u["tokens"].as_u64().unwrap(),
+    // The ledger writer flushes every 250 ms: poll (bounded: 5 s) until it matches, printing
+    // how long after the spool was empty.
+    let synced = Instant::now();
+    let (u, ledger) = loop {
+        let u = a.usage("load");
+        let ledger = (
+            u["requests"].as_u64().unwrap(),
+            u["tokens"].as_u64().unwrap(),
+        );
+        if ledger == model_load || synced.elapsed() > Duration::from_secs(5) {
+            break (u, ledger);
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "ledger polled for {:?} after both spools were empty",
+        synced.elapsed()
     );
     eprintln!(
         "after the PostgreSQL kill: ledger {ledger:?}, model {model_load:?} (requests, tokens)"
