@@ -7,6 +7,11 @@ use tracing_subscriber::EnvFilter;
 
 use modelgate::cli::{execute, Cli};
 
+/// The daemon's allocator (see Cargo.toml): RSS that follows the live heap over long uptimes.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // Usage errors exit 2 (clap's convention, matching our contract); --help/--version exit 0.
     let cli = Cli::parse();
