@@ -682,7 +682,6 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
-/// How often an appliance on a shared store re-reads every key's day and month usage.
 /// An appliance whose last heartbeat (one per [`BUDGET_SYNC`]) is older than this no longer
 /// takes a share of the keys' rate limits.
 pub const APPLIANCE_WINDOW: Duration = Duration::from_secs(5);
@@ -705,6 +704,7 @@ fn appliance_id(state_dir: &Path) -> String {
     id
 }
 
+/// How often an appliance on a shared store heartbeats and renews its budget leases.
 pub const BUDGET_SYNC: Duration = Duration::from_secs(1);
 
 /// How long a budget lease holds in the store without renewal (renewed every [`BUDGET_SYNC`]).
@@ -782,6 +782,9 @@ pub async fn sync_budgets(sync: BudgetSync, mut stop: tokio::sync::watch::Receiv
     // The flushed count of each (key, period start) when its lease began: only what was flushed
     // since counts against the lease.
     let mut flushed_base: HashMap<(String, i64), u64> = HashMap::new();
+    // What each key had spent (and had in flight) at the last sync: a key that spent more than
+    // its target in one second gets twice that as its next target.
+    let mut last_spent: HashMap<String, u64> = HashMap::new();
     let mut tick = tokio::time::interval(BUDGET_SYNC);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
@@ -813,7 +816,14 @@ pub async fn sync_budgets(sync: BudgetSync, mut stop: tokio::sync::watch::Receiv
                         .or_insert(if st.granted == 0 { now_flushed } else { 0 });
                     let flushed = now_flushed.saturating_sub(base).min(st.spent);
                     let unspent = st.granted.saturating_sub(st.spent + st.in_flight);
-                    let target = lease_target(b.tokens, share.max(1), floor);
+                    let now_spent = st.spent + st.in_flight;
+                    let last = last_spent
+                        .insert(key_id.clone(), now_spent)
+                        .unwrap_or(now_spent);
+                    let rate = now_spent.saturating_sub(last);
+                    let target = lease_target(b.tokens, share.max(1), floor)
+                        .max(rate.saturating_mul(2))
+                        .min(b.tokens);
                     let (granted, want) = if stopping {
                         // Return what is unspent; keep what is in flight.
                         (st.spent + st.in_flight, 0)
@@ -836,10 +846,13 @@ pub async fn sync_budgets(sync: BudgetSync, mut stop: tokio::sync::watch::Receiv
                 })
                 .collect()
         };
-        flushed_base.retain(|(k, p0), _| {
-            asks.iter()
-                .any(|(a, _)| &a.key_id == k && a.period.0 == *p0)
-        });
+        let current: std::collections::HashSet<(&str, i64)> = asks
+            .iter()
+            .map(|(a, _)| (a.key_id.as_str(), a.period.0))
+            .collect();
+        flushed_base.retain(|(k, p0), _| current.contains(&(k.as_str(), *p0)));
+        let ids: std::collections::HashSet<&str> = current.iter().map(|(k, _)| *k).collect();
+        last_spent.retain(|k, _| ids.contains(k.as_str()));
         let (dir, cfg, taken, me) = (
             sync.state_dir.clone(),
             sync.store.clone(),

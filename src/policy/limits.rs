@@ -474,7 +474,8 @@ impl Limiter {
     }
 
     /// How many appliances share every key's RPM, TPM and concurrency limits from now on
-    /// (each enforces its `limit / n`, rounded up). Budgets are not divided: they are synced.
+    /// (each enforces its `limit / n`, rounded up). Budgets are not divided: they are leased
+    /// ([`Limiter::set_lease`]).
     pub fn set_share(&mut self, n: u32) {
         self.share = n.max(1);
     }

@@ -406,11 +406,12 @@ const PER_REQUEST: u64 = (BODY.len() / 4) as u64 + 2;
 const OVERRUN: u64 = PER_REQUEST - ((BODY.len() / 4) as u64 + 1);
 
 /// Sends requests to `apps` (round robin, `parallel` at a time on each) until every one of them
-/// answers 429 `insufficient_quota`; 429 `rate_limit_exceeded` (a lease on its way, requests in
-/// flight) is retried. Returns how many were served. Bounded: 60 s.
+/// answers 429 `insufficient_quota`, twice, a lease sync apart; 429 `rate_limit_exceeded` (a
+/// lease on its way, requests in flight) is retried. Returns how many were served. Bounded: 60 s.
 async fn spend_until_quota(apps: &[&Appliance], secret: &str, parallel: usize) -> u64 {
     let t = Instant::now();
     let mut served = 0u64;
+    let mut settled_refusals = 0;
     loop {
         let mut calls = Vec::new();
         for a in apps {
@@ -429,8 +430,16 @@ async fn spend_until_quota(apps: &[&Appliance], secret: &str, parallel: usize) -
             }
         }
         if quota == replies.len() {
-            return served;
+            // Refused everywhere: once more after the next lease sync (a grant may have been
+            // held back for a second by usage that was flushed but not yet reported).
+            if settled_refusals > 0 {
+                return served;
+            }
+            settled_refusals += 1;
+            tokio::time::sleep(modelgate::keys::ledger::BUDGET_SYNC * 3 / 2).await;
+            continue;
         }
+        settled_refusals = 0;
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the budget never ran out ({served} served)"
@@ -463,9 +472,9 @@ async fn budget_leases_alternating_requests_never_exceed_the_budget() {
         "the ledger's tokens are the model's"
     );
     assert!(spent <= BUDGET + 2 * OVERRUN, "spent {spent} of {BUDGET}");
-    // What is left is less than one reservation per appliance (leases hand out all of it).
+    // What is left is less than one request per appliance (leases hand out all of it).
     assert!(
-        spent + 2 * (PER_REQUEST + 64) > BUDGET,
+        spent + 2 * PER_REQUEST > BUDGET,
         "only {spent} of {BUDGET} usable"
     );
     drop(pg);
@@ -492,7 +501,7 @@ async fn budget_leases_concurrent_requests_never_exceed_the_budget() {
     );
     assert!(spent <= BUDGET + 16 * OVERRUN, "spent {spent} of {BUDGET}");
     assert!(
-        spent + 16 * (PER_REQUEST + 64) > BUDGET,
+        spent + 2 * PER_REQUEST > BUDGET,
         "only {spent} of {BUDGET} usable"
     );
     drop(pg);
@@ -560,7 +569,7 @@ async fn a_lease_of_a_dead_appliance_comes_back_after_its_expiry() {
     );
     assert!(spent <= BUDGET + OVERRUN, "spent {spent} of {BUDGET}");
     assert!(
-        spent + 2 * (PER_REQUEST + 64) > BUDGET,
+        spent + 2 * PER_REQUEST > BUDGET,
         "only {spent} of {BUDGET} usable"
     );
     drop(pg);
