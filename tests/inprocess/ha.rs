@@ -651,3 +651,68 @@ async fn rpm_across_two_gateways_stays_within_ten_percent_of_the_limit() {
         "{ok} admitted for an RPM of {RPM} across two appliances"
     );
 }
+
+/// PostgreSQL gone: A spends the lease it holds until it lapses (the store's expiry less the
+/// margin, counted from the last renewal), then refuses the budgeted key (never spending what
+/// it was not granted); once the store is back it leases and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_gone_a_lease_is_spent_until_it_lapses_then_refused() {
+    if let Some(why) = pg::missing() {
+        skip::missing("with_the_store_gone_a_lease_is_spent_until_it_lapses", &why);
+        return;
+    }
+    let (mut pg, _cfg, a, _b, secret, _id, _model) = budget_setup(100_000).await;
+    let t = Instant::now();
+    while chat(&a, &secret).await.status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "A never got a lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocking_kill(&mut pg).await;
+    let killed = Instant::now();
+    let lapse = modelgate::keys::ledger::LEASE_EXPIRY - modelgate::keys::ledger::LEASE_MARGIN;
+    let mut last_ok = Duration::ZERO;
+    let refused_at = loop {
+        let r = chat(&a, &secret).await;
+        match r.status {
+            200 => last_ok = killed.elapsed(),
+            429 => {
+                assert!(r.body().contains("rate_limit_exceeded"), "{}", r.body());
+                break killed.elapsed();
+            }
+            s => panic!("{s} {}", r.body()),
+        }
+        assert!(
+            killed.elapsed() < lapse + Duration::from_secs(3),
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("store gone: served for {last_ok:?}, refused from {refused_at:?}");
+    assert!(
+        last_ok + BUDGET_SYNC_SLACK >= lapse - BUDGET_SYNC_SLACK,
+        "served only {last_ok:?}"
+    );
+    assert!(
+        refused_at <= lapse + Duration::from_millis(500),
+        "{refused_at:?}"
+    );
+    // Refused for as long as the store is away.
+    for _ in 0..3 {
+        assert_eq!(chat(&a, &secret).await.status, 429);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg = blocking_launch(pg).await;
+    let t = Instant::now();
+    while chat(&a, &secret).await.status != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no lease after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("store back: serving again after {:?}", t.elapsed());
+    drop(pg);
+}
+
+/// One sync interval plus the time of one lease transaction.
+const BUDGET_SYNC_SLACK: Duration = Duration::from_millis(1_500);
