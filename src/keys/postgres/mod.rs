@@ -11,7 +11,8 @@
 //! Change stamp: `keys_generation`, bumped by a statement trigger on `keys` (which also sends
 //! `NOTIFY modelgate_keys`); usage writes never move it. Usage batches carry an id recorded in
 //! `usage_batches` in the same transaction, so a batch retried after a lost answer is applied
-//! once.
+//! once. Budget leases (`budget_leases`, [`LedgerBackend::lease_budgets`]) are granted under a
+//! per-key advisory lock, so two appliances never hand out the same remaining tokens.
 
 use std::cell::{RefCell, RefMut};
 use std::fs;
