@@ -432,9 +432,13 @@ async fn start_gateway(
     tasks.push(running.discovery);
     if config.store.is_shared() {
         tasks.push(tokio::spawn(crate::keys::ledger::sync_budgets(
-            running.handle.load().limiter.clone(),
-            state_dir.clone(),
-            config.store.clone(),
+            crate::keys::ledger::BudgetSync {
+                limiter: running.handle.load().limiter.clone(),
+                keys: keys.clone(),
+                ledger: ledger_stats.clone(),
+                state_dir: state_dir.clone(),
+                store: config.store.clone(),
+            },
             stop.clone(),
         )));
     }
@@ -503,6 +507,8 @@ fn open_ledger(
         .period_tokens(now)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut limiter = Limiter::new();
+    // A shared store: budgets are admitted against leases only (from the first request on).
+    limiter.set_leased(store.is_shared());
     for (key_id, today, month) in &usage {
         limiter.seed_usage(key_id, *today, *month, now);
     }

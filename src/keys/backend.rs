@@ -136,6 +136,23 @@ pub trait LedgerBackend {
 
     /// Number of usage rows.
     fn usage_row_count(&self) -> Result<u64, StoreError>;
+
+    /// Renews and tops up this appliance's budget leases, one transaction for all of them
+    /// (a shared store only; see [`super::ledger::LeaseAsk`]). Returns, per ask, the tokens
+    /// granted in total and what the store had left after granting.
+    fn lease_budgets(
+        &mut self,
+        _appliance: &str,
+        _now_ms: i64,
+        _expiry_ms: i64,
+        _asks: &[super::ledger::LeaseAsk],
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        Err(StoreError::StoreConfig {
+            url: "the local store".into(),
+            problem: "budget leases need a shared store".into(),
+            fix: "set [store] url (PostgreSQL)".into(),
+        })
+    }
 }
 
 /// A key row as a backend reads it; [`KeyRow::into_record`] checks it. Times are ms since

@@ -238,6 +238,19 @@ impl Ledger {
             .heartbeat(id, ms_of(SystemTime::now()), window)
     }
 
+    /// Renews and tops up `asks` in one transaction (see [`LeaseAsk`]): per ask, the tokens
+    /// granted in total and what the store had left after granting.
+    pub fn lease_budgets(
+        &mut self,
+        appliance: &str,
+        asks: &[LeaseAsk],
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let expiry = LEASE_EXPIRY.as_millis() as i64;
+        self.store
+            .backend_mut()
+            .lease_budgets(appliance, ms_of(SystemTime::now()), expiry, asks)
+    }
+
     /// Number of rows (tests and `doctor`).
     pub fn row_count(&self) -> Result<u64, StoreError> {
         self.store.backend().usage_row_count()
@@ -332,9 +345,60 @@ pub struct LedgerStats {
     pub failing_since_ms: AtomicI64,
     /// The last write error while failing (for `status` and `doctor`).
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Tokens per key this process committed to a shared store directly (not via the spool)
+    /// in the current UTC day and month: what the budget leases subtract from what they hold.
+    flushed: std::sync::Mutex<HashMap<Arc<str>, FlushedKey>>,
+}
+
+/// Tokens of one key committed in the UTC day and month starting at `day`/`month` (ms).
+#[derive(Debug, Default, Clone, Copy)]
+struct FlushedKey {
+    day: i64,
+    day_tokens: u64,
+    month: i64,
+    month_tokens: u64,
 }
 
 impl LedgerStats {
+    /// Counts `rows` (committed) into the per-key day and month sums.
+    fn note_flushed(&self, rows: &MinuteRows) {
+        let mut map = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        for ((key, start), t) in rows {
+            let (d0, _, m0, _) =
+                utc_day_month_bounds(UNIX_EPOCH + Duration::from_millis((*start).max(0) as u64));
+            let (d0, m0) = (d0 as i64, m0 as i64);
+            let tokens = t.prompt_tokens.saturating_add(t.completion_tokens);
+            let f = map.entry(key.clone()).or_default();
+            if d0 > f.day {
+                (f.day, f.day_tokens) = (d0, 0);
+            }
+            if d0 == f.day {
+                f.day_tokens = f.day_tokens.saturating_add(tokens);
+            }
+            if m0 > f.month {
+                (f.month, f.month_tokens) = (m0, 0);
+            }
+            if m0 == f.month {
+                f.month_tokens = f.month_tokens.saturating_add(tokens);
+            }
+        }
+    }
+
+    /// Tokens of `key_id` this process committed in the day or month starting at
+    /// `period_start` (ms), by [`Self::note_flushed`].
+    pub fn flushed(&self, key_id: &str, period_start: i64) -> u64 {
+        let map = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key_id).map_or(0, |f| {
+            if f.day == period_start {
+                f.day_tokens
+            } else if f.month == period_start {
+                f.month_tokens
+            } else {
+                0
+            }
+        })
+    }
+
     /// Since when the store has refused writes, and the last error; `None` while it takes them.
     pub fn degraded(&self) -> Option<(SystemTime, String)> {
         let ms = self.failing_since_ms.load(Ordering::Acquire);
@@ -474,6 +538,7 @@ async fn run(
         };
         if shared && (!pending.is_empty() || stats.spool_rows.load(Ordering::Acquire) > 0) {
             let rows = std::mem::take(&mut pending);
+            let sent = rows.clone();
             let Some((result, spool_rows)) = on_blocking_pool(&mut ledger, "write", move |l| {
                 let r = l.write_shared(rows);
                 (r, l.spooled_rows())
@@ -485,6 +550,7 @@ async fn run(
             stats.spool_rows.store(spool_rows, Ordering::Release);
             match result {
                 SharedWrite::Written { requests } => {
+                    stats.note_flushed(&sent);
                     stats.written.fetch_add(requests, Ordering::Relaxed);
                     events = 0;
                     stats.set_failing(None);
@@ -616,7 +682,6 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
-/// How often an appliance on a shared store re-reads every key's day and month usage.
 /// An appliance whose last heartbeat (one per [`BUDGET_SYNC`]) is older than this no longer
 /// takes a share of the keys' rate limits.
 pub const APPLIANCE_WINDOW: Duration = Duration::from_secs(5);
@@ -639,34 +704,162 @@ fn appliance_id(state_dir: &Path) -> String {
     id
 }
 
+/// How often an appliance on a shared store heartbeats and renews its budget leases.
 pub const BUDGET_SYNC: Duration = Duration::from_secs(1);
 
-/// Keeps a shared store's budgets global: every [`BUDGET_SYNC`] the day and month usage of
-/// every key (all appliances' rows) replaces what the limiter counted. Off the request path
-/// (one query a second on the blocking pool); while the store is unreachable the limiter goes
-/// on counting this appliance's own usage on top of the last view. Between syncs an appliance
-/// does not see the others' usage: a budget can be exceeded by what the other appliances spend
-/// in about one sync plus one ledger flush (see README "HA").
-pub async fn sync_budgets(
-    limiter: Arc<std::sync::Mutex<crate::policy::limits::Limiter>>,
-    state_dir: PathBuf,
-    store: StoreConfig,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+/// How long a budget lease holds in the store without renewal (renewed every [`BUDGET_SYNC`]).
+/// An appliance that dies without returning its lease frees it after this; one that cannot
+/// reach the store stops spending it [`LEASE_MARGIN`] earlier.
+pub const LEASE_EXPIRY: Duration = Duration::from_secs(10);
+
+/// How much earlier than the store the appliance itself considers a lease void (covers the
+/// time of the lease transaction and clock differences between appliances up to this).
+pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// One key's lease request in [`Ledger::lease_budgets`] (one transaction for all keys).
+///
+/// The store locks the key (an advisory lock per key id), reads `used` (the key's tokens in
+/// `period` in the shared ledger, every appliance's flushed usage) and `others` (the other
+/// appliances' unexpired leases, each `granted - flushed`: unspent, or spent but not yet in the
+/// ledger), and grants `min(want, max(left / share, floor), left)` more, with
+/// `left = budget - used - others - (granted - flushed)`. So `used + Σ held ≤ budget` at every
+/// grant, and no appliance spends beyond what it was granted: the budget is exceeded by at most
+/// what requests in flight produce past their reservation before they are stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAsk {
+    pub key_id: String,
+    /// The budget's UTC day or month, `[start, end)` in ms since the epoch.
+    pub period: (i64, i64),
+    /// The key's budget in tokens.
+    pub budget: u64,
+    /// Tokens this appliance was granted in the period so far (its lease, cumulative).
+    pub granted: u64,
+    /// Tokens of those this appliance has committed to the shared ledger since.
+    pub flushed: u64,
+    /// Tokens more it would like (0: renew only).
+    pub want: u64,
+    /// Appliances alive (a grant takes at most `left / share`, unless that is below `floor`).
+    pub share: u32,
+    /// A grant may take `floor` (one default reservation) even when that exceeds its share.
+    pub floor: u64,
+}
+
+/// What a budget sync needs besides the limiter: the key set (whose keys have budgets) and the
+/// ledger writer's counters (what this appliance already committed).
+#[derive(Clone)]
+pub struct BudgetSync {
+    pub limiter: Arc<std::sync::Mutex<crate::policy::limits::Limiter>>,
+    pub keys: Arc<super::watch::Keys>,
+    pub ledger: Arc<LedgerStats>,
+    pub state_dir: PathBuf,
+    pub store: StoreConfig,
+}
+
+/// The lease an appliance aims to hold for a key: a quarter of the budget's per-appliance share,
+/// at least `floor` (one default reservation), at most the budget.
+fn lease_target(budget: u64, share: u32, floor: u64) -> u64 {
+    (budget / (4 * u64::from(share.max(1))))
+        .max(floor)
+        .min(budget)
+}
+
+/// Keeps a shared store's budgets global with leases: every [`BUDGET_SYNC`] it heartbeats (the
+/// live appliances share RPM, TPM and concurrency) and, in one transaction, renews this
+/// appliance's lease of every budgeted key and tops up those that run low (below half of
+/// [`lease_target`]). The request path admits against the local lease only (no round trip).
+/// While the store is unreachable the leases are spent as they are until they lapse
+/// ([`LEASE_EXPIRY`] − [`LEASE_MARGIN`] after the last renewal); then budgeted requests are
+/// refused (429) until the store is back. On stop the unspent leases are returned.
+pub async fn sync_budgets(sync: BudgetSync, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::policy::limits::period_bounds;
+    sync.limiter
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_leased(true);
     let mut ledger: Option<Ledger> = None;
-    let id = appliance_id(&state_dir);
+    let id = appliance_id(&sync.state_dir);
     let mut share = 0u32;
+    // The flushed count of each (key, period start) when its lease began: only what was flushed
+    // since counts against the lease.
+    let mut flushed_base: HashMap<(String, i64), u64> = HashMap::new();
+    // What each key had spent (and had in flight) at the last sync: a key that spent more than
+    // its target in one second gets twice that as its next target.
+    let mut last_spent: HashMap<String, u64> = HashMap::new();
     let mut tick = tokio::time::interval(BUDGET_SYNC);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() { return; }
-                continue;
+        if !stopping {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => {
+                    stopping = changed.is_err() || *stop.borrow();
+                    if !stopping { continue; }
+                }
             }
         }
-        let (dir, cfg, taken, me) = (state_dir.clone(), store.clone(), ledger.take(), id.clone());
+        let wall = SystemTime::now();
+        let started = std::time::Instant::now();
+        let budgets = sync.keys.current().budgets();
+        let asks: Vec<(LeaseAsk, crate::policy::BudgetPeriod)> = {
+            let limiter = sync.limiter.lock().unwrap_or_else(|p| p.into_inner());
+            let floor = u64::from(limiter.default_max_tokens()) * 2;
+            budgets
+                .iter()
+                .map(|(key_id, b)| {
+                    let st = limiter.lease_state(key_id, b.period, wall);
+                    let (p0, p1) = period_bounds(b.period, wall);
+                    let (p0, p1) = (p0 as i64, p1 as i64);
+                    let now_flushed = sync.ledger.flushed(key_id, p0);
+                    let base = *flushed_base
+                        .entry((key_id.clone(), p0))
+                        .or_insert(if st.granted == 0 { now_flushed } else { 0 });
+                    let flushed = now_flushed.saturating_sub(base).min(st.spent);
+                    let unspent = st.granted.saturating_sub(st.spent + st.in_flight);
+                    let now_spent = st.spent + st.in_flight;
+                    let last = last_spent
+                        .insert(key_id.clone(), now_spent)
+                        .unwrap_or(now_spent);
+                    let rate = now_spent.saturating_sub(last);
+                    let target = lease_target(b.tokens, share.max(1), floor)
+                        .max(rate.saturating_mul(2))
+                        .min(b.tokens);
+                    let (granted, want) = if stopping {
+                        // Return what is unspent; keep what is in flight.
+                        (st.spent + st.in_flight, 0)
+                    } else if unspent < target / 2 + 1 {
+                        (st.granted, target - unspent.min(target))
+                    } else {
+                        (st.granted, 0)
+                    };
+                    let ask = LeaseAsk {
+                        key_id: key_id.clone(),
+                        period: (p0, p1),
+                        budget: b.tokens,
+                        granted,
+                        flushed,
+                        want,
+                        share: share.max(1),
+                        floor,
+                    };
+                    (ask, b.period)
+                })
+                .collect()
+        };
+        let current: std::collections::HashSet<(&str, i64)> = asks
+            .iter()
+            .map(|(a, _)| (a.key_id.as_str(), a.period.0))
+            .collect();
+        flushed_base.retain(|(k, p0), _| current.contains(&(k.as_str(), *p0)));
+        let ids: std::collections::HashSet<&str> = current.iter().map(|(k, _)| *k).collect();
+        last_spent.retain(|k, _| ids.contains(k.as_str()));
+        let (dir, cfg, taken, me) = (
+            sync.state_dir.clone(),
+            sync.store.clone(),
+            ledger.take(),
+            id.clone(),
+        );
+        let plain: Vec<LeaseAsk> = asks.iter().map(|(a, _)| a.clone()).collect();
         let joined = tokio::task::spawn_blocking(move || {
             let mut l = match taken {
                 Some(l) => l,
@@ -679,25 +872,41 @@ pub async fn sync_budgets(
                 Ok(n) => n,
                 Err(_) => return (None, None),
             };
-            let now = std::time::SystemTime::now();
-            match l.period_tokens(now) {
-                Ok(rows) => (Some(l), Some((rows, now, live))),
-                Err(_) => (None, None),
+            match l.lease_budgets(&me, &plain) {
+                Ok(granted) => (Some(l), Some((granted, live))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the budget leases; spending the current ones until they lapse");
+                    (None, None)
+                }
             }
         })
         .await;
-        let Ok((kept, rows)) = joined else { continue };
-        ledger = kept;
-        if let Some((rows, now, live)) = rows {
-            let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
-            if live != share {
-                tracing::info!(appliances = live, "live appliances on the shared store: each enforces 1/{live} of every key's RPM, TPM and concurrency");
-                share = live;
-                limiter.set_share(live);
+        if let Ok((kept, result)) = joined {
+            ledger = kept;
+            if let Some((granted, live)) = result {
+                let mut limiter = sync.limiter.lock().unwrap_or_else(|p| p.into_inner());
+                if live != share {
+                    tracing::info!(appliances = live, "live appliances on the shared store: each enforces 1/{live} of every key's RPM, TPM and concurrency");
+                    share = live;
+                    limiter.set_share(live);
+                }
+                for ((ask, period), (total, left)) in asks.iter().zip(granted) {
+                    limiter.set_lease(
+                        &ask.key_id,
+                        *period,
+                        crate::policy::limits::Grant {
+                            granted: total,
+                            exhausted: left == 0,
+                            valid_for: LEASE_EXPIRY - LEASE_MARGIN,
+                        },
+                        started,
+                        wall,
+                    );
+                }
             }
-            for (key_id, today, month) in &rows {
-                limiter.seed_usage(key_id, *today, *month, now);
-            }
+        }
+        if stopping {
+            return;
         }
     }
 }

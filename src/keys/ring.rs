@@ -88,6 +88,17 @@ impl KeyRing {
         })
     }
 
+    /// `(key id, budget)` of every key that is neither revoked nor expired and has a budget
+    /// (its policy resolved): the keys a shared store's budget sync leases for.
+    pub fn budgets(&self) -> Vec<(String, crate::policy::Budget)> {
+        let now = SystemTime::now();
+        self.by_id
+            .iter()
+            .filter(|(_, e)| !e.revoked && e.expires_at.is_none_or(|t| t > now))
+            .filter_map(|(id, e)| e.principal.policy.budget.map(|b| (id.to_string(), b)))
+            .collect()
+    }
+
     /// A ring without SQLite (tests): `(key, principal)` pairs, every key active and expiring at
     /// `principal.policy.expires_at`. Keys must be real ones ([`format::generate`]); a string
     /// that is not a well-formed `mg_` key is skipped (it could never authenticate anyway).

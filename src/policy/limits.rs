@@ -257,6 +257,43 @@ struct KeyState {
     budgeted: bool,
     day: PeriodUsage,
     month: PeriodUsage,
+    /// A shared store's budget lease (only in leased mode, see [`Limiter::set_leased`]).
+    lease: Option<Lease>,
+}
+
+/// The share of a key's budget this appliance may spend (a shared store's lease).
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// The budget's period (UTC day or month number) the lease is for.
+    period: u64,
+    /// Tokens granted to this appliance in that period (cumulative).
+    granted: u64,
+    /// Tokens this appliance's settled requests spent in that period since the lease began.
+    spent: u64,
+    /// Monotonic ms after which the lease is void (the store may have given it to others).
+    valid_until_ms: u64,
+    /// The store had nothing left to grant at the last lease: the budget is spent.
+    exhausted: bool,
+}
+
+/// A lease from the shared store, for [`Limiter::set_lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Tokens granted in the period in total.
+    pub granted: u64,
+    /// The store had nothing left to grant.
+    pub exhausted: bool,
+    /// How long the lease may be spent from `now` on.
+    pub valid_for: Duration,
+}
+
+/// What [`Limiter::lease_state`] reports to the sync task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseState {
+    pub granted: u64,
+    pub spent: u64,
+    /// Tokens charged by requests in flight (spent from the lease, not yet settled).
+    pub in_flight: u64,
 }
 
 impl KeyState {
@@ -310,9 +347,33 @@ impl KeyState {
         minimum: u64,
         asked: u64,
         wall: SystemTime,
+        leased: Option<(u64, u64)>,
     ) -> Result<u64, Refusal> {
         let mut reserve = asked;
-        if let Some(b) = budget {
+        if let (Some(b), Some(lease_now)) = (budget, leased) {
+            // A shared store: only the local lease counts (no round trip on the request path).
+            if minimum > b.tokens {
+                return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
+            }
+            let (period_now, now_ms) = lease_now;
+            let lease = self
+                .lease
+                .filter(|l| l.period == period_now && now_ms < l.valid_until_ms);
+            let available = lease.map_or(0, |l| {
+                l.granted
+                    .saturating_sub(l.spent)
+                    .saturating_sub(self.in_flight_tokens)
+            });
+            if minimum > available {
+                if lease.is_some_and(|l| l.exhausted) && self.in_flight_tokens == 0 {
+                    let wait = until_next(b.period, wall);
+                    return Err(self.refusal(RefusalKind::InsufficientQuota, wait));
+                }
+                // In-flight requests settle, or the next lease (within a second) brings more.
+                return Err(self.refusal(RefusalKind::RateLimitExceeded, IN_FLIGHT_RETRY));
+            }
+            reserve = reserve.min(available);
+        } else if let Some(b) = budget {
             let used = self.used(b.period);
             if minimum > b.tokens {
                 return Err(self.refusal(RefusalKind::TooLarge, Duration::ZERO));
@@ -376,6 +437,7 @@ impl KeyState {
             && self.tokens.used == 0
             && (self.day.period != day || self.day.tokens == 0)
             && (self.month.period != month || self.month.tokens == 0)
+            && self.lease.is_none()
     }
 }
 
@@ -390,6 +452,8 @@ pub struct Limiter {
     /// Appliances sharing each key's RPM, TPM and concurrency (a shared store: the live
     /// appliances); each enforces `limit / share` (rounded up, at least 1). 0 or 1: alone.
     share: u32,
+    /// Budgets are admitted against leases from a shared store ([`Limiter::set_lease`]).
+    leased: bool,
 }
 
 impl Limiter {
@@ -410,9 +474,64 @@ impl Limiter {
     }
 
     /// How many appliances share every key's RPM, TPM and concurrency limits from now on
-    /// (each enforces its `limit / n`, rounded up). Budgets are not divided: they are synced.
+    /// (each enforces its `limit / n`, rounded up). Budgets are not divided: they are leased
+    /// ([`Limiter::set_lease`]).
     pub fn set_share(&mut self, n: u32) {
         self.share = n.max(1);
+    }
+
+    /// Admits budgeted keys against their lease only (a shared store): a key without a valid
+    /// lease for the current period gets no budgeted request.
+    pub fn set_leased(&mut self, on: bool) {
+        self.leased = on;
+    }
+
+    /// Sets `key_id`'s lease for the budget `period` (UTC day or month containing `wall`):
+    /// `grant.granted` tokens in total, valid until `grant.valid_for` after `now`. A lease for a new period
+    /// starts counting spent tokens from zero.
+    pub fn set_lease(
+        &mut self,
+        key_id: &str,
+        period: BudgetPeriod,
+        grant: Grant,
+        now: Instant,
+        wall: SystemTime,
+    ) {
+        let Grant {
+            granted,
+            exhausted,
+            valid_for,
+        } = grant;
+        let now_ms = self.ms(now);
+        let p = period_number(period, wall);
+        let k = self.entry(key_id);
+        k.budgeted = true;
+        let spent = k.lease.filter(|l| l.period == p).map_or(0, |l| l.spent);
+        k.lease = Some(Lease {
+            period: p,
+            granted,
+            spent,
+            valid_until_ms: now_ms.saturating_add(valid_for.as_millis() as u64),
+            exhausted,
+        });
+    }
+
+    /// `key_id`'s lease for the budget `period` containing `wall` (zero when it has none).
+    pub fn lease_state(&self, key_id: &str, period: BudgetPeriod, wall: SystemTime) -> LeaseState {
+        let p = period_number(period, wall);
+        self.keys.get(key_id).map_or(LeaseState::default(), |k| {
+            let l = k.lease.filter(|l| l.period == p);
+            LeaseState {
+                granted: l.map_or(0, |l| l.granted),
+                spent: l.map_or(0, |l| l.spent),
+                in_flight: k.in_flight_tokens,
+            }
+        })
+    }
+
+    /// Completion tokens reserved when a request has no `max_tokens`.
+    pub fn default_max_tokens(&self) -> u32 {
+        self.config.default_max_tokens
     }
 
     /// The current share divisor (1 alone).
@@ -498,6 +617,7 @@ impl Limiter {
             .unwrap_or(u64::from(self.config.default_max_tokens));
         let (day, month) = periods(wall);
         let share = self.share.max(1);
+        let leased = self.leased;
         let k = self.entry(key_id);
         k.update(policy, now_ms, day, month, share);
 
@@ -508,7 +628,11 @@ impl Limiter {
         // ([`Limiter::charge_mid_stream`] says when).
         let minimum = est.prompt_tokens.saturating_add(wanted.min(1));
         let asked = est.prompt_tokens.saturating_add(wanted);
-        let reserve = k.reservation(policy.budget, minimum, asked, wall)?;
+        let leased = leased.then(|| {
+            let p = policy.budget.map_or(0, |b| period_number(b.period, wall));
+            (p, now_ms)
+        });
+        let reserve = k.reservation(policy.budget, minimum, asked, wall, leased)?;
         k.check_rates(
             policy.max_concurrent.map(|m| m.div_ceil(share).max(1)),
             reserve,
@@ -532,6 +656,7 @@ impl Limiter {
     /// either way (they were spent).
     pub fn charge_mid_stream(&mut self, adm: &mut Admission, produced: u64, now: Instant) -> bool {
         let now_ms = self.ms(now);
+        let leased = self.leased;
         let Some(k) = self.keys.get_mut(&*adm.key) else {
             return true;
         };
@@ -550,8 +675,12 @@ impl Limiter {
             .is_none_or(|l| k.tokens.used <= l.saturating_mul(UNITS));
         // The budget: the period's committed usage (as of the last admit or settle) plus every
         // in-flight charge must stay within the limit the request was admitted under.
-        let budget_ok = adm.budget.is_none_or(|(period, limit)| {
-            k.used(period).saturating_add(k.in_flight_tokens) <= limit
+        let budget_ok = adm.budget.is_none_or(|(period, limit)| match k.lease {
+            // Leased: the lease is the limit (its period cannot change mid-request in a way
+            // that matters: a new period's lease starts from zero spent).
+            Some(l) if leased => l.spent.saturating_add(k.in_flight_tokens) <= l.granted,
+            _ if leased => false,
+            _ => k.used(period).saturating_add(k.in_flight_tokens) <= limit,
         });
         tpm_ok && budget_ok
     }
@@ -586,6 +715,15 @@ impl Limiter {
             k.month.roll(month);
             k.day.tokens = k.day.tokens.saturating_add(actual);
             k.month.tokens = k.month.tokens.saturating_add(actual);
+        }
+        if let (Some(l), Some((period, _))) = (k.lease.as_mut(), adm.budget) {
+            let p = match period {
+                BudgetPeriod::Day => day,
+                BudgetPeriod::Month => month,
+            };
+            if l.period == p {
+                l.spent = l.spent.saturating_add(actual);
+            }
         }
         delta
     }
@@ -661,6 +799,24 @@ fn periods(wall: SystemTime) -> (u64, u64) {
     let day = wall_ms(wall) / DAY_MS;
     let (y, m, _) = civil_from_days(day as i64);
     (day, (y * 12 + i64::from(m) - 1) as u64)
+}
+
+/// The number of the UTC day or month (`period`) containing `wall`.
+fn period_number(period: BudgetPeriod, wall: SystemTime) -> u64 {
+    let (day, month) = periods(wall);
+    match period {
+        BudgetPeriod::Day => day,
+        BudgetPeriod::Month => month,
+    }
+}
+
+/// UTC bounds `[start, end)` in ms of the budget `period` containing `wall`.
+pub fn period_bounds(period: BudgetPeriod, wall: SystemTime) -> (u64, u64) {
+    let (d0, d1, m0, m1) = utc_day_month_bounds(wall);
+    match period {
+        BudgetPeriod::Day => (d0, d1),
+        BudgetPeriod::Month => (m0, m1),
+    }
 }
 
 /// Time from `wall` until the next UTC day or month (`period`) starts.

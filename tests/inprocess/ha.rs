@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use modelgate::demo::model::EchoModel;
 use modelgate::keys::ledger::{
-    Ledger, LedgerOptions, LedgerStats, LedgerTask, LedgerWriter, SPOOL_FILE,
+    Ledger, LedgerOptions, LedgerStats, LedgerTask, LedgerWriter, UsageTotals, LEASE_EXPIRY,
+    SPOOL_FILE,
 };
 use modelgate::keys::{KeyRing, KeyStore, Keys, NewKey, PgStoreConfig, StoreConfig, SECRET_FILE};
 use modelgate::policy::{Budget, BudgetPeriod, KeyPolicy, Policies};
@@ -25,6 +26,8 @@ struct Appliance {
     keys: Arc<Keys>,
     ledger: Arc<LedgerStats>,
     _task: LedgerTask,
+    /// The budget sync (its leases): aborting it is the appliance dying without returning them.
+    sync: tokio::task::JoinHandle<()>,
     _stop: watch::Sender<bool>,
 }
 
@@ -56,16 +59,22 @@ async fn appliance(dir: tempfile::TempDir, cfg: &StoreConfig, model: &EchoModel)
     );
     let stats = writer.stats_handle();
     let mut o = StackOptions::new(Vec::new(), vec![corp_upstream("m", &[])]);
+    // Small default reservations, so that the leases of small test budgets are small too.
+    o.config.default_max_tokens = 64;
     o.live_keys = Some(keys.clone());
     o.ledger = Some(writer);
     let m = model.clone();
     let stack = Stack::start(o, move |s| m.clone().serve_connection(s)).await;
     stack.wait_tunnel().await;
-    // As the daemon does on a shared store: every key's day and month usage from the store.
-    tokio::spawn(modelgate::keys::ledger::sync_budgets(
-        stack.handle.load().limiter.clone(),
-        dir.path().to_path_buf(),
-        cfg.clone(),
+    // As the daemon does on a shared store: heartbeats and budget leases every second.
+    let sync = tokio::spawn(modelgate::keys::ledger::sync_budgets(
+        modelgate::keys::ledger::BudgetSync {
+            limiter: stack.handle.load().limiter.clone(),
+            keys: keys.clone(),
+            ledger: stats.clone(),
+            state_dir: dir.path().to_path_buf(),
+            store: cfg.clone(),
+        },
         stop_tx.subscribe(),
     ));
     Appliance {
@@ -74,6 +83,7 @@ async fn appliance(dir: tempfile::TempDir, cfg: &StoreConfig, model: &EchoModel)
         keys,
         ledger: stats,
         _task: task,
+        sync,
         _stop: stop_tx,
     }
 }
@@ -278,14 +288,18 @@ async fn blocking_launch(mut pg: pg::Pg) -> pg::Pg {
     pg
 }
 
-/// A day budget spent through A is spent on B too once B's budget sync ran (1 s): B refuses
-/// with 429 and the ledger holds no more than the budget plus the one request in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_budget_spent_on_one_gateway_is_spent_on_the_other() {
-    if let Some(why) = pg::missing() {
-        skip::missing("a_budget_spent_on_one_gateway_is_spent_on_the_other", &why);
-        return;
-    }
+/// A store, two appliances on it and one key with a day budget of `budget` tokens.
+async fn budget_setup(
+    budget: u64,
+) -> (
+    pg::Pg,
+    StoreConfig,
+    Appliance,
+    Appliance,
+    String,
+    String,
+    EchoModel,
+) {
     let pg = blocking(pg::Pg::start).await;
     pg.createdb("mg");
     let dir_a = tempfile::tempdir().unwrap();
@@ -294,7 +308,6 @@ async fn a_budget_spent_on_one_gateway_is_spent_on_the_other() {
         password_file: Some(pg.password_file(dir_a.path())),
         ca_file: None,
     });
-    const BUDGET: u64 = 120;
     let (d, c) = (dir_a.path().to_path_buf(), cfg.clone());
     let key = blocking(move || {
         KeyStore::open_in(&d, &c)
@@ -303,7 +316,7 @@ async fn a_budget_spent_on_one_gateway_is_spent_on_the_other() {
                 name: "b".into(),
                 policy: KeyPolicy {
                     budget: Some(Budget {
-                        tokens: BUDGET,
+                        tokens: budget,
                         period: BudgetPeriod::Day,
                     }),
                     ..KeyPolicy::default()
@@ -312,7 +325,6 @@ async fn a_budget_spent_on_one_gateway_is_spent_on_the_other() {
             .unwrap()
     })
     .await;
-    let secret = key.secret.expose().to_string();
     let dir_b = tempfile::tempdir().unwrap();
     std::fs::copy(
         dir_a.path().join(SECRET_FILE),
@@ -322,43 +334,243 @@ async fn a_budget_spent_on_one_gateway_is_spent_on_the_other() {
     let model = EchoModel::new("echo", Duration::from_millis(1));
     let a = appliance(dir_a, &cfg, &model).await;
     let b = appliance(dir_b, &cfg, &model).await;
+    let secret = key.secret.expose().to_string();
     wait_models(&a, &secret).await;
-    let mut served = 0;
+    wait_models(&b, &secret).await;
+    (pg, cfg, a, b, secret, key.id.clone(), model)
+}
+
+/// The key's usage today in the shared ledger, once it stopped changing (both writers flushed).
+async fn settled_usage(
+    a: &Appliance,
+    cfg: &StoreConfig,
+    id: &str,
+    model: &EchoModel,
+) -> UsageTotals {
+    let t = Instant::now();
     loop {
-        let r = chat(&a, &secret).await;
-        if r.status == 429 {
-            break;
+        let (d, c, id) = (a.dir.path().to_path_buf(), cfg.clone(), id.to_string());
+        let u = blocking(move || {
+            Ledger::open_in(&d, &c)
+                .unwrap()
+                .usage(&id, SystemTime::now())
+                .unwrap()
+                .today
+        })
+        .await;
+        if u.requests == model.stats.requests.load(Ordering::Relaxed) {
+            return u;
         }
-        assert_eq!(r.status, 200, "{}", r.body());
-        served += 1;
-        assert!(served < 100, "the budget never ran out");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ledger {u:?} never caught up with the model"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(served >= 2, "only {served} requests fit the budget");
-    // B, after one budget sync and one ledger flush: refused as well.
-    tokio::time::sleep(modelgate::keys::ledger::BUDGET_SYNC * 2).await;
-    let r = chat(&b, &secret).await;
-    assert_eq!(
-        r.status,
-        429,
-        "B still admits a key whose budget A spent: {}",
-        r.body()
-    );
-    assert!(r.body().contains("insufficient_quota"), "{}", r.body());
-    let (d, c, id) = (b.dir.path().to_path_buf(), cfg.clone(), key.id.clone());
-    let u = blocking(move || {
-        Ledger::open_in(&d, &c)
-            .unwrap()
-            .usage(&id, SystemTime::now())
-            .unwrap()
+}
+
+/// Runs `fs` concurrently on this task; their outputs in order.
+async fn join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut fs: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (f, o) in fs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     })
     .await;
+    out.into_iter()
+        .map(|o| o.expect("polled to the end"))
+        .collect()
+}
+
+/// What one request of [`BODY`] costs: the echo model's prompt (body bytes / 4) and its two words.
+const PER_REQUEST: u64 = (BODY.len() / 4) as u64 + 2;
+
+/// What a request in flight may spend past its reservation: one clamped to the least it can
+/// run with (its prompt and one completion token) still produces two words (the echo model
+/// answers in full; a non-streaming answer cannot be cut). So "budget + requests in flight" is
+/// the budget plus this per request in flight at once.
+const OVERRUN: u64 = PER_REQUEST - ((BODY.len() / 4) as u64 + 1);
+
+/// Sends requests to `apps` (round robin, `parallel` at a time on each) until every one of them
+/// answers 429 `insufficient_quota`, twice, a lease sync apart; 429 `rate_limit_exceeded` (a
+/// lease on its way, requests in flight) is retried. Returns how many were served. Bounded: 60 s.
+async fn spend_until_quota(apps: &[&Appliance], secret: &str, parallel: usize) -> u64 {
+    let t = Instant::now();
+    let mut served = 0u64;
+    let mut settled_refusals = 0;
+    loop {
+        let mut calls = Vec::new();
+        for a in apps {
+            for _ in 0..parallel {
+                calls.push(chat(a, secret));
+            }
+        }
+        let replies = join_all(calls).await;
+        let mut quota = 0;
+        for r in &replies {
+            match r.status {
+                200 => served += 1,
+                429 if r.body().contains("insufficient_quota") => quota += 1,
+                429 => {}
+                s => panic!("{s} {}", r.body()),
+            }
+        }
+        if quota == replies.len() {
+            // Refused everywhere: once more after the next lease sync (a grant may have been
+            // held back for a second by usage that was flushed but not yet reported).
+            if settled_refusals > 0 {
+                return served;
+            }
+            settled_refusals += 1;
+            tokio::time::sleep(modelgate::keys::ledger::BUDGET_SYNC * 3 / 2).await;
+            continue;
+        }
+        settled_refusals = 0;
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the budget never ran out ({served} served)"
+        );
+        if quota > 0 || replies.iter().any(|r| r.status == 429) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One day budget, two appliances, clients alternating between them one request at a time:
+/// each spends only its lease, the budget is never exceeded by more than the requests in flight
+/// ([`OVERRUN`] each), nearly all of it is usable, and the ledger equals the model's own count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_leases_alternating_requests_never_exceed_the_budget() {
+    if let Some(why) = pg::missing() {
+        skip::missing("budget_leases_alternating_requests", &why);
+        return;
+    }
+    const BUDGET: u64 = 2_000;
+    let (pg, cfg, a, b, secret, id, model) = budget_setup(BUDGET).await;
+    let served = spend_until_quota(&[&a, &b], &secret, 1).await;
+    let u = settled_usage(&a, &cfg, &id, &model).await;
+    let spent = u.prompt_tokens + u.completion_tokens;
+    eprintln!("budget {BUDGET}, alternating: {served} served, {spent} tokens in the ledger");
+    assert_eq!(u.requests, served);
     assert_eq!(
-        u.total.requests,
-        model.stats.requests.load(Ordering::Relaxed)
+        spent,
+        served * PER_REQUEST,
+        "the ledger's tokens are the model's"
+    );
+    assert!(spent <= BUDGET + 2 * OVERRUN, "spent {spent} of {BUDGET}");
+    // What is left is less than one request per appliance (leases hand out all of it).
+    assert!(
+        spent + 2 * PER_REQUEST > BUDGET,
+        "only {spent} of {BUDGET} usable"
+    );
+    drop(pg);
+}
+
+/// The same with 8 requests in flight on each appliance at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_leases_concurrent_requests_never_exceed_the_budget() {
+    if let Some(why) = pg::missing() {
+        skip::missing("budget_leases_concurrent_requests", &why);
+        return;
+    }
+    const BUDGET: u64 = 4_000;
+    let (pg, cfg, a, b, secret, id, model) = budget_setup(BUDGET).await;
+    let served = spend_until_quota(&[&a, &b], &secret, 8).await;
+    let u = settled_usage(&a, &cfg, &id, &model).await;
+    let spent = u.prompt_tokens + u.completion_tokens;
+    eprintln!("budget {BUDGET}, 16 in flight: {served} served, {spent} tokens in the ledger");
+    assert_eq!(u.requests, served);
+    assert_eq!(
+        spent,
+        served * PER_REQUEST,
+        "the ledger's tokens are the model's"
+    );
+    assert!(spent <= BUDGET + 16 * OVERRUN, "spent {spent} of {BUDGET}");
+    assert!(
+        spent + 2 * PER_REQUEST > BUDGET,
+        "only {spent} of {BUDGET} usable"
+    );
+    drop(pg);
+}
+
+/// A dies holding a lease it never returns: B spends the rest and is refused, then gets A's
+/// unspent lease once it expired in the store ([`LEASE_EXPIRY`]), and the budget still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_a_dead_appliance_comes_back_after_its_expiry() {
+    if let Some(why) = pg::missing() {
+        skip::missing("a_lease_of_a_dead_appliance_comes_back", &why);
+        return;
+    }
+    const BUDGET: u64 = 2_000;
+    let (pg, cfg, a, b, secret, id, model) = budget_setup(BUDGET).await;
+    // A holds a lease (one request through it proves it); then it dies without returning it.
+    let t = Instant::now();
+    while chat(&a, &secret).await.status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "A never got a lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held = {
+        let l = a.stack.handle.load().limiter.clone();
+        let st = l
+            .lock()
+            .unwrap()
+            .lease_state(&id, BudgetPeriod::Day, SystemTime::now());
+        st.granted - st.spent
+    };
+    assert!(held > PER_REQUEST, "A holds only {held}");
+    a.sync.abort();
+    let died = Instant::now();
+    a.stack.stop();
+    let before = spend_until_quota(&[&b], &secret, 1).await;
+    let u = settled_usage(&b, &cfg, &id, &model).await;
+    let spent_before = u.prompt_tokens + u.completion_tokens;
+    assert!(
+        spent_before + held <= BUDGET + OVERRUN,
+        "B spent {spent_before} while A still held {held} of {BUDGET}"
+    );
+    // After the expiry B's lease grows by A's unspent one (no request needed: the sync takes it).
+    let lease_of_b = || {
+        let l = b.stack.handle.load().limiter.clone();
+        let st = l
+            .lock()
+            .unwrap()
+            .lease_state(&id, BudgetPeriod::Day, SystemTime::now());
+        st.granted - st.spent
+    };
+    let t = Instant::now();
+    while lease_of_b() < held / 2 {
+        assert!(t.elapsed() < LEASE_EXPIRY * 2, "A's lease never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back_after = died.elapsed();
+    let after = spend_until_quota(&[&b], &secret, 1).await;
+    let u = settled_usage(&b, &cfg, &id, &model).await;
+    let spent = u.prompt_tokens + u.completion_tokens;
+    eprintln!(
+        "A died holding {held} tokens: B served {before}, was refused, got the lease back after {back_after:?}, served {after} more; {spent} of {BUDGET} spent"
     );
     assert!(
-        u.today.prompt_tokens + u.today.completion_tokens <= BUDGET,
-        "spent {u:?} of {BUDGET}"
+        back_after >= LEASE_EXPIRY - Duration::from_secs(1),
+        "{back_after:?}"
+    );
+    assert!(spent <= BUDGET + OVERRUN, "spent {spent} of {BUDGET}");
+    assert!(
+        spent + 2 * PER_REQUEST > BUDGET,
+        "only {spent} of {BUDGET} usable"
     );
     drop(pg);
 }
@@ -439,3 +651,68 @@ async fn rpm_across_two_gateways_stays_within_ten_percent_of_the_limit() {
         "{ok} admitted for an RPM of {RPM} across two appliances"
     );
 }
+
+/// PostgreSQL gone: A spends the lease it holds until it lapses (the store's expiry less the
+/// margin, counted from the last renewal), then refuses the budgeted key (never spending what
+/// it was not granted); once the store is back it leases and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_gone_a_lease_is_spent_until_it_lapses_then_refused() {
+    if let Some(why) = pg::missing() {
+        skip::missing("with_the_store_gone_a_lease_is_spent_until_it_lapses", &why);
+        return;
+    }
+    let (mut pg, _cfg, a, _b, secret, _id, _model) = budget_setup(100_000).await;
+    let t = Instant::now();
+    while chat(&a, &secret).await.status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "A never got a lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocking_kill(&mut pg).await;
+    let killed = Instant::now();
+    let lapse = modelgate::keys::ledger::LEASE_EXPIRY - modelgate::keys::ledger::LEASE_MARGIN;
+    let mut last_ok = Duration::ZERO;
+    let refused_at = loop {
+        let r = chat(&a, &secret).await;
+        match r.status {
+            200 => last_ok = killed.elapsed(),
+            429 => {
+                assert!(r.body().contains("rate_limit_exceeded"), "{}", r.body());
+                break killed.elapsed();
+            }
+            s => panic!("{s} {}", r.body()),
+        }
+        assert!(
+            killed.elapsed() < lapse + Duration::from_secs(3),
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("store gone: served for {last_ok:?}, refused from {refused_at:?}");
+    assert!(
+        last_ok + BUDGET_SYNC_SLACK >= lapse - BUDGET_SYNC_SLACK,
+        "served only {last_ok:?}"
+    );
+    assert!(
+        refused_at <= lapse + Duration::from_millis(500),
+        "{refused_at:?}"
+    );
+    // Refused for as long as the store is away.
+    for _ in 0..3 {
+        assert_eq!(chat(&a, &secret).await.status, 429);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg = blocking_launch(pg).await;
+    let t = Instant::now();
+    while chat(&a, &secret).await.status != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no lease after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("store back: serving again after {:?}", t.elapsed());
+    drop(pg);
+}
+
+/// One sync interval plus the time of one lease transaction.
+const BUDGET_SYNC_SLACK: Duration = Duration::from_millis(1_500);

@@ -11,7 +11,8 @@
 //! Change stamp: `keys_generation`, bumped by a statement trigger on `keys` (which also sends
 //! `NOTIFY modelgate_keys`); usage writes never move it. Usage batches carry an id recorded in
 //! `usage_batches` in the same transaction, so a batch retried after a lost answer is applied
-//! once.
+//! once. Budget leases (`budget_leases`, [`LedgerBackend::lease_budgets`]) are granted under a
+//! per-key advisory lock, so two appliances never hand out the same remaining tokens.
 
 use std::cell::{RefCell, RefMut};
 use std::fs;
@@ -153,6 +154,17 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE appliances (
         id      TEXT PRIMARY KEY,
         seen_at BIGINT NOT NULL
+    );",
+    // 3: budget leases: what each appliance may spend of a key's day or month budget.
+    // held = granted - flushed: its unspent lease plus its spending not yet in `usage`.
+    "CREATE TABLE budget_leases (
+        key_id       TEXT NOT NULL,
+        period_start BIGINT NOT NULL,
+        appliance    TEXT NOT NULL,
+        granted      BIGINT NOT NULL,
+        flushed      BIGINT NOT NULL,
+        expires_at   BIGINT NOT NULL,
+        PRIMARY KEY (key_id, period_start, appliance)
     );",
 ];
 
@@ -885,6 +897,75 @@ impl LedgerBackend for PgBackend {
 
     fn usage_row_count(&self) -> Result<u64, StoreError> {
         self.read(|c| Ok(count(&c.query_one("SELECT COUNT(*) FROM usage", &[])?, 0)))
+    }
+
+    fn lease_budgets(
+        &mut self,
+        appliance: &str,
+        now_ms: i64,
+        expiry_ms: i64,
+        asks: &[crate::keys::ledger::LeaseAsk],
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        // Keys in id order, so two appliances' transactions lock them in the same order.
+        let mut order: Vec<usize> = (0..asks.len()).collect();
+        order.sort_by(|&a, &b| asks[a].key_id.cmp(&asks[b].key_id));
+        self.write_tx(|tx| {
+            let mut out = vec![(0u64, 0u64); asks.len()];
+            for i in order {
+                let a = &asks[i];
+                // One leaser per key at a time, across every appliance.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(7236479, hashtext($1))",
+                    &[&a.key_id],
+                )?;
+                let used = count(
+                    &tx.query_one(
+                        "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0)::BIGINT
+                         FROM usage WHERE key_id = $1 AND bucket_start >= $2 AND bucket_start < $3",
+                        &[&a.key_id, &a.period.0, &a.period.1],
+                    )?,
+                    0,
+                );
+                let others = count(
+                    &tx.query_one(
+                        "SELECT COALESCE(SUM(GREATEST(granted - flushed, 0)), 0)::BIGINT
+                         FROM budget_leases WHERE key_id = $1 AND period_start = $2
+                           AND appliance <> $3 AND expires_at > $4",
+                        &[&a.key_id, &a.period.0, &appliance, &now_ms],
+                    )?,
+                    0,
+                );
+                let mine = a.granted.saturating_sub(a.flushed);
+                let left = a
+                    .budget
+                    .saturating_sub(used)
+                    .saturating_sub(others)
+                    .saturating_sub(mine);
+                let add = a.want.min(left);
+                let granted = a.granted.saturating_add(add);
+                tx.execute(
+                    "INSERT INTO budget_leases VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (key_id, period_start, appliance) DO UPDATE SET
+                        granted = excluded.granted, flushed = excluded.flushed,
+                        expires_at = excluded.expires_at",
+                    &[
+                        &a.key_id,
+                        &a.period.0,
+                        &appliance,
+                        &to_i64(granted),
+                        &to_i64(a.flushed),
+                        &(now_ms + expiry_ms),
+                    ],
+                )?;
+                out[i] = (granted, left - add);
+            }
+            // Leases of past periods and long-dead appliances.
+            tx.execute(
+                "DELETE FROM budget_leases WHERE expires_at < $1",
+                &[&(now_ms - DAY_MS)],
+            )?;
+            Ok(out)
+        })
     }
 }
 

@@ -476,3 +476,66 @@ fn a_share_divides_rpm_tpm_and_concurrency_rounding_up() {
         .unwrap();
     assert_eq!(a.headers.requests.unwrap().limit, 10);
 }
+
+#[test]
+fn leased_budgets_admit_against_the_lease_only() {
+    let mut l = Limiter::new();
+    l.set_leased(true);
+    let t0 = Instant::now();
+    let w = wall(W);
+    let p = budget(10_000, BudgetPeriod::Day);
+    // No lease yet: not refused as out of quota (the lease is on its way), nothing admitted.
+    let r = l.admit("k", &p, est(10, 10), t0, w).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::RateLimitExceeded);
+    // A lease of 50 for 8 s: 30 reserved, then 20 left, then clamped to what is left.
+    l.set_lease("k", BudgetPeriod::Day, grant(50, false), t0, w);
+    let a = l.admit("k", &p, est(10, 20), t0, w).unwrap();
+    assert_eq!(a.reserved(), 30);
+    let b = l.admit("k", &p, est(10, 20), t0, w).unwrap();
+    assert_eq!((b.reserved(), b.clamped()), (20, true));
+    assert!(l.admit("k", &p, est(1, 1), t0, w).is_err());
+    l.settle(a, 25, t0, w);
+    l.settle(b, 20, t0, w);
+    assert_eq!(
+        l.lease_state("k", BudgetPeriod::Day, w),
+        LeaseState {
+            granted: 50,
+            spent: 45,
+            in_flight: 0
+        }
+    );
+    // A top-up keeps what was spent.
+    l.set_lease("k", BudgetPeriod::Day, grant(60, true), t0, w);
+    let c = l.admit("k", &p, est(5, 10), t0, w).unwrap();
+    assert_eq!(c.reserved(), 15);
+    // Exhausted in the store and nothing left here: out of quota until midnight.
+    let r = l.admit("k", &p, est(1, 1), t0, w).unwrap_err();
+    assert_eq!(
+        r.kind,
+        RefusalKind::RateLimitExceeded,
+        "one still in flight"
+    );
+    l.settle(c, 15, t0, w);
+    let r = l.admit("k", &p, est(1, 1), t0, w).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::InsufficientQuota);
+    // A lease that lapsed (the store unreachable for its whole life) admits nothing.
+    l.set_lease("k", BudgetPeriod::Day, grant(1_000, false), t0, w);
+    assert!(l
+        .admit("k", &p, est(1, 1), t0 + ms(7_999), w)
+        .is_ok_and(|a| {
+            l.settle(a, 2, t0, w);
+            true
+        }));
+    let r = l.admit("k", &p, est(1, 1), t0 + ms(8_000), w).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::RateLimitExceeded);
+    // Keys without a budget are not affected by leasing.
+    assert!(l.admit("free", &pol(None, None), est(1, 1), t0, w).is_ok());
+}
+
+fn grant(granted: u64, exhausted: bool) -> Grant {
+    Grant {
+        granted,
+        exhausted,
+        valid_for: Duration::from_secs(8),
+    }
+}
