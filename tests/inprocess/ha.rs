@@ -459,25 +459,7 @@ async fn budget_leases_alternating_requests_never_exceed_the_budget() {
         skip::missing("budget_leases_alternating_requests", &why);
         return;
     }
-    const BUDGET: u64 = 2_000;
-    let (pg, cfg, a, b, secret, id, model) = budget_setup(BUDGET).await;
-    let served = spend_until_quota(&[&a, &b], &secret, 1).await;
-    let u = settled_usage(&a, &cfg, &id, &model).await;
-    let spent = u.prompt_tokens + u.completion_tokens;
-    eprintln!("budget {BUDGET}, alternating: {served} served, {spent} tokens in the ledger");
-    assert_eq!(u.requests, served);
-    assert_eq!(
-        spent,
-        served * PER_REQUEST,
-        "the ledger's tokens are the model's"
-    );
-    assert!(spent <= BUDGET + 2 * OVERRUN, "spent {spent} of {BUDGET}");
-    // What is left is less than one request per appliance (leases hand out all of it).
-    assert!(
-        spent + 2 * PER_REQUEST > BUDGET,
-        "only {spent} of {BUDGET} usable"
-    );
-    drop(pg);
+    spend_a_shared_budget(2_000, 1).await;
 }
 
 /// The same with 8 requests in flight on each appliance at once.
@@ -487,22 +469,34 @@ async fn budget_leases_concurrent_requests_never_exceed_the_budget() {
         skip::missing("budget_leases_concurrent_requests", &why);
         return;
     }
-    const BUDGET: u64 = 4_000;
-    let (pg, cfg, a, b, secret, id, model) = budget_setup(BUDGET).await;
-    let served = spend_until_quota(&[&a, &b], &secret, 8).await;
+    spend_a_shared_budget(4_000, 8).await;
+}
+
+/// Spends a day budget of `budget` tokens through both appliances with `per_appliance`
+/// requests in flight on each, then checks the ledger against the model and the budget.
+async fn spend_a_shared_budget(budget: u64, per_appliance: usize) {
+    let (pg, cfg, a, b, secret, id, model) = budget_setup(budget).await;
+    let served = spend_until_quota(&[&a, &b], &secret, per_appliance).await;
     let u = settled_usage(&a, &cfg, &id, &model).await;
     let spent = u.prompt_tokens + u.completion_tokens;
-    eprintln!("budget {BUDGET}, 16 in flight: {served} served, {spent} tokens in the ledger");
+    let in_flight = 2 * per_appliance as u64;
+    eprintln!(
+        "budget {budget}, {in_flight} in flight: {served} served, {spent} tokens in the ledger"
+    );
     assert_eq!(u.requests, served);
     assert_eq!(
         spent,
         served * PER_REQUEST,
         "the ledger's tokens are the model's"
     );
-    assert!(spent <= BUDGET + 16 * OVERRUN, "spent {spent} of {BUDGET}");
     assert!(
-        spent + 2 * PER_REQUEST > BUDGET,
-        "only {spent} of {BUDGET} usable"
+        spent <= budget + in_flight * OVERRUN,
+        "spent {spent} of {budget}"
+    );
+    // What is left is less than one request per appliance (leases hand out all of it).
+    assert!(
+        spent + 2 * PER_REQUEST > budget,
+        "only {spent} of {budget} usable"
     );
     drop(pg);
 }
