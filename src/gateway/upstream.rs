@@ -337,10 +337,14 @@ pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
 /// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours
 /// and smoltcp's receive ring never rewinds, so each one ends up resident at its full buffer:
 /// with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing by every byte
-/// a model sent (the soak's steady 3 KB per request). Model answers are streams of small
-/// events and JSON of a few KB, far below what a 64 KiB window carries (64 KiB per round trip:
-/// 500 Mbit/s at 1 ms, 17 Mbit/s at 30 ms).
-pub const UPSTREAM_RX_BUFFER: usize = 64 << 10;
+/// a model sent (the soak's steady 3 KB per request). 16 KiB: model answers are streams of
+/// small events and JSON of a few KB, within one 16 KiB window (16 KiB per round trip: 130
+/// Mbit/s at 1 ms, 4.4 Mbit/s = 550 KB/s at 30 ms, far above a model's token rate; a
+/// non-streamed answer of 100 KB over a 30 ms tunnel takes ~7 round trips instead of ~2).
+/// Measured, 5-minute soak (README): 64 KiB → RSS 47.4 → 52.2 MiB; 16 KiB → 39.1 → 42.3 MiB.
+/// Retiring a pooled connection once its 64 KiB ring had gone round was tried and was worse
+/// (47.3 → 60.0 MiB: every replacement connection's buffers came back resident).
+pub const UPSTREAM_RX_BUFFER: usize = 16 << 10;
 
 /// Pooled keep-alive HTTP/1.1 connections to the model servers, through the tunnel.
 pub fn client(ns: Netstack) -> UpstreamClient {
