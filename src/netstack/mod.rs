@@ -15,6 +15,8 @@
 
 mod device;
 mod driver;
+#[cfg(test)]
+mod rewind_tests;
 mod service;
 mod sockets;
 mod stream;
