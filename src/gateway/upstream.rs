@@ -334,14 +334,17 @@ impl hyper::rt::Write for TunnelIo {
 
 pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
 
-/// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours
-/// and smoltcp's receive ring never rewinds, so each one ends up resident at its full buffer:
-/// with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing by every byte
-/// a model sent (the soak's steady 3 KB per request). 16 KiB: model answers are streams of
-/// small events and JSON of a few KB, within one 16 KiB window (16 KiB per round trip: 130
-/// Mbit/s at 1 ms, 4.4 Mbit/s = 550 KB/s at 30 ms, far above a model's token rate; a
-/// non-streamed answer of 100 KB over a 30 ms tunnel takes ~7 round trips instead of ~2).
-/// Measured, 5-minute soak (README): 64 KiB → RSS 47.4 → 52.2 MiB; 16 KiB → 39.1 → 42.3 MiB.
+/// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours;
+/// with smoltcp's receive ring as published (it never rewound) each one ended up resident at its
+/// full buffer: with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing
+/// by every byte a model sent (the soak's steady 3 KB per request). The vendored smoltcp
+/// rewinds an emptied ring (vendor/README.md), so a connection now touches only as much of its
+/// buffer as it holds at once; 16 KiB bounds even that: model answers are streams of small
+/// events and JSON of a few KB, within one 16 KiB window (16 KiB per round trip: 130 Mbit/s at
+/// 1 ms, 4.4 Mbit/s = 550 KB/s at 30 ms, far above a model's token rate; a non-streamed answer
+/// of 100 KB over a 30 ms tunnel takes ~7 round trips instead of ~2).
+/// Measured, 5-minute soaks (README): 64 KiB → RSS 47.4 → 52.2 MiB; 16 KiB → 39.1 → 42.3 MiB;
+/// 16 KiB with the rewinding ring → 36.0 → 39.4 MiB (6 minutes: 39.6).
 /// Retiring a pooled connection once its 64 KiB ring had gone round was tried and was worse
 /// (47.3 → 60.0 MiB: every replacement connection's buffers came back resident).
 pub const UPSTREAM_RX_BUFFER: usize = 16 << 10;
