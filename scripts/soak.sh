@@ -8,8 +8,10 @@
 # streaming chat completion of EVENTS content events DELAY ms apart (fake_vllm.py). With the
 # defaults that is 200 concurrent streams and about 60 requests/s.
 #
-# Prints the RSS (VmRSS of the modelgate process) at the end of every minute, then the growth
-# from minute 1 (warm-up: pools, caches and allocator arenas filled) to the end; target ≤ 5%.
+# Prints the RSS (VmRSS of the modelgate process) at the end of every minute, with the
+# allocator's own figures from /metrics (`modelgate_heap_bytes`: allocated = held by the program,
+# active = pages those occupy, resident = in RAM), then the growth of the RSS from minute 1
+# (warm-up: pools, caches and allocator arenas filled) to the end; target ≤ 5%.
 #
 # Usage (root): bash scripts/soak.sh [--minutes M] [--concurrency N] [--per-connection K]
 #               [--events E] [--delay-ms D] [--out FILE]
@@ -76,6 +78,14 @@ rss_mib() {
     awk '/^VmRSS/ {printf "%.1f\n", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0
 }
 
+# The allocator's view (modelgate_heap_bytes on the daemon's loopback metrics listener):
+# "allocated/active/resident" in MiB, or "n/a" when the scrape fails.
+heap_mib() {
+    ip netns exec "$NS_EDGE" curl -sS --max-time 5 http://127.0.0.1:9464/metrics 2>/dev/null |
+        awk -F'[{}" ]+' '/^modelgate_heap_bytes/ { v[$3] = $4 / 1048576 }
+            END { if ("allocated" in v) printf "%.1f/%.1f/%.1f\n", v["allocated"], v["active"], v["resident"]; else print "n/a" }'
+}
+
 log "lab $TAG: building namespaces"
 LAB_OWNER_PID=$$ lab_up "$TAG"
 lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
@@ -129,7 +139,7 @@ ip netns exec "$NS_CLIENT" env MG_KEY="$KEY" timeout $((MINUTES * 60 + 180)) pyt
 CLIENT_PID=$!
 PIDS+=("$CLIENT_PID")
 
-declare -a RSS
+declare -a RSS HEAP
 t0=$SECONDS
 for m in $(seq "$MINUTES"); do
     while ((SECONDS - t0 < m * 60)); do
@@ -137,7 +147,8 @@ for m in $(seq "$MINUTES"); do
         sleep 1
     done
     RSS[m]=$(rss_mib "$PID")
-    log "minute $m: RSS ${RSS[m]} MiB"
+    HEAP[m]=$(heap_mib)
+    log "minute $m: RSS ${RSS[m]} MiB, heap allocated/active/resident ${HEAP[m]} MiB"
 done
 wait "$CLIENT_PID" 2>/dev/null || true
 stop_pids "$CLIENT_PID"
@@ -146,7 +157,11 @@ client=$(cat "$WORK/client.json" 2>/dev/null || echo '{}')
 growth=$(awk -v a="${RSS[1]}" -v b="${RSS[MINUTES]}" 'BEGIN { printf "%.1f", (b - a) / a * 100 }')
 verdict=$(awk -v g="$growth" 'BEGIN { print (g <= 5.0) ? "met" : "MISSED" }')
 per_minute=""
-for m in $(seq "$MINUTES"); do per_minute+="${per_minute:+, }${RSS[m]}"; done
+heap_per_minute=""
+for m in $(seq "$MINUTES"); do
+    per_minute+="${per_minute:+, }${RSS[m]}"
+    heap_per_minute+="${heap_per_minute:+, }${HEAP[m]}"
+done
 table=$(
     cat <<EOF
 ## Memory soak ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $("$MODELGATE_BIN" --version 2>/dev/null | awk '{print $NF}'))
@@ -158,6 +173,7 @@ $MINUTES min, $CONCURRENCY concurrent streams of $EVENTS events ${DELAY_MS} ms a
 | requests (ok / non-200 / broken / connect errors) | $(jq -r '"\(.requests // "n/a") (\(.ok // "n/a") / \(.non200 // "n/a") / \(.broken // "n/a") / \(.connect_errors // "n/a"))"' <<<"$client") | | |
 | connections | $(jq -r '.connections // "n/a"' <<<"$client") | | |
 | RSS per minute (MiB) | $per_minute | | |
+| heap allocated/active/resident per minute (MiB, jemalloc) | $heap_per_minute | | |
 | RSS growth, minute 1 → $MINUTES | $growth% (${RSS[1]} → ${RSS[MINUTES]} MiB) | ≤ 5% | $verdict |
 EOF
     errs=$(jq -c '.errors // {}' <<<"$client")

@@ -19,6 +19,7 @@
 //! of keys or models that went away stay until the daemon restarts. Choosing the labels is the
 //! caller's job.
 
+pub mod heap;
 pub mod server;
 
 use std::collections::HashMap;
@@ -447,7 +448,7 @@ fn render_peer_health(out: &mut String, peers: &[PeerStats]) {
     }
 }
 
-/// The full exposition: request families, then peers, upstreams and the certificate.
+/// The full exposition: request families, then peers, upstreams, the certificate and the heap.
 pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
     let mut out = String::with_capacity(4096);
     metrics.render(&mut out);
@@ -538,6 +539,7 @@ pub fn render(metrics: &Metrics, scrape: &Scrape) -> String {
             .map_or(0, |d| d.as_secs());
         let _ = writeln!(out, "modelgate_certificate_not_after_seconds {secs}");
     }
+    heap::render(&mut out, heap::read());
     out
 }
 
