@@ -2,9 +2,10 @@
 //!
 //! The binary runs on jemalloc (see `Cargo.toml`); its statistics tell apart what a growing
 //! RSS is made of: `allocated` is what the program holds now (a leak grows it), `active` the
-//! pages those allocations occupy (fragmentation is `active − allocated`), `resident` what
-//! the allocator has in RAM (it adds freed pages not yet returned), `mapped` and `retained`
-//! its address space. Read at scrape time (one `epoch` refresh, a few `mallctl` reads: some
+//! pages those allocations occupy (fragmentation is `active − allocated`), `resident` an
+//! upper bound of what the allocator has in RAM (it counts freed pages not yet returned, and
+//! pages handed out but never touched: in the soak it reads above the process's whole RSS),
+//! `mapped` and `retained` its address space. Read at scrape time (one `epoch` refresh, a few `mallctl` reads: some
 //! microseconds), never on the request path.
 //!
 //! Built without jemalloc (musl, other systems) the family is absent. In the library's own
@@ -53,7 +54,7 @@ pub fn render(out: &mut String, stats: Option<HeapStats>) {
     super::header(
         out,
         "modelgate_heap_bytes",
-        "The allocator's heap (jemalloc): allocated = held by the program, active = pages those allocations occupy, resident = in RAM including freed pages not yet returned, mapped and retained = address space, metadata = the allocator's own.",
+        "The allocator's heap (jemalloc): allocated = held by the program, active = pages those allocations occupy, resident = upper bound of its pages in RAM (freed pages not yet returned included), mapped and retained = address space, metadata = the allocator's own.",
         "gauge",
     );
     for (kind, v) in [

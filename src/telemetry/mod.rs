@@ -6,8 +6,8 @@
 //! gateway (the gateway's audit record calls in). Each finished or refused request is recorded
 //! with one call ([`Metrics::record`]); a request being answered counts as an active stream of
 //! its key between [`Metrics::stream_started`] and [`Metrics::stream_ended`]. Peer, upstream
-//! and certificate gauges are read at scrape time from the live state ([`Scrape`]), so nothing
-//! polls in the background.
+//! and certificate gauges are read at scrape time from the live state ([`Scrape`]), the heap
+//! gauges from the allocator ([`heap::read`]), so nothing polls in the background.
 //!
 //! Hot path: one read lock of a map (to find the series of a known label set) and atomic
 //! increments; the write lock is taken only the first time a label set appears.
