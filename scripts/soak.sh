@@ -12,6 +12,10 @@
 # allocator's own figures from /metrics (`modelgate_heap_bytes`: allocated = held by the program,
 # active = pages those occupy, resident = in RAM), then the growth of the RSS from minute 1
 # (warm-up: pools, caches and allocator arenas filled) to the end; target ≤ 5%.
+# Beside it, as a leak check without a verdict: the growth over the second half (minute
+# ⌈M/2⌉ → M) and that growth per request of the second half (requests counted at the run's mean
+# rate). A leak like issue 15's (about 3 KB per request, no plateau) shows there however long
+# the warm-up; a bounded warm-up does not.
 #
 # Usage (root): bash scripts/soak.sh [--minutes M] [--concurrency N] [--per-connection K]
 #               [--events E] [--delay-ms D] [--out FILE]
@@ -156,6 +160,13 @@ client=$(cat "$WORK/client.json" 2>/dev/null || echo '{}')
 [[ -n $client ]] || client='{}'
 growth=$(awk -v a="${RSS[1]}" -v b="${RSS[MINUTES]}" 'BEGIN { printf "%.1f", (b - a) / a * 100 }')
 verdict=$(awk -v g="$growth" 'BEGIN { print (g <= 5.0) ? "met" : "MISSED" }')
+# The leak check beside the target: the second half's growth, and per request (the issue's
+# leak was about 3 KB of RSS per request with no plateau). Informative, no verdict.
+half=$(((MINUTES + 1) / 2))
+requests=$(jq -r '.requests // 0' <<<"$client")
+second_half=$(awk -v a="${RSS[half]}" -v b="${RSS[MINUTES]}" -v n="$requests" -v h="$half" -v m="$MINUTES" \
+    'BEGIN { r = (m > h && n > 0) ? (b - a) * 1048576 / (n * (m - h) / m) : 0;
+             printf "%.1f%% (%s → %s MiB), %.0f bytes per request", (b - a) / a * 100, a, b, r }')
 per_minute=""
 heap_per_minute=""
 for m in $(seq "$MINUTES"); do
@@ -175,6 +186,7 @@ $MINUTES min, $CONCURRENCY concurrent streams of $EVENTS events ${DELAY_MS} ms a
 | RSS per minute (MiB) | $per_minute | | |
 | heap allocated/active/resident per minute (MiB, jemalloc) | $heap_per_minute | | |
 | RSS growth, minute 1 → $MINUTES | $growth% (${RSS[1]} → ${RSS[MINUTES]} MiB) | ≤ 5% | $verdict |
+| RSS growth, second half: minute $half → $MINUTES (leak check) | $second_half | | |
 EOF
     errs=$(jq -c '.errors // {}' <<<"$client")
     [[ $errs == '{}' ]] || printf '\nclient errors: `%s`\n' "$errs"
