@@ -63,7 +63,11 @@
 # Usage (root): bash scripts/bench-gateway.sh [--out FILE] [--duration S] [--threads N]
 #               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
 #               [--phase LIST] [--event-sizes "S:MS ..."] [--window S] [--ttfb-count N]
-#               [--store-compare]
+#               [--store-compare] [--slices K]
+#   --slices K (with --phase latency alone): K short slices in one lab, the paths alternating
+#                  within each slice (N B M, then M B N, …; a fresh nginx or daemon each time),
+#                  one row per slice and the median of the per-slice ratios. Each path then
+#                  meets the same drift of a shared machine; use it with --duration 3 or so.
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
 #   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
 #                  phase adds its instructions per event over the window (not disturbed by
@@ -96,6 +100,7 @@ EVENT_SIZES="100:50 1000:500 10000:5000 200:20"
 WINDOW_S=20
 TTFB_COUNT=40
 STORE_COMPARE=0
+SLICES=0
 DEFAULT_BIN=$ROOT/target/release/modelgate
 if [[ ! -x $DEFAULT_BIN && -n ${CARGO_TARGET_DIR:-} ]]; then
     DEFAULT_BIN=$CARGO_TARGET_DIR/release/modelgate
@@ -118,6 +123,7 @@ while (($#)); do
         --window) WINDOW_S=$2; shift 2 ;;
         --ttfb-count) TTFB_COUNT=$2; shift 2 ;;
         --store-compare) STORE_COMPARE=1; SKIP_HOLD=1; shift ;;
+        --slices) SLICES=$2; shift 2 ;;
         -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -706,12 +712,91 @@ verdict() { # verdict VALUE OP TARGET
         print ok ? "met" : "MISSED" }'
 }
 
+# --slices K: the latency phase K times, the paths alternating within each slice.
+run_slices() {
+    local k p order m
+    for k in $(seq "$SLICES"); do
+        # Reverse the order every other slice: no path always runs right after a teardown.
+        if ((k % 2)); then order="N B M"; else order="M B N"; fi
+        for p in $order; do
+            [[ $p == N ]] && ((SKIP_ANCHOR)) && continue
+            [[ $p == B && -z $BASELINE_BIN ]] && continue
+            log "slice $k/$SLICES: path $p"
+            case $p in
+                N) run_nginx ;;
+                B) rm -rf "$WORK/mg-B"; run_phased_mg B "$BASELINE_BIN" ;;
+                M) rm -rf "$WORK/mg-M"; run_phased_mg M "$MODELGATE_BIN" ;;
+            esac
+            for m in p50 p99 rps sse50 sse99 lat.load; do RES[$p.$m.$k]=${RES[$p.$m]:-}; done
+        done
+    done
+}
+
+# median of the numbers on stdin (one per line; "–" and n/a skipped)
+median() {
+    grep -E '^[0-9.]+$' | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "–"; exit }
+        printf "%.2f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+slices_report() {
+    local k m ref refs=() cols
+    [[ -n $BASELINE_BIN ]] && refs+=(B)
+    ((SKIP_ANCHOR)) || refs=(N "${refs[@]}")
+    echo "## Gateway benchmark, latency in $SLICES alternating slices ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r))"
+    echo
+    echo "N = nginx + wireguard-go; M = modelgate $MODELGATE_BIN${BASELINE_BIN:+; B = baseline $BASELINE_BIN}. One lab, one fake vLLM; each slice runs every path once (a fresh nginx or daemon), in the order N B M in odd slices and M B N in even ones. Per path and slice: wrk -t$THREADS -c8 -d${DURATION}s of small chat POSTs, then 300 sequential SSE requests on one connection."
+    for m in p99 p50 rps sse50 sse99; do
+        local label
+        case $m in
+            p99) label="chat POST p99 (ms)" ;; p50) label="chat POST p50 (ms)" ;;
+            rps) label="requests/s" ;; sse50) label="SSE first event p50 (ms)" ;;
+            sse99) label="SSE first event p99 (ms)" ;;
+        esac
+        echo
+        cols="| slice | load |"
+        for p in "${refs[@]}" M; do cols+=" $p |"; done
+        for ref in "${refs[@]}"; do cols+=" M/$ref |"; done
+        echo "**$label**"
+        echo
+        echo "$cols"
+        echo "$cols" | sed 's/[^|]\+/---/g'
+        declare -A col=()
+        for k in $(seq "$SLICES"); do
+            local line="| $k | ${RES[M.lat.load.$k]:-} |"
+            for p in "${refs[@]}" M; do line+=" ${RES[$p.$m.$k]:-} |"; done
+            for ref in "${refs[@]}"; do
+                local r
+                r=$(ratio "${RES[M.$m.$k]:-}" "${RES[$ref.$m.$k]:-}")
+                line+=" $r |"
+                col[$ref]+="$r"$'\n'
+            done
+            echo "$line"
+        done
+        local line="| median | |"
+        for p in "${refs[@]}" M; do
+            line+=" $(for k in $(seq "$SLICES"); do echo "${RES[$p.$m.$k]:-}"; done | median) |"
+        done
+        for ref in "${refs[@]}"; do line+=" **$(printf '%s' "${col[$ref]}" | median)** |"; done
+        echo "$line"
+        unset col
+    done
+}
+
 # --- main ----------------------------------------------------------------------------------------
 M_NOTE="" H_NOTE=""
 log "lab $TAG: building namespaces"
 LAB_OWNER_PID=$$ lab_up "$TAG"
 lab_hosts "$NS_CLIENT" "$EDGE_PUBLIC gw.test"
 start_model
+if ((SLICES > 0)); then
+    [[ $PHASES == latency ]] || die "--slices needs --phase latency (and no other phase)"
+    run_slices
+    table=$(slices_report)
+    echo "$table"
+    [[ -z $OUT ]] || { echo "$table" >"$OUT"; log "wrote $OUT"; }
+    exit 0
+fi
 if [[ -n $PHASES ]]; then
     if has_phase ttfb; then
         python3 "$ROOT/tests/fixtures/cursor_requests.py" chat >"$WORK/cursor-chat.json"
