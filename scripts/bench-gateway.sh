@@ -67,7 +67,8 @@
 #   --slices K (with --phase latency alone): K short slices in one lab, the paths alternating
 #                  within each slice (N B M, then M B N, …; a fresh nginx or daemon each time),
 #                  one row per slice and the median of the per-slice ratios. Each path then
-#                  meets the same drift of a shared machine; use it with --duration 3 or so.
+#                  meets the same drift of a shared machine. Keep --duration at 10 s: shorter
+#                  slices are unfair to nginx (its upstream connections warm up; README).
 #   MODELGATE_BIN  the binary (default target/release/modelgate, else $CARGO_TARGET_DIR/release)
 #   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
 #                  phase adds its instructions per event over the window (not disturbed by
