@@ -64,7 +64,7 @@
 #               [--streams N] [--hold S] [--skip-hold] [--limits] [--baseline BIN]
 #               [--phase LIST] [--event-sizes "S:MS ..."] [--window S] [--ttfb-count N]
 #               [--store-compare] [--slices K]
-#   --slices K (with --phase latency alone): K short slices in one lab, the paths alternating
+#   --slices K (with --phase latency alone): K slices in one lab, the paths alternating
 #                  within each slice (N B M, then M B N, …; a fresh nginx or daemon each time),
 #                  one row per slice and the median of the per-slice ratios. Each path then
 #                  meets the same drift of a shared machine. Keep --duration at 10 s: shorter
@@ -755,7 +755,7 @@ slices_report() {
             sse99) label="SSE first event p99 (ms)" ;;
         esac
         echo
-        cols="| slice | load |"
+        cols="| slice | load at M |"
         for p in "${refs[@]}" M; do cols+=" $p |"; done
         for ref in "${refs[@]}"; do cols+=" M/$ref |"; done
         echo "**$label**"

@@ -165,7 +165,8 @@ verdict=$(awk -v g="$growth" 'BEGIN { print (g <= 5.0) ? "met" : "MISSED" }')
 half=$(((MINUTES + 1) / 2))
 requests=$(jq -r '.requests // 0' <<<"$client")
 second_half=$(awk -v a="${RSS[half]}" -v b="${RSS[MINUTES]}" -v n="$requests" -v h="$half" -v m="$MINUTES" \
-    'BEGIN { r = (m > h && n > 0) ? (b - a) * 1048576 / (n * (m - h) / m) : 0;
+    'BEGIN { if (m <= h || n <= 0) { print "n/a (needs 2 minutes or more)"; exit }
+             r = (b - a) * 1048576 / (n * (m - h) / m);
              printf "%.1f%% (%s → %s MiB), %.0f bytes per request", (b - a) / a * 100, a, b, r }')
 per_minute=""
 heap_per_minute=""
