@@ -159,19 +159,21 @@ impl Keys {
                 }
             };
             store = kept;
-            match &result {
-                Ok(_) => self.set_failing(None),
-                Err(e) => self.set_failing(Some(
+            if let Err(e) = &result {
+                self.set_failing(Some(
                     e.as_ref()
                         .map_or_else(|| "poll task failed".into(), |e| e.to_string()),
-                )),
+                ));
             }
             match result {
-                Ok(None) => {}
+                Ok(None) => self.set_failing(None),
                 Ok(Some((version, ring))) => {
                     let c = ring.counts(SystemTime::now());
                     self.replace(ring);
                     self.loads.fetch_add(1, Ordering::AcqRel);
+                    // Healthy again only once the reloaded ring is in service (and counted):
+                    // after an outage, `degraded()` turning `None` means the keys are current.
+                    self.set_failing(None);
                     tracing::info!(
                         total = c.total,
                         active = c.active,

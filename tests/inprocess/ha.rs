@@ -13,7 +13,9 @@ use modelgate::keys::ledger::{
     Ledger, LedgerOptions, LedgerStats, LedgerTask, LedgerWriter, UsageTotals, LEASE_EXPIRY,
     SPOOL_FILE,
 };
-use modelgate::keys::{KeyRing, KeyStore, Keys, NewKey, PgStoreConfig, StoreConfig, SECRET_FILE};
+use modelgate::keys::{
+    KeyRing, KeyStore, Keys, NewKey, PgStoreConfig, StoreConfig, SECRET_FILE, WATCH_INTERVAL,
+};
 use modelgate::policy::{Budget, BudgetPeriod, KeyPolicy, Policies};
 use tokio::sync::watch;
 
@@ -219,6 +221,23 @@ async fn two_gateways_one_postgres_store_revoke_outage_and_one_gone() {
         a.ledger.spooled.load(Ordering::Relaxed) + b.ledger.spooled.load(Ordering::Relaxed) > 0
     );
 
+    // B's key watcher reconnects after the outage and reloads once then (a reopened connection
+    // always reloads). Count from after that: healthy through four watch intervals, i.e. at
+    // least two polls of B's watcher after PostgreSQL came back (the drained spools prove it).
+    let t = Instant::now();
+    loop {
+        while b.keys.degraded().is_some() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "B's key watcher never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(WATCH_INTERVAL * 4).await;
+        if b.keys.degraded().is_none() {
+            break;
+        }
+    }
     // Revoke through A's store: B answers 401 within 1 s, after exactly one reload.
     let loads_before = b.keys.loads();
     let (d, c) = (a.dir.path().to_path_buf(), cfg.clone());
