@@ -73,6 +73,11 @@
 #   BENCH_CALLGRIND=1  every modelgate path runs under valgrind --tool=callgrind and the events
 #                  phase adds its instructions per event over the window (not disturbed by
 #                  other processes; use low rates, e.g. --event-sizes "100:500 1000:5000")
+#   BENCH_PCAP=1   the SSE measurement of every path runs under tcpdump in the edge namespace
+#                  (TLS on 443 and WireGuard's UDP, headers only) and scripts/lib/hops.py splits
+#                  the 300 requests at the edge: inbound (client's request in → tunnel packet
+#                  out), beyond (the corp side and the model, shared by every path), outbound
+#                  and edge = inbound + outbound, p50/p90/p99 (printed, and in WORK/hops.log)
 #   BENCH_STAGE_TRACE=1  MODELGATE_BIN logs every request's stage times to its run.log (with
 #                  BENCH_KEEP=1 the work directory stays for scripts/lib/stages.py)
 # Installs missing Debian packages like scripts/bench-tunnel.sh. Traffic stays in the lab's
@@ -248,7 +253,23 @@ measure_path() {
         'BEGIN { if (r + 0 > 0) printf "%.2f", (b - a) / (r * d); else print "n/a" }')
     log "$name: SSE first event, 300 streaming requests, 1 connection"
     x0=$(tree_switches "$pid")
+    local cap_pid="" cap
+    if [[ ${BENCH_PCAP:-0} == 1 ]]; then
+        cap=$WORK/sse-${name%% *}
+        ip netns exec "$NS_EDGE" tcpdump -i any -n -q -s 128 -B 8192 -w "$cap.pcap" \
+            'tcp port 443 or udp' 2>"$cap.tcpdump.log" &
+        cap_pid=$!
+        PIDS+=("$cap_pid")
+        sleep 1
+    fi
     read -r R_SSE50 R_SSE99 < <(measure_sse "$key" "$cafile")
+    if [[ -n $cap_pid ]]; then
+        sleep 0.5
+        stop_pids "$cap_pid"
+        tcpdump -r "$cap.pcap" -n -tt -q 2>/dev/null >"$cap.txt" || true
+        log "$name: SSE hops at the edge (scripts/lib/hops.py $cap.txt):"
+        python3 "$HERE/lib/hops.py" "$cap.txt" | tee -a "$WORK/hops.log" | sed 's/^/    /' >&2
+    fi
     x1=$(tree_switches "$pid")
     R_SSE_CSW=$(awk -v a="$x0" -v b="$x1" 'BEGIN { printf "%.2f", (b - a) / 300 }')
     log "$name: p50 $R_P50 ms, p99 $R_P99 ms, $R_RPS req/s ($R_BAD non-2xx), CPU $R_CPU%, SSE first $R_SSE50 ms"

@@ -21,7 +21,7 @@ die() { log "error: $*"; exit 1; }
 ensure_packages() {
     local -A need=([wireguard-go]=wireguard-go [wg]=wireguard-tools [wg-quick]=wireguard-tools
         [nft]=nftables [ip]=iproute2 [iperf3]=iperf3 [nginx]=nginx [wrk]=wrk [jq]=jq [python3]=python3
-        [openssl]=openssl)
+        [openssl]=openssl [tcpdump]=tcpdump)
     local cmd missing=()
     for cmd in "${!need[@]}"; do
         command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
