@@ -252,7 +252,6 @@ measure_path() {
     R_CSW=$(awk -v a="$x0" -v b="$x1" -v r="$R_RPS" -v d="$DURATION" \
         'BEGIN { if (r + 0 > 0) printf "%.2f", (b - a) / (r * d); else print "n/a" }')
     log "$name: SSE first event, 300 streaming requests, 1 connection"
-    x0=$(tree_switches "$pid")
     local cap_pid="" cap
     if [[ ${BENCH_PCAP:-0} == 1 ]]; then
         cap=$WORK/sse-${name%% *}
@@ -262,7 +261,10 @@ measure_path() {
         PIDS+=("$cap_pid")
         sleep 1
     fi
+    # The switches are counted over the requests only, not the capture's start and stop.
+    x0=$(tree_switches "$pid")
     read -r R_SSE50 R_SSE99 < <(measure_sse "$key" "$cafile")
+    x1=$(tree_switches "$pid")
     if [[ -n $cap_pid ]]; then
         sleep 0.5
         stop_pids "$cap_pid"
@@ -270,7 +272,6 @@ measure_path() {
         log "$name: SSE hops at the edge (scripts/lib/hops.py $cap.txt):"
         python3 "$HERE/lib/hops.py" "$cap.txt" | tee -a "$WORK/hops.log" | sed 's/^/    /' >&2
     fi
-    x1=$(tree_switches "$pid")
     R_SSE_CSW=$(awk -v a="$x0" -v b="$x1" 'BEGIN { printf "%.2f", (b - a) / 300 }')
     log "$name: p50 $R_P50 ms, p99 $R_P99 ms, $R_RPS req/s ($R_BAD non-2xx), CPU $R_CPU%, SSE first $R_SSE50 ms"
 }

@@ -26,16 +26,11 @@ the tunnel carries anything (the TLS handshake) is not a request. Bounded by the
 import re
 import sys
 
+from stages import pct
+
 LINE = re.compile(
     r"^(\d+\.\d+) .*?IP (\S+)\.(\d+) > (\S+)\.(\d+): (?:tcp (\d+)|UDP, length (\d+))")
 MIN_WG_DATA = 129
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, int(round(q / 100.0 * (len(xs) - 1))))]
 
 
 def parse(path):
@@ -102,9 +97,9 @@ def main():
     n = len(hops["edge"])
     print("requests %d" % n)
     for k in ("inbound", "beyond", "outbound", "edge"):
-        xs = hops[k]
+        xs = sorted(hops[k])
         print("%-8s p50 %7.0f  p90 %7.0f  p99 %7.0f µs" % (
-            k, percentile(xs, 50), percentile(xs, 90), percentile(xs, 99)))
+            k, pct(xs, 0.50), pct(xs, 0.90), pct(xs, 0.99)))
 
 
 if __name__ == "__main__":
