@@ -76,7 +76,7 @@ def main():
     ctx = ssl.create_default_context(cafile=a.cert)
     body = json.dumps({"model": a.model, "stream": True, "max_tokens": a.max_tokens,
                        "temperature": 0, "messages": [{"role": "user", "content": "Count to ten."}]})
-    deadline = time.time() + a.seconds
+    deadline = time.monotonic() + a.seconds
     lock = threading.Lock()
     sent = [0]
     out = open(a.out, "a")
@@ -85,7 +85,7 @@ def main():
         with lock:
             if a.requests and sent[0] >= a.requests:
                 return False
-            if time.time() >= deadline or (a.stop_file and os.path.exists(a.stop_file)):
+            if time.monotonic() >= deadline or (a.stop_file and os.path.exists(a.stop_file)):
                 return False
             sent[0] += 1
             return True
