@@ -23,6 +23,7 @@ use std::time::Instant;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::Incoming;
 
 use super::audit::AuditRecord;
 use super::error::ApiError;
@@ -50,7 +51,7 @@ pub fn route(routes: &Routes, model: &str) -> Result<Vec<Replica>, ApiError> {
 
 /// An upstream's answer (its head is in; the body streams) and the slot it holds there.
 pub struct Forwarded {
-    pub response: hyper::Response<upstream::UpstreamBody>,
+    pub response: hyper::Response<Incoming>,
     /// The replica's concurrency slot (fair share), held until the body ends.
     pub slot: Option<Slot>,
 }

@@ -1,6 +1,5 @@
-//! Upstream model servers inside the tunnel: pooled HTTP/1.1 connections over
-//! [`TunnelStream`]s, driven by the requests that use them (`pool`), the model → replicas
-//! route table, model discovery and the health probe.
+//! Upstream model servers inside the tunnel: a pooled HTTP/1.1 client whose connections are
+//! [`TunnelStream`]s, the model → replicas route table, model discovery and the health probe.
 //!
 //! Owns every byte that goes to a model server. It never forwards the client's credentials:
 //! requests are built from scratch with only the headers the model needs, plus the upstream's
@@ -12,6 +11,7 @@
 //! replica a request takes is decided per request (`forward`, `fair`, `balance`).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,14 +22,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::{Request, Response, Uri};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::balance::name_hash;
 use super::error::ApiError;
 use super::health::Health;
 use crate::config::{Balance, ModelConfig};
-use crate::netstack::{Netstack, TunnelStream};
+use crate::netstack::{NetError, Netstack, TunnelStream};
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,12 +260,49 @@ impl Routes {
     }
 }
 
-/// A tunnel stream as hyper's client connection wants it.
-pub struct TunnelIo(TokioIo<TunnelStream>);
+/// hyper connector that dials through the userspace tunnel.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    ns: Netstack,
+}
 
-impl TunnelIo {
-    pub fn new(stream: TunnelStream) -> TunnelIo {
-        TunnelIo(TokioIo::new(stream))
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = TunnelIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<TunnelIo, io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let ns = self.ns.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "upstream must be IP:PORT")
+                })?;
+            let stream = ns
+                .dial_with_receive_buffer(addr, UPSTREAM_RX_BUFFER)
+                .await?;
+            Ok(TunnelIo(TokioIo::new(stream), Uses::default()))
+        })
+    }
+}
+
+/// A tunnel stream as hyper's client wants it.
+pub struct TunnelIo(TokioIo<TunnelStream>, Uses);
+
+/// Requests one pooled connection has carried (shared by the pool's copies of its
+/// [`Connected`]), so a failure can tell a reused keep-alive connection from a fresh one.
+#[derive(Debug, Clone, Default)]
+struct Uses(Arc<std::sync::atomic::AtomicU32>);
+
+impl Connection for TunnelIo {
+    fn connected(&self) -> Connected {
+        Connected::new().extra(self.1.clone())
     }
 }
 
@@ -292,6 +332,8 @@ impl hyper::rt::Write for TunnelIo {
     }
 }
 
+pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
+
 /// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours;
 /// with smoltcp's receive ring as published (it never rewound) each one ended up resident at its
 /// full buffer: with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing
@@ -309,7 +351,31 @@ pub const UPSTREAM_RX_BUFFER: usize = 16 << 10;
 
 /// Pooled keep-alive HTTP/1.1 connections to the model servers, through the tunnel.
 pub fn client(ns: Netstack) -> UpstreamClient {
-    UpstreamClient::new(ns)
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // Below vLLM/uvicorn's 5 s keep-alive so we never reuse a connection it is closing.
+        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_max_idle_per_host(256)
+        .build(TunnelConnector { ns })
+}
+
+/// Maps a client error to what the caller is told, keeping the tunnel's reason.
+pub fn classify(e: &hyper_util::client::legacy::Error) -> ApiError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if let Some(n) = NetError::of(io) {
+                return ApiError::from_net(n);
+            }
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        ApiError::BadGateway("cannot connect to the model server".into())
+    } else {
+        ApiError::BadGateway("the model server closed the connection".into())
+    }
 }
 
 /// Sends `req` and waits for the response head, bounded by `timeout`.
@@ -317,17 +383,46 @@ pub async fn send(
     client: &UpstreamClient,
     req: Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<Response<UpstreamBody>, ApiError> {
-    client.send(req, timeout).await.map_err(|f| f.error)
+) -> Result<Response<Incoming>, ApiError> {
+    send_counted(client, req, timeout)
+        .await
+        .map_err(|f| f.error)
+}
+
+/// Why [`send_counted`] got no response head.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: ApiError,
+    /// It went over a pooled keep-alive connection that had carried requests before: a server
+    /// that closed it just as it was reused (llama.cpp closes after every stream although it
+    /// says keep-alive) says nothing about the server's health.
+    pub reused: bool,
 }
 
 /// [`send`], telling whether a failed request went over a reused connection.
 pub async fn send_counted(
     client: &UpstreamClient,
-    req: Request<Full<Bytes>>,
+    mut req: Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<Response<UpstreamBody>, SendFailure> {
-    client.send(req, timeout).await
+) -> Result<Response<Incoming>, SendFailure> {
+    let conn = hyper_util::client::legacy::connect::capture_connection(&mut req);
+    let r = tokio::time::timeout(timeout, client.request(req)).await;
+    // One more request on the connection it used; its count before says whether it was reused.
+    let before = conn.connection_metadata().as_ref().map_or(0, |c| {
+        let mut ext = hyper::http::Extensions::new();
+        c.get_extras(&mut ext);
+        ext.get::<Uses>()
+            .map_or(0, |u| u.0.fetch_add(1, Ordering::Relaxed))
+    });
+    let fail = |error| SendFailure {
+        error,
+        reused: before > 0,
+    };
+    match r {
+        Err(_) => Err(fail(ApiError::GatewayTimeout)),
+        Ok(Err(e)) => Err(fail(classify(&e))),
+        Ok(Ok(r)) => Ok(r),
+    }
 }
 
 /// How often an ejected upstream is probed, so a server that is back is re-admitted within
@@ -490,9 +585,6 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
         }
     }
 }
-
-mod pool;
-pub use pool::{classify, SendFailure, UpstreamBody, UpstreamClient, IDLE_TIMEOUT};
 
 #[cfg(test)]
 mod tests;
