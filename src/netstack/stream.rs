@@ -213,6 +213,59 @@ impl TunnelStream {
     }
 }
 
+impl TunnelStream {
+    /// Moves everything received and not yet read onto the end of `into` (without a copy when
+    /// `into` is empty, the usual case): `Ready(Ok(n))` with the bytes moved, `Ready(Ok(0))` at
+    /// the peer's FIN (or once the connection closed), `Pending` until more arrives. The
+    /// upstream HTTP client reads this way (`gateway::upstream::h1`): it parses and splits the
+    /// very buffer the driver filled.
+    pub fn poll_read_buf(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let shared = &self.shared;
+        let mut inner = lock(&shared.inner);
+        if !inner.rx.is_empty() {
+            let n = inner.rx.len();
+            if into.is_empty() {
+                *into = std::mem::take(&mut inner.rx);
+            } else {
+                into.extend_from_slice(&inner.rx);
+                inner.rx = BytesMut::new();
+            }
+            if inner.rx_blocked {
+                inner.rx_blocked = false;
+                shared.poke(&mut inner);
+            }
+            return Poll::Ready(Ok(n));
+        }
+        if inner.rx_eof {
+            return Poll::Ready(Ok(0));
+        }
+        if let Some(e) = inner.error {
+            return Poll::Ready(Err(e.into()));
+        }
+        if inner.phase == Phase::Closed {
+            return Poll::Ready(Ok(0));
+        }
+        inner.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// True while the connection is open both ways with nothing unread and nothing left to
+    /// send: what an idle keep-alive connection must be before it carries another request.
+    pub fn idle_usable(&self) -> bool {
+        let inner = lock(&self.shared.inner);
+        inner.phase == Phase::Open
+            && inner.error.is_none()
+            && !inner.rx_eof
+            && inner.rx.is_empty()
+            && !inner.rx_blocked
+            && !inner.tx_shutdown
+    }
+}
+
 impl AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,
