@@ -26,12 +26,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::upstream::UpstreamBody;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use super::admission::{Settlement, Used, BYTES_PER_TOKEN};
@@ -48,7 +48,7 @@ use super::usage::Tail;
 /// handler attaches last ([`Answer::into_response`]).
 pub struct Answer {
     head: Response<()>,
-    upstream: Incoming,
+    upstream: UpstreamBody,
     reading: Reading,
     keepalive: Option<KeepAlive>,
     slot: Option<Slot>,
@@ -145,7 +145,7 @@ struct ProxyBody {
 /// Where the body is between the upstream and the client.
 enum Phase {
     /// Frames come from the upstream.
-    Open(Incoming),
+    Open(UpstreamBody),
     /// The gateway ended the stream: its ending went out with the last frame, the upstream is
     /// dropped (reset, so the model stops), and the body ends at the next poll.
     Cut(Cut),
@@ -185,7 +185,7 @@ const SHUTTING_DOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"The gateway
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("the model server's answer broke off: {0}")]
-    Upstream(hyper::Error),
+    Upstream(std::io::Error),
     #[error("the answer was cut at the end of the shutdown's drain period")]
     ShuttingDown,
 }

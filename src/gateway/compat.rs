@@ -24,8 +24,8 @@
 
 use std::time::Duration;
 
+use super::upstream::UpstreamBody;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::StatusCode;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
@@ -519,9 +519,9 @@ fn normalise_message(m: &RawValue) -> Option<Box<RawValue>> {
 /// its body is read (bounded) and answered as [`ApiError::ContextLengthExceeded`] when it is
 /// about the context window, otherwise as an OpenAI-shaped 400 with the upstream's message.
 pub async fn upstream_error(
-    resp: hyper::Response<Incoming>,
+    resp: hyper::Response<UpstreamBody>,
     cfg: &CompatConfig,
-) -> Result<hyper::Response<Incoming>, ApiError> {
+) -> Result<hyper::Response<UpstreamBody>, ApiError> {
     if !cfg.context_length_error || resp.status() != StatusCode::BAD_REQUEST {
         return Ok(resp);
     }

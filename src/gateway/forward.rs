@@ -22,8 +22,6 @@ use std::time::Instant;
 
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::audit::AuditRecord;
 use super::error::ApiError;
@@ -51,7 +49,7 @@ pub fn route(routes: &Routes, model: &str) -> Result<Vec<Replica>, ApiError> {
 
 /// An upstream's answer (its head is in; the body streams) and the slot it holds there.
 pub struct Forwarded {
-    pub response: hyper::Response<Incoming>,
+    pub response: hyper::Response<upstream::UpstreamBody>,
     /// The replica's concurrency slot (fair share), held until the body ends.
     pub slot: Option<Slot>,
 }
@@ -222,7 +220,7 @@ fn upstream_request(
     upstream: &Upstream,
     request: &ClientRequest,
     body: Bytes,
-) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
+) -> Result<hyper::Request<Bytes>, ApiError> {
     let accept = request
         .accept
         .clone()
@@ -235,6 +233,6 @@ fn upstream_request(
     if let Some(k) = &upstream.spec.api_key {
         up = up.header(header::AUTHORIZATION, format!("Bearer {k}"));
     }
-    up.body(Full::new(body))
+    up.body(body)
         .map_err(|_| ApiError::BadRequest("bad request".into()))
 }

@@ -1,5 +1,6 @@
-//! Upstream model servers inside the tunnel: a pooled HTTP/1.1 client whose connections are
-//! [`TunnelStream`]s, the model → replicas route table, model discovery and the health probe.
+//! Upstream model servers inside the tunnel: pooled HTTP/1.1 connections over tunnel streams,
+//! driven by the requests that use them (`pool`, `h1`), the model → replicas route table, model
+//! discovery and the health probe.
 //!
 //! Owns every byte that goes to a model server. It never forwards the client's credentials:
 //! requests are built from scratch with only the headers the model needs, plus the upstream's
@@ -11,28 +12,20 @@
 //! replica a request takes is decided per request (`forward`, `fair`, `balance`).
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper::{Request, Response, Uri};
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::balance::name_hash;
 use super::error::ApiError;
 use super::health::Health;
 use crate::config::{Balance, ModelConfig};
-use crate::netstack::{NetError, Netstack, TunnelStream};
+use crate::netstack::Netstack;
 
 /// One model server, as the gateway needs it (built from the config's `[[upstream]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,80 +253,6 @@ impl Routes {
     }
 }
 
-/// hyper connector that dials through the userspace tunnel.
-#[derive(Clone)]
-pub struct TunnelConnector {
-    ns: Netstack,
-}
-
-impl tower_service::Service<Uri> for TunnelConnector {
-    type Response = TunnelIo;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<TunnelIo, io::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let ns = self.ns.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "upstream must be IP:PORT")
-                })?;
-            let stream = ns
-                .dial_with_receive_buffer(addr, UPSTREAM_RX_BUFFER)
-                .await?;
-            Ok(TunnelIo(TokioIo::new(stream), Uses::default()))
-        })
-    }
-}
-
-/// A tunnel stream as hyper's client wants it.
-pub struct TunnelIo(TokioIo<TunnelStream>, Uses);
-
-/// Requests one pooled connection has carried (shared by the pool's copies of its
-/// [`Connected`]), so a failure can tell a reused keep-alive connection from a fresh one.
-#[derive(Debug, Clone, Default)]
-struct Uses(Arc<std::sync::atomic::AtomicU32>);
-
-impl Connection for TunnelIo {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.1.clone())
-    }
-}
-
-impl hyper::rt::Read for TunnelIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TunnelIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-pub type UpstreamClient = Client<TunnelConnector, Full<Bytes>>;
-
 /// The smoltcp receive buffer of an upstream connection. Pooled connections live for hours;
 /// with smoltcp's receive ring as published (it never rewound) each one ended up resident at its
 /// full buffer: with the netstack's 1 MiB that was about 1 MiB per pooled connection, growing
@@ -351,78 +270,25 @@ pub const UPSTREAM_RX_BUFFER: usize = 16 << 10;
 
 /// Pooled keep-alive HTTP/1.1 connections to the model servers, through the tunnel.
 pub fn client(ns: Netstack) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // Below vLLM/uvicorn's 5 s keep-alive so we never reuse a connection it is closing.
-        .pool_idle_timeout(Duration::from_secs(4))
-        .pool_max_idle_per_host(256)
-        .build(TunnelConnector { ns })
-}
-
-/// Maps a client error to what the caller is told, keeping the tunnel's reason.
-pub fn classify(e: &hyper_util::client::legacy::Error) -> ApiError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if let Some(n) = NetError::of(io) {
-                return ApiError::from_net(n);
-            }
-        }
-        src = s.source();
-    }
-    if e.is_connect() {
-        ApiError::BadGateway("cannot connect to the model server".into())
-    } else {
-        ApiError::BadGateway("the model server closed the connection".into())
-    }
+    UpstreamClient::new(ns)
 }
 
 /// Sends `req` and waits for the response head, bounded by `timeout`.
 pub async fn send(
     client: &UpstreamClient,
-    req: Request<Full<Bytes>>,
+    req: Request<Bytes>,
     timeout: Duration,
-) -> Result<Response<Incoming>, ApiError> {
-    send_counted(client, req, timeout)
-        .await
-        .map_err(|f| f.error)
-}
-
-/// Why [`send_counted`] got no response head.
-#[derive(Debug)]
-pub struct SendFailure {
-    pub error: ApiError,
-    /// It went over a pooled keep-alive connection that had carried requests before: a server
-    /// that closed it just as it was reused (llama.cpp closes after every stream although it
-    /// says keep-alive) says nothing about the server's health.
-    pub reused: bool,
+) -> Result<Response<UpstreamBody>, ApiError> {
+    client.send(req, timeout).await.map_err(|f| f.error)
 }
 
 /// [`send`], telling whether a failed request went over a reused connection.
 pub async fn send_counted(
     client: &UpstreamClient,
-    mut req: Request<Full<Bytes>>,
+    req: Request<Bytes>,
     timeout: Duration,
-) -> Result<Response<Incoming>, SendFailure> {
-    let conn = hyper_util::client::legacy::connect::capture_connection(&mut req);
-    let r = tokio::time::timeout(timeout, client.request(req)).await;
-    // One more request on the connection it used; its count before says whether it was reused.
-    let before = conn.connection_metadata().as_ref().map_or(0, |c| {
-        let mut ext = hyper::http::Extensions::new();
-        c.get_extras(&mut ext);
-        ext.get::<Uses>()
-            .map_or(0, |u| u.0.fetch_add(1, Ordering::Relaxed))
-    });
-    let fail = |error| SendFailure {
-        error,
-        reused: before > 0,
-    };
-    match r {
-        Err(_) => Err(fail(ApiError::GatewayTimeout)),
-        Ok(Err(e)) => Err(fail(classify(&e))),
-        Ok(Ok(r)) => Ok(r),
-    }
+) -> Result<Response<UpstreamBody>, SendFailure> {
+    client.send(req, timeout).await
 }
 
 /// How often an ejected upstream is probed, so a server that is back is re-admitted within
@@ -537,7 +403,7 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
     if let Some(k) = &u.spec.api_key {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {k}"));
     }
-    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+    let Ok(req) = req.body(Bytes::new()) else {
         return false;
     };
     let resp = match send(client, req, Duration::from_secs(10)).await {
@@ -585,6 +451,10 @@ async fn refresh(u: &Upstream, client: &UpstreamClient) -> bool {
         }
     }
 }
+
+mod h1;
+mod pool;
+pub use pool::{classify, SendFailure, UpstreamBody, UpstreamClient, IDLE_TIMEOUT};
 
 #[cfg(test)]
 mod tests;
