@@ -21,6 +21,8 @@
 //!   one is a 401 on the other within 1 s, PostgreSQL killed mid-load fails no request and the
 //!   ledger equals the model's count afterwards, one gateway gone leaves the other serving.
 //!
+//! - [`upstream_pool`]: the upstream connection pool alone (reuse, drops, closes, expiry).
+//!
 //! [`harness`] builds the gateway stack (the way the daemon builds it) and its client; [`raw`]
 //! writes requests as bytes and HTTP/2 frame by frame.
 
@@ -40,3 +42,4 @@ mod restart;
 mod skip;
 mod tls;
 mod tunnel;
+mod upstream_pool;
