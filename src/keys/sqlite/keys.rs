@@ -89,7 +89,11 @@ impl KeyBackend for SqliteBackend {
         let row = self.write_tx(|tx| {
             let id = active_id(tx, name_or_id)?;
             tx.execute(
-                "UPDATE keys SET revoked_at = ?2, previous_hash = NULL, previous_valid_until = NULL
+                // Later than every earlier revocation of a key of the same name, even within
+                // one millisecond: `find_key` shows the most recently revoked one.
+                "UPDATE keys SET revoked_at = MAX(?2, COALESCE(
+                     (SELECT MAX(k.revoked_at) + 1 FROM keys k WHERE k.name = keys.name), 0)),
+                   previous_hash = NULL, previous_valid_until = NULL
                  WHERE id = ?1",
                 params![id, to_ms(at)],
             )?;

@@ -98,6 +98,27 @@ fn names_unique_among_active_keys() {
 }
 
 #[test]
+fn revocations_within_one_millisecond_keep_their_order() {
+    // Two keys of one name revoked at the same instant (a fast machine does all of the test
+    // above within a millisecond): the later revocation still sorts later.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = KeyStore::open(dir.path()).unwrap();
+    let new = || NewKey {
+        name: "bob".into(),
+        policy: KeyPolicy::default(),
+    };
+    let at = truncate_ms(SystemTime::now());
+    let first = s.create(new()).unwrap();
+    let r1 = s.backend.revoke_key("bob", at).unwrap();
+    let second = s.create(new()).unwrap();
+    let r2 = s.backend.revoke_key("bob", at).unwrap();
+    assert_eq!(r1.id, first.id);
+    assert_eq!(r1.revoked_at, Some(at));
+    assert!(r2.revoked_at > r1.revoked_at, "{r1:?} then {r2:?}");
+    assert_eq!(s.get("bob").unwrap().id, second.id);
+}
+
+#[test]
 fn invalid_names_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = KeyStore::open(dir.path()).unwrap();
