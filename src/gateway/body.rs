@@ -26,7 +26,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::upstream::UpstreamBody;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
@@ -42,6 +41,7 @@ use super::fair::Slot;
 use super::forward::Forwarded;
 use super::meter::Meter;
 use super::request::ClientRequest;
+use super::upstream::UpstreamBody;
 use super::usage::Tail;
 
 /// An upstream answer made ready for the client: everything but the audit record, which the

@@ -24,7 +24,6 @@
 
 use std::time::Duration;
 
-use super::upstream::UpstreamBody;
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use indexmap::IndexMap;
@@ -32,6 +31,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::upstream::UpstreamBody;
 pub use crate::config::CompatConfig;
 use crate::policy::Endpoint;
 
